@@ -1,0 +1,167 @@
+"""Checkpoints: atomic save, ``keep_last`` pruning, ``resume=auto`` lookup, and HF export.
+
+Layout of ``<run>/checkpoints/step_00000100/``::
+
+    model.pt          model state_dict (tensors only)
+    optimizer.pt      optimizer + LR scheduler state
+    rng.pt            torch / CUDA RNG states
+    trainer_state.json  step, tokens, data position, early-stopping state, model shape
+    manifest.json     file names and sizes -- written last
+
+A checkpoint is written into ``.tmp-step_...`` and renamed when complete, and it counts
+only when its manifest exists and every listed file has the listed size, so a crash or
+kill mid-save never leaves one that looks complete. Loading uses ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+
+from harness.errors import CheckpointError
+
+log = logging.getLogger("harness")
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str, step: int, tensors: dict[str, object], state: dict, keep_last: int) -> str:
+    """Write ``tensors`` (name -> object for ``torch.save``) and ``state`` (JSON) as checkpoint ``step``.
+
+    Returns:
+        The checkpoint directory.
+    Raises:
+        CheckpointError: the directory cannot be written (the previous checkpoints stay intact).
+    """
+    final = os.path.join(root, checkpoint_name(step))
+    tmp = os.path.join(root, f".tmp-{checkpoint_name(step)}-{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        files = {}
+        for name, obj in tensors.items():
+            path = os.path.join(tmp, f"{name}.pt")
+            torch.save(obj, path)
+            files[f"{name}.pt"] = os.path.getsize(path)
+        with open(os.path.join(tmp, STATE), "w") as f:
+            json.dump(state, f, indent=2)
+        files[STATE] = os.path.getsize(os.path.join(tmp, STATE))
+        for name in files:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"step": step, "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # same step saved again (e.g. a resumed run's final save)
+            old = final + f".old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from e
+    prune(root, keep_last)
+    return final
+
+
+def is_complete(path: str) -> bool:
+    """True when ``path`` has a manifest and every file it lists has the listed size."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+        return all(os.path.getsize(os.path.join(path, n)) == size for n, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under ``root`` as ``(step, path)``, oldest first; incomplete ones are
+    skipped with a warning naming them."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in sorted(os.listdir(root)):
+        m = _NAME.match(name)
+        if not m:
+            continue
+        path = os.path.join(root, name)
+        if is_complete(path):
+            out.append((int(m.group(1)), path))
+        else:
+            log.warning("skipping incomplete checkpoint %s (no manifest or a file of the wrong size)", path)
+    return out
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and stale temporaries."""
+    found = list_checkpoints(root)
+    for _, path in found[: max(0, len(found) - keep_last)]:
+        shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(root):
+        if name.startswith(".tmp-") and not name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(path: str, names: tuple[str, ...] = ("model", "optimizer", "rng")) -> tuple[dict, dict]:
+    """Load a complete checkpoint: ``({name: object}, trainer_state)``.
+
+    Tensors are loaded with ``weights_only=True`` onto the CPU, so no pickled code runs.
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete or unreadable.
+    """
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MANIFEST} or wrong sizes)")
+    try:
+        objs = {n: torch.load(os.path.join(path, f"{n}.pt"), map_location="cpu", weights_only=True) for n in names}
+        with open(os.path.join(path, STATE)) as f:
+            state = json.load(f)
+    except Exception as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+    return objs, state
+
+
+def export_hf(model: torch.nn.Module, tokenizer, path: str) -> str:
+    """Save the model and tokenizer with ``save_pretrained`` into ``path`` (atomically replaced).
+
+    Reload with ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.
+    """
+    tmp = path + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path

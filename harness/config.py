@@ -1,0 +1,393 @@
+"""Typed configuration schema, registered in Hydra's ConfigStore, and its validation.
+
+Every key a run accepts is declared here as a dataclass field. Hydra composes
+``configs/train.yaml`` on top of :class:`TrainConfig`, so an unknown key or a value of
+the wrong type is rejected while the config is composed, before anything is built.
+The checks that involve more than one field (batch arithmetic, schedule lengths) are in
+:func:`validate` and :func:`resolve_batch_sizes`; they raise :class:`ConfigError`, whose
+message names the offending key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from harness.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------
+# Resolvers used by the YAML files.
+# ---------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> str:
+    """Directory for tokenizers and tokenized corpora: ``$HARNESS_CACHE_DIR`` or ``~/.cache/harness``."""
+    return os.environ.get("HARNESS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "harness")
+
+
+def stdlib_dir() -> str:
+    """The running interpreter's standard-library directory (the default corpus lives there)."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+OmegaConf.register_new_resolver("stdlib", stdlib_dir, replace=True)
+OmegaConf.register_new_resolver("harness_cache", default_cache_dir, replace=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Schema. Field names follow torchtitan / Megatron / HF usage; keep them stable.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a ``transformers`` causal LM built with random init (no weight download)."""
+
+    name: str = "tiny"
+    arch: str = "llama"  # llama | gpt2
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: same as num_heads (no GQA)
+    intermediate_size: int | None = None  # None: 4*hidden (gpt2) or 8/3*hidden rounded to 64 (llama)
+    max_position_embeddings: int = 1024
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary padded to vocab_multiple
+    vocab_multiple: int = 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+
+
+@dataclass
+class BatchWarmupConfig:
+    """Batch-size ramp: from ``start_global_batch_size`` to ``train.global_batch_size``."""
+
+    start_global_batch_size: int | None = None  # None: no ramp
+    steps: int = 0  # ramp length in optimizer steps
+    tokens: int | None = None  # or ramp length in tokens (overrides steps when set)
+
+
+@dataclass
+class TrainSection:
+    max_steps: int | None = 200
+    max_tokens: int | None = None  # token budget converted to steps; set max_steps=null with it
+    global_batch_size: int | None = 16  # sequences per optimizer step
+    micro_batch_size: int | None = 4  # sequences per forward/backward per rank
+    gradient_accumulation_steps: int | None = None  # derived when null
+    drop_last: bool = False  # drop an epoch's last partial batch (floor) instead of a short step (ceil)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+    peak_flops_per_device: float | None = None  # FLOP/s for MFU; None: table (GPU) or measured (CPU)
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    path: Any = "${stdlib:}/*.py"  # path, glob, list of them, a prepared directory, or a hub name
+    format: str | None = None  # text | json | parquet; inferred from the extension when null
+    text_field: str = "text"
+    sample_by: str = "document"  # text format only: document | line | paragraph
+    seq_len: int = 256
+    val_fraction: float = 0.05  # tail of the token stream held out for validation
+    hub_name: str | None = None  # dataset config name for hub datasets
+    split: str = "train"  # split for hub datasets
+    num_proc: int = 1  # tokenization worker processes
+    cache_dir: str = "${harness_cache:}"
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # local dir loadable by AutoTokenizer; null: train a byte-level BPE on the corpus
+    train_vocab_size: int = 4096  # vocabulary of the BPE trained when path is null
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping (the norm is still logged)
+    fused: bool | None = None  # None: fused on cuda, foreach elsewhere
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | constant | wsd
+    warmup_steps: int = 20
+    min_lr: float = 1e-4
+    decay_fraction: float = 0.2  # wsd only: share of max_steps spent decaying
+    batch_warmup: BatchWarmupConfig = field(default_factory=BatchWarmupConfig)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # steps between validation passes; 0 disables
+    batches: int = 4  # micro-batches per validation pass
+    patience: int | None = None  # stop after this many evaluations without improvement; null disables
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "none"  # none (one process); ddp | fsdp | deepspeed come with the distributed backends
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "harness"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # console line every N steps (metrics.jsonl gets every step)
+    progress: str = "auto"  # auto (bar on a terminal) | on | off
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto | never | <path to a checkpoint directory>
+    export_hf: bool = True  # save_pretrained model + tokenizer into <run>/hf at the end
+
+
+@dataclass
+class PrepareConfig:
+    output_dir: str | None = None  # python -m harness.prepare_data writes the token store here
+
+
+@dataclass
+class TrainConfig:
+    """The whole run configuration (``configs/train.yaml`` composes onto this)."""
+
+    seed: int = 1234
+    run_name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+def register_configs() -> None:
+    """Register :class:`TrainConfig` as ``train_schema`` in Hydra's ConfigStore."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+register_configs()
+
+
+# ---------------------------------------------------------------------------------------
+# Validation.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Full-size batch arithmetic: ``global = micro * accumulation * world_size`` (sequences)."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+
+
+def resolve_batch_sizes(train: TrainSection, world_size: int) -> BatchSizes:
+    """Derive the missing one of global/micro/accumulation from the two given.
+
+    Raises:
+        ConfigError: fewer than two given, a non-positive value, or values whose product
+            does not match (the message shows the arithmetic).
+    """
+    g, m, k = train.global_batch_size, train.micro_batch_size, train.gradient_accumulation_steps
+    for key, v in (("global_batch_size", g), ("micro_batch_size", m), ("gradient_accumulation_steps", k)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"train.{key}={v} must be a positive integer")
+    given = sum(v is not None for v in (g, m, k))
+    if given < 2:
+        raise ConfigError(
+            "set two of train.global_batch_size, train.micro_batch_size, train.gradient_accumulation_steps "
+            f"(got global={g}, micro={m}, accumulation={k})"
+        )
+    if g is None:
+        g = m * k * world_size
+    elif m is None:
+        if g % (k * world_size):
+            raise ConfigError(
+                f"train.global_batch_size={g} is not divisible by gradient_accumulation_steps={k} x "
+                f"world_size={world_size} = {k * world_size}; change one of them"
+            )
+        m = g // (k * world_size)
+    elif k is None:
+        if g % (m * world_size):
+            raise ConfigError(
+                f"train.global_batch_size={g} is not divisible by micro_batch_size={m} x "
+                f"world_size={world_size} = {m * world_size}; change one of them or set "
+                "train.gradient_accumulation_steps"
+            )
+        k = g // (m * world_size)
+    elif g != m * k * world_size:
+        raise ConfigError(
+            f"train.global_batch_size={g} != micro_batch_size={m} x gradient_accumulation_steps={k} x "
+            f"world_size={world_size} = {m * k * world_size}; set one of them to null to derive it"
+        )
+    return BatchSizes(g, m, k, world_size)
+
+
+_CHOICES = {
+    "model.arch": ("llama", "gpt2"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "data.sample_by": ("document", "line", "paragraph"),
+    "optim.name": ("adamw",),
+    "schedule.name": ("cosine", "constant", "wsd"),
+    "parallel.name": ("none",),
+    "logging.progress": ("auto", "on", "off"),
+    "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "float32", "bfloat16"),
+}
+
+
+def _get(cfg: TrainConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
+    """Check everything that can be checked from the config alone (no data, no model).
+
+    Returns:
+        The full-size :class:`BatchSizes`.
+    Raises:
+        ConfigError: naming the first offending key and the fix.
+    """
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    if cfg.data.format is not None and cfg.data.format not in ("text", "json", "parquet"):
+        raise ConfigError(f"data.format={cfg.data.format!r} is not one of text, json, parquet (or null to infer)")
+    positive = (
+        "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_position_embeddings",
+        "model.vocab_multiple", "data.seq_len", "data.num_proc", "tokenizer.train_vocab_size", "optim.lr",
+        "logging.every", "eval.batches", "checkpoint.keep_last",
+    )  # fmt: skip
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
+    non_negative = ("optim.weight_decay", "optim.grad_clip", "optim.eps", "schedule.warmup_steps",
+                    "schedule.min_lr", "eval.every", "checkpoint.every", "schedule.batch_warmup.steps")
+    for key in non_negative:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
+    for key in ("model.num_kv_heads", "model.intermediate_size", "model.vocab_size", "eval.patience",
+                "schedule.batch_warmup.tokens"):
+        v = _get(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key}={v} must be > 0 (or null)")
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    if cfg.data.seq_len > m.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}; lower data.seq_len or raise model.max_position_embeddings"
+        )
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
+    if cfg.schedule.min_lr > cfg.optim.lr:
+        raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr} is larger than optim.lr={cfg.optim.lr}")
+    if not 0.0 <= cfg.schedule.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={cfg.schedule.decay_fraction} must be in [0, 1]")
+
+    t = cfg.train
+    if (t.max_steps is None) == (t.max_tokens is None):
+        raise ConfigError(
+            "set exactly one budget: train.max_steps or train.max_tokens "
+            f"(got max_steps={t.max_steps}, max_tokens={t.max_tokens}; with max_tokens add train.max_steps=null)"
+        )
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be > 0")
+    if t.max_tokens is not None and t.max_tokens <= 0:
+        raise ConfigError(f"train.max_tokens={t.max_tokens} must be > 0")
+    if t.peak_flops_per_device is not None and t.peak_flops_per_device <= 0:
+        raise ConfigError(f"train.peak_flops_per_device={t.peak_flops_per_device} must be > 0 (or null)")
+    batch = resolve_batch_sizes(t, world_size)
+
+    bw = cfg.schedule.batch_warmup
+    if bw.start_global_batch_size is not None:
+        inc = batch.micro_batch_size * world_size
+        start = bw.start_global_batch_size
+        if not 0 < start <= batch.global_batch_size:
+            raise ConfigError(
+                f"schedule.batch_warmup.start_global_batch_size={start} must be in "
+                f"[1, train.global_batch_size={batch.global_batch_size}]"
+            )
+        if start % inc or (batch.global_batch_size - start) % inc:
+            raise ConfigError(
+                f"schedule.batch_warmup.start_global_batch_size={start} and train.global_batch_size="
+                f"{batch.global_batch_size} must both be multiples of micro_batch_size x world_size = {inc}"
+            )
+        if bw.tokens is None and bw.steps == 0 and start != batch.global_batch_size:
+            raise ConfigError(
+                "schedule.batch_warmup.start_global_batch_size is set but the ramp has no length: "
+                "set schedule.batch_warmup.steps (or .tokens)"
+            )
+    if t.max_steps is not None:
+        check_schedule_fits(cfg, t.max_steps)
+    return batch
+
+
+def check_schedule_fits(cfg: TrainConfig, max_steps: int) -> None:
+    """Raise :class:`ConfigError` when a warmup (LR or batch) is longer than the run."""
+    s = cfg.schedule
+    if s.warmup_steps > max_steps:
+        raise ConfigError(
+            f"schedule.warmup_steps={s.warmup_steps} > train.max_steps={max_steps}: the run would end "
+            "inside the LR warmup; lower schedule.warmup_steps"
+        )
+    if s.name == "wsd":
+        decay_steps = round(s.decay_fraction * max_steps)
+        if s.warmup_steps > max_steps - decay_steps:
+            raise ConfigError(
+                f"schedule.warmup_steps={s.warmup_steps} overlaps the wsd decay (last {decay_steps} of "
+                f"{max_steps} steps); lower schedule.warmup_steps or schedule.decay_fraction"
+            )
+    bw = s.batch_warmup
+    if bw.start_global_batch_size is not None and bw.tokens is None and bw.steps > max_steps:
+        raise ConfigError(
+            f"schedule.batch_warmup.steps={bw.steps} > train.max_steps={max_steps}: the run would end "
+            "inside the batch-size warmup; lower schedule.batch_warmup.steps"
+        )
+
+
+def to_object(cfg: Any) -> TrainConfig:
+    """Turn a composed DictConfig into a :class:`TrainConfig` instance (interpolations resolved)."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,114 @@
+"""Packed sequences and the deterministic, resumable per-step batch loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.schedule import StepInfo
+
+IGNORE_INDEX = -100  # label value excluded from the loss (torch.nn.functional.cross_entropy default)
+
+
+class PackedSequences:
+    """Fixed-length windows over a token stream.
+
+    Sequence ``i`` is ``tokens[i*seq_len : i*seq_len + seq_len + 1]`` (``seq_len + 1`` tokens:
+    inputs are the first ``seq_len``, targets the last ``seq_len``), so consecutive windows
+    share one token and no token is padding (the nanoGPT / Megatron packing).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        """Sequences ``indices`` as a ``(len(indices), seq_len + 1)`` int64 tensor."""
+        starts = np.asarray(indices, dtype=np.int64) * self.seq_len
+        window = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
+        return torch.from_numpy(np.asarray(self.tokens[window], dtype=np.int64))
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward's inputs: ``input_ids`` and ``labels``, both ``(batch, seq_len)`` int64.
+
+    ``labels`` are the next tokens; positions equal to ``IGNORE_INDEX`` are not trained on.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def from_sequences(cls, seqs: torch.Tensor) -> MicroBatch:
+        """Split ``(batch, seq_len + 1)`` windows into inputs and shifted labels."""
+        return cls(seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous())
+
+    def num_targets(self) -> torch.Tensor:
+        """Number of trained target tokens (labels != IGNORE_INDEX), a 0-d int64 tensor."""
+        return (self.labels != IGNORE_INDEX).sum()
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> MicroBatch:
+        return MicroBatch(self.input_ids.to(device, non_blocking=non_blocking),
+                          self.labels.to(device, non_blocking=non_blocking))  # fmt: skip
+
+
+class StepLoader:
+    """Gives each rank its micro-batches for a planned optimizer step.
+
+    Epoch ``e`` visits sequences in the permutation ``default_rng([seed, e])``, so the order
+    depends only on the seed and the data position (epoch, offset) stored in checkpoints.
+    A step's sequences ``perm[offset : offset + global_batch_size]`` are cut into global
+    micro-batches of ``micro_batch_size * world_size``; rank ``r`` takes the ``r``-th slice
+    of ``micro_batch_size`` from each, so every rank reads only its own shard.
+    """
+
+    def __init__(self, sequences: PackedSequences, seed: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
+        self.sequences = sequences
+        self.seed = seed
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order in which epoch ``epoch`` visits the sequences (int64 indices)."""
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.sequences))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def step_indices(self, info: StepInfo) -> np.ndarray:
+        """All ranks' sequence indices of a step, in order (length ``info.global_batch_size``)."""
+        start = info.position.offset
+        return self.permutation(info.position.epoch)[start : start + info.global_batch_size]
+
+    def micro_batches(self, info: StepInfo) -> list[MicroBatch]:
+        """This rank's ``info.gradient_accumulation_steps`` micro-batches for the step (on CPU)."""
+        indices = self.step_indices(info)
+        m, w = self.micro_batch_size, self.world_size
+        out = []
+        for k in range(info.gradient_accumulation_steps):
+            mine = indices[k * m * w + self.rank * m : k * m * w + (self.rank + 1) * m]
+            out.append(MicroBatch.from_sequences(self.sequences.get(mine)))
+        return out
+
+
+def validation_batches(sequences: PackedSequences, num_batches: int, micro_batch_size: int,
+                       rank: int = 0, world_size: int = 1) -> list[MicroBatch]:  # fmt: skip
+    """A fixed validation set: the first ``num_batches * micro_batch_size * world_size`` sequences, in order."""
+    n = min(len(sequences), num_batches * micro_batch_size * world_size)
+    idx = np.arange(n)
+    out = []
+    per = micro_batch_size * world_size
+    for k in range(0, n, per):
+        mine = idx[k + rank * micro_batch_size : min(n, k + (rank + 1) * micro_batch_size)]
+        if len(mine):
+            out.append(MicroBatch.from_sequences(sequences.get(mine)))
+    return out

@@ -1,0 +1,136 @@
+"""Find the corpus files a ``data.path`` names and read them through ``datasets``."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import DataError
+
+_EXT_FORMAT = {
+    ".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",
+    ".json": "json", ".jsonl": "json", ".ndjson": "json",
+    ".parquet": "parquet",
+}  # fmt: skip
+STORE_META = "meta.json"  # marks a prepared token-store directory
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A resolved corpus: local ``files`` in one ``format``, or a hub dataset name."""
+
+    files: tuple[str, ...]
+    format: str  # text | json | parquet | hub
+    hub_name: str | None = None
+
+    def fingerprint(self) -> str:
+        """Hash of the file list with sizes and modification times (a cache key part)."""
+        h = hashlib.sha256(self.format.encode())
+        for f in self.files:
+            if self.format == "hub":
+                h.update(f.encode())
+                continue
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        if self.hub_name:
+            h.update(self.hub_name.encode())
+        return h.hexdigest()[:16]
+
+
+def infer_format(path: str) -> str | None:
+    """Format from a file name (``.gz``/``.bz2``/``.xz``/``.zst`` suffixes are looked through)."""
+    name = path.lower()
+    for comp in (".gz", ".bz2", ".xz", ".zst"):
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return _EXT_FORMAT.get(os.path.splitext(name)[1])
+
+
+def is_prepared_dir(path: Any) -> bool:
+    """True when ``path`` is a directory written by ``python -m harness.prepare_data``."""
+    return isinstance(path, str) and os.path.isdir(path) and os.path.isfile(os.path.join(path, STORE_META))
+
+
+def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> Corpus:
+    """Expand ``data.path`` (a path, glob, directory or list of them; or a hub name) into a :class:`Corpus`.
+
+    Raises:
+        DataError: no file matches, the format cannot be inferred, or formats are mixed.
+    """
+    if path is None or path == "" or path == []:
+        raise DataError("data.path is empty: set it to a file, glob, directory or list of them")
+    patterns = [path] if isinstance(path, str) else [str(p) for p in path]
+    files: list[str] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if os.path.isdir(expanded):
+            found = sorted(
+                f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
+                if os.path.isfile(f) and infer_format(f)
+            )  # fmt: skip
+            if not found:
+                raise DataError(f"data.path: directory {pattern!r} holds no .txt/.json/.jsonl/.parquet file")
+            files += found
+            continue
+        matched = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
+        if not matched:
+            if _looks_like_hub_name(pattern) and len(patterns) == 1:
+                return Corpus((pattern,), "hub", hub_name)
+            raise DataError(f"data.path: {pattern!r} matches no file (check the path or glob)")
+        files += matched
+    if fmt is None:
+        formats = {infer_format(f) for f in files}
+        if None in formats:
+            bad = next(f for f in files if infer_format(f) is None)
+            raise DataError(f"data.format: cannot infer the format of {bad!r}; set data.format=text|json|parquet")
+        if len(formats) > 1:
+            raise DataError(f"data.path mixes formats {sorted(formats)}; give one format per run (data.format)")
+        fmt = formats.pop()
+    return Corpus(tuple(files), fmt)
+
+
+def _looks_like_hub_name(pattern: str) -> bool:
+    parts = pattern.split("/")
+    return (
+        len(parts) == 2 and all(parts) and not pattern.startswith((".", "~", "/"))
+        and not any(c in pattern for c in "*?[") and infer_format(pattern) is None
+    )  # fmt: skip
+
+
+def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cache_dir: str):
+    """Read the corpus as a ``datasets.Dataset`` with a ``text_field`` column.
+
+    Local files load with the ``text``/``json``/``parquet`` builders; a hub name loads
+    with ``load_dataset(name, hub_name, split=...)`` (needs the network or a local HF cache).
+
+    Raises:
+        DataError: a file cannot be parsed (binary, invalid UTF-8, bad JSON) or has no
+            ``text_field`` column; the message names the file or key.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    hf_cache = os.path.join(cache_dir, "hf_datasets")
+    try:
+        if corpus.format == "hub":
+            ds = datasets.load_dataset(corpus.files[0], corpus.hub_name, split=split, cache_dir=hf_cache)
+        elif corpus.format == "text":
+            ds = datasets.load_dataset(
+                "text", data_files=list(corpus.files), split="train", sample_by=sample_by, cache_dir=hf_cache
+            )
+        else:
+            ds = datasets.load_dataset(corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache)
+    except Exception as e:  # datasets wraps parser errors in several types
+        where = corpus.files[0] if len(corpus.files) == 1 else f"{len(corpus.files)} files from {corpus.files[0]!r}"
+        cause = e.__cause__ or e
+        raise DataError(f"data.path: cannot read {where} as {corpus.format}: {type(cause).__name__}: {cause}") from e
+    column = "text" if corpus.format == "text" else text_field
+    if column not in ds.column_names:
+        raise DataError(
+            f"data.text_field={text_field!r}: no such column in {corpus.files[0]!r} "
+            f"(columns: {', '.join(ds.column_names)}); set data.text_field"
+        )
+    return ds, column

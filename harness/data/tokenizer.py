@@ -1,0 +1,82 @@
+"""Tokenizers: a local ``transformers`` tokenizer, or a byte-level BPE trained on the corpus and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+from harness.errors import DataError
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(path: str):
+    """Load a tokenizer directory with ``AutoTokenizer.from_pretrained`` offline.
+
+    Raises:
+        DataError: the directory is missing or lacks the tokenizer files.
+    """
+    from transformers import AutoTokenizer
+
+    expanded = os.path.expanduser(path)
+    if not os.path.isdir(expanded):
+        raise DataError(f"tokenizer.path: {path!r} is not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(expanded, local_files_only=True)
+    except Exception as e:
+        raise DataError(
+            f"tokenizer.path: cannot load a tokenizer from {path!r} (need tokenizer.json, or vocab/merges "
+            f"or tokenizer.model, with tokenizer_config.json): {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer.path: the tokenizer in {path!r} has no EOS token to separate documents")
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A short hash of a tokenizer's vocabulary and rules (part of the token-cache key)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(f"{payload}|{tok.eos_token_id}".encode()).hexdigest()[:16]
+
+
+def train_bpe_tokenizer(texts_iter, vocab_size: int, cache_dir: str, key: str):
+    """Train (or load from cache) a byte-level BPE tokenizer on an iterator of texts.
+
+    The tokenizer has ``vocab_size`` entries (256 byte symbols, merges, and ``<|endoftext|>``)
+    in the GPT-2 style (Radford et al. 2019). It is saved with ``save_pretrained`` under
+    ``<cache_dir>/tokenizers/<key>-<vocab_size>`` so later runs load it instantly.
+
+    Args:
+        texts_iter: a zero-argument callable returning an iterator of strings (called on a cache miss).
+        vocab_size: target vocabulary size (tokens).
+        cache_dir: cache root.
+        key: corpus fingerprint.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    target = os.path.join(cache_dir, "tokenizers", f"bpe-{key}-{vocab_size}")
+    if os.path.isfile(os.path.join(target, "tokenizer.json")):
+        return load_tokenizer(target)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts_iter(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(target)

@@ -1,0 +1,190 @@
+"""The training loop. One iteration = one optimizer step over K accumulated micro-batches:
+
+    1. sample    this rank's micro-batches of the planned step (sizes from the batch ramp)
+    2. forward   per micro-batch: summed token cross-entropy / target tokens of the whole step
+    3. backward  per micro-batch; gradients synchronized only on the last one
+    4. update    clip by global norm, optimizer step, LR scheduler step, zero grads -- once
+    5. log       one StepMetrics record; then evaluation and checkpoint when due
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from harness.data import IGNORE_INDEX, MicroBatch, StepLoader
+from harness.metrics import MetricsLogger, StepMetrics, StepTimer, max_memory_bytes
+from harness.parallel import Backend
+from harness.schedule import DataPosition, IterationPlan, StepInfo
+
+log = logging.getLogger("harness")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore to continue the same run (besides model/optimizer/RNG)."""
+
+    step: int = 0  # completed optimizer steps
+    tokens_total: int = 0
+    position: DataPosition = field(default_factory=DataPosition)  # data position before the next step
+    best_val_loss: float = math.inf
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "tokens_total": self.tokens_total, "epoch": self.position.epoch,
+                "offset": self.position.offset, "best_val_loss": _json_float(self.best_val_loss),
+                "evals_since_best": self.evals_since_best, "stopped_early": self.stopped_early}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        best = d.get("best_val_loss")
+        return cls(d["step"], d["tokens_total"], DataPosition(d["epoch"], d["offset"]),
+                   math.inf if best is None else float(best), d.get("evals_since_best", 0),
+                   d.get("stopped_early", False))  # fmt: skip
+
+
+def _json_float(x: float):
+    return None if not math.isfinite(x) else x
+
+
+@dataclass
+class LoopParts:
+    """Everything the loop uses, built by ``harness.train``."""
+
+    backend: Backend
+    model: torch.nn.Module  # the module to call forward on (possibly wrapped)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: StepLoader
+    val_batches: list[MicroBatch]
+    plan: IterationPlan
+    max_steps: int
+    grad_clip: float
+    eval_every: int
+    patience: int | None
+    checkpoint_every: int
+    flops_per_token: float  # training FLOPs per token (model.model_stats)
+    peak_flops: float  # FLOP/s of one device
+    autocast_dtype: torch.dtype | None  # bf16 autocast on GPU, None for fp32
+    metrics: MetricsLogger
+    save_checkpoint: callable  # (TrainState) -> None
+
+
+def token_loss_sum(model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over ``mb``'s target tokens, in fp32 (0-d tensor).
+
+    Positions whose label is ``IGNORE_INDEX`` contribute nothing.
+    """
+    device_type = mb.input_ids.device.type
+    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        logits = model(input_ids=mb.input_ids).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def forward_backward(parts: LoopParts, micro_batches: list[MicroBatch]) -> torch.Tensor:
+    """Accumulate the gradient of the step's token-mean loss; returns that loss (0-d, detached).
+
+    Every micro-batch's summed loss is divided by the number of target tokens in the whole
+    step (all micro-batches, all ranks), so K micro-batches of B give exactly the gradient of
+    one batch of K*B -- not a mean of per-micro-batch means.
+    """
+    backend = parts.backend
+    num_targets = backend.all_reduce_sum(torch.stack([mb.num_targets() for mb in micro_batches]).sum())
+    total = torch.zeros((), device=micro_batches[0].input_ids.device)
+    for i, mb in enumerate(micro_batches):
+        with backend.accumulate(is_last=i == len(micro_batches) - 1):
+            loss = token_loss_sum(parts.model, mb, parts.autocast_dtype) / num_targets
+            backend.backward(loss)
+        total += loss.detach()
+    return backend.all_reduce_sum(total)
+
+
+@torch.no_grad()
+def evaluate(parts: LoopParts) -> float:
+    """Token-mean validation loss (nats) over the fixed validation micro-batches, all ranks."""
+    parts.model.eval()
+    device = parts.backend.env.device
+    loss_sum = torch.zeros((), device=device)
+    targets = torch.zeros((), device=device, dtype=torch.long)
+    for mb in parts.val_batches:
+        mb = mb.to(device)
+        loss_sum += token_loss_sum(parts.model, mb, parts.autocast_dtype)
+        targets += mb.num_targets()
+    parts.model.train()
+    loss_sum = parts.backend.all_reduce_sum(loss_sum)
+    targets = parts.backend.all_reduce_sum(targets)
+    return (loss_sum / targets.clamp(min=1)).item()
+
+
+def train(parts: LoopParts, state: TrainState) -> TrainState:
+    """Run optimizer steps from ``state`` until ``parts.max_steps`` (or early stopping)."""
+    backend, device = parts.backend, parts.backend.env.device
+    timer = StepTimer(device)
+    started = time.perf_counter()
+    parts.model.train()
+    for info in parts.plan.steps(state.step, state.position, state.tokens_total):
+        if info.step > parts.max_steps or state.stopped_early:
+            break
+        timer.start()
+        # 1. sample
+        micro_batches = [mb.to(device, non_blocking=True) for mb in parts.loader.micro_batches(info)]
+        timer.mark("data")
+        # 2 + 3. forward and backward over the accumulated micro-batches
+        loss = forward_backward(parts, micro_batches)
+        timer.mark("forward_backward")
+        # 4. update, once per step
+        grad_norm = backend.clip_grad_norm(parts.grad_clip)
+        lr = parts.scheduler.get_last_lr()[0]
+        backend.optimizer_step()
+        parts.scheduler.step()
+        backend.zero_grad()
+        timer.mark("optimizer")
+        # 5. log
+        state = replace(state, step=info.step, tokens_total=info.tokens_total,
+                        position=info.end_position(parts.plan.num_sequences))  # fmt: skip
+        record = _record(parts, info, timer.durations(), loss, grad_norm, lr, time.perf_counter() - started)
+        if parts.eval_every and parts.val_batches and (info.step % parts.eval_every == 0 or info.step == parts.max_steps):
+            record.val_loss = evaluate(parts)
+            state = _early_stopping(parts, state, record.val_loss)
+        parts.metrics.write(record)
+        if not math.isfinite(record.loss):
+            log.warning("step %d: non-finite loss %s", info.step, record.loss)
+        last = info.step == parts.max_steps or state.stopped_early
+        if last or (parts.checkpoint_every and info.step % parts.checkpoint_every == 0):
+            parts.save_checkpoint(state)
+    return state
+
+
+def _early_stopping(parts: LoopParts, state: TrainState, val_loss: float) -> TrainState:
+    if val_loss < state.best_val_loss:
+        return replace(state, best_val_loss=val_loss, evals_since_best=0)
+    waited = state.evals_since_best + 1
+    stop = parts.patience is not None and waited >= parts.patience
+    if stop:
+        log.info("early stopping at step %d: validation loss has not improved on %.4f for %d evaluations",
+                 state.step, state.best_val_loss, waited)  # fmt: skip
+    return replace(state, evals_since_best=waited, stopped_early=stop)
+
+
+def _record(parts: LoopParts, info: StepInfo, t: dict, loss: torch.Tensor, grad_norm: torch.Tensor,
+            lr: float, elapsed: float) -> StepMetrics:  # fmt: skip
+    comm = parts.backend.comm_stats()
+    tokens_per_second = info.tokens / t["total"]
+    world = parts.backend.env.world_size
+    return StepMetrics(
+        step=info.step, epoch=info.epoch, tokens=info.tokens, tokens_total=info.tokens_total,
+        loss=loss.item(), lr=lr, grad_norm=grad_norm.item(),
+        global_batch_size=info.global_batch_size, gradient_accumulation_steps=info.gradient_accumulation_steps,
+        step_time_s=t["total"], data_s=t["data"], forward_backward_s=t["forward_backward"], optimizer_s=t["optimizer"],
+        comm_s=comm.comm_s, comm_exposed_s=comm.comm_exposed_s, comm_bytes=comm.comm_bytes,
+        comm_busbw_gbps=comm.busbw_gbps, tokens_per_second=tokens_per_second,
+        mfu=parts.flops_per_token * tokens_per_second / (parts.peak_flops * world),
+        max_memory_bytes=max_memory_bytes(parts.backend.env.device), elapsed_s=elapsed,
+    )  # fmt: skip

@@ -1,0 +1,243 @@
+"""Per-iteration metrics: the typed record, step timers, MFU, and the sinks that format it
+(metrics.jsonl, console with progress bar, wandb)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+log = logging.getLogger("harness")
+
+
+@dataclass
+class StepMetrics:
+    """One optimizer step, as logged (one JSON line per step in ``metrics.jsonl``).
+
+    Units: times in seconds, memory in bytes, ``lr`` in the optimizer's unit, throughput in
+    tokens per second (all ranks), ``mfu`` as a fraction of peak (0..1).
+    ``step_time_s = data_s + forward_backward_s + optimizer_s`` (communication overlaps the
+    compute phases, so ``comm_s`` is a part of them, not an extra term).
+    """
+
+    step: int  # completed optimizer steps, from 1
+    epoch: float  # fractional epochs completed
+    tokens: int  # tokens in this step (all ranks)
+    tokens_total: int  # tokens of all steps so far
+    loss: float  # token-mean cross-entropy of this step (nats)
+    lr: float
+    grad_norm: float  # global L2 norm before clipping
+    global_batch_size: int  # sequences in this step
+    gradient_accumulation_steps: int  # micro-batches per rank in this step
+    step_time_s: float
+    data_s: float
+    forward_backward_s: float
+    optimizer_s: float
+    comm_s: float  # time in collectives (0 on one process)
+    comm_exposed_s: float | None  # part of comm_s not overlapped with compute (None: not measured)
+    comm_bytes: int  # bytes moved by this rank's collectives
+    comm_busbw_gbps: float | None  # bus bandwidth of those collectives (None: no collectives)
+    tokens_per_second: float
+    mfu: float
+    max_memory_bytes: int
+    elapsed_s: float  # wall time since this process started training
+    val_loss: float | None = None  # set on evaluation steps
+
+    def to_json(self) -> str:
+        return json.dumps({k: _clean(v) for k, v in asdict(self).items()})
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else str(v)
+    return v
+
+
+# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, without sparsity):
+# H100 SXM / H200: 989.4 TFLOP/s (NVIDIA H100 and H200 datasheets); H100 PCIe: 756 TFLOP/s;
+# A100: 312 TFLOP/s (NVIDIA A100 datasheet); B200: 2.25 PFLOP/s (NVIDIA DGX B200 datasheet, per GPU).
+PEAK_BF16_FLOPS = {
+    "H200": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100": 989.4e12,
+    "A100": 312e12,
+    "B200": 2250e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the number comes from.
+
+    GPUs are looked up in :data:`PEAK_BF16_FLOPS` by name; a CPU (or unknown GPU) gets a
+    measured number: the fp32 throughput of a 1024x1024 matmul on all its threads for about
+    0.3 s, a practical peak rather than a datasheet one.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return flops, f"datasheet bf16 peak of {name}"
+    return measure_matmul_flops(device), f"measured fp32 matmul on {device.type}"
+
+
+def measure_matmul_flops(device: torch.device, n: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of repeated ``n x n`` fp32 matmuls (2*n^3 FLOPs each) on ``device``."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        iters += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return 2.0 * n**3 * iters / (time.perf_counter() - start)
+
+
+def max_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA ``max_memory_allocated`` on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class StepTimer:
+    """Wall-clock phases of a step without a host-device sync per phase.
+
+    On CUDA each ``mark`` records an event and the durations are read once in
+    :meth:`durations` (one ``synchronize``); on CPU ``mark`` reads ``perf_counter``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object]] = []
+
+    def start(self) -> None:
+        self._marks = []
+        self.mark("start")
+
+    def mark(self, name: str) -> None:
+        """End the phase ``name`` (the first mark, ``start``, opens the step)."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append((name, ev))
+        else:
+            self._marks.append((name, time.perf_counter()))
+
+    def durations(self) -> dict[str, float]:
+        """Seconds per phase since the previous mark; ``total`` is the whole step."""
+        if self.cuda:
+            self._marks[-1][1].synchronize()
+            first = self._marks[0][1]
+            out = {name: prev.elapsed_time(ev) / 1e3 for (_, prev), (name, ev) in zip(self._marks, self._marks[1:])}
+            out["total"] = first.elapsed_time(self._marks[-1][1]) / 1e3
+            return out
+        out = {name: t - prev for (_, prev), (name, t) in zip(self._marks, self._marks[1:])}
+        out["total"] = self._marks[-1][1] - self._marks[0][1]
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Sinks
+# ---------------------------------------------------------------------------------------
+
+
+class JsonlSink:
+    """Appends one JSON object per step to ``path`` (flushed each line)."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, rec: StepMetrics) -> None:
+        self.file.write(rec.to_json() + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def format_line(rec: StepMetrics, max_steps: int) -> str:
+    """Compact console form of a record."""
+    val = f" | val {rec.val_loss:.4f}" if rec.val_loss is not None else ""
+    return (
+        f"step {rec.step}/{max_steps} | loss {rec.loss:.4f}{val} | lr {rec.lr:.2e} | gnorm {rec.grad_norm:.3f} | "
+        f"batch {rec.global_batch_size}x{rec.gradient_accumulation_steps}acc | tok {rec.tokens:,} ({rec.tokens_total:,}) | "
+        f"{rec.tokens_per_second:,.0f} tok/s | mfu {100 * rec.mfu:.1f}% | {rec.step_time_s:.3f}s "
+        f"(data {rec.data_s:.3f} fwd/bwd {rec.forward_backward_s:.3f} opt {rec.optimizer_s:.3f} comm {rec.comm_s:.3f})"
+    )
+
+
+class ConsoleSink:
+    """A tqdm progress bar (step/max_steps, ETA) and a log line every ``every`` steps."""
+
+    def __init__(self, max_steps: int, start_step: int, every: int, progress: str):
+        from tqdm import tqdm
+
+        self.max_steps, self.every = max_steps, every
+        disable = {"on": False, "off": True}.get(progress, not sys.stderr.isatty())
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=disable, leave=True)
+        self.first = True
+
+    def write(self, rec: StepMetrics) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", tok_s=f"{rec.tokens_per_second:,.0f}", refresh=False)
+        if self.first or rec.step % self.every == 0 or rec.step == self.max_steps or rec.val_loss is not None:
+            self.bar.write(format_line(rec, self.max_steps), file=sys.stdout)
+            log.debug(format_line(rec, self.max_steps))
+        self.first = False
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class WandbSink:
+    """Logs each record to Weights & Biases; ``mode=auto`` is online with an API key, else offline.
+
+    The run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues the same wandb run.
+    """
+
+    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict):
+        import wandb
+
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        id_path = os.path.join(run_dir, "wandb_id")
+        if os.path.isfile(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            with open(id_path, "w") as f:
+                f.write(run_id)
+        self.run = wandb.init(project=project, entity=entity, name=name, dir=run_dir, mode=mode, id=run_id,
+                              resume="allow", config=config, settings=wandb.Settings(silent=True))  # fmt: skip
+
+    def write(self, rec: StepMetrics) -> None:
+        data = {k: v for k, v in asdict(rec).items() if v is not None and k != "step"}
+        self.run.log(data, step=rec.step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Fans a :class:`StepMetrics` out to its sinks (rank 0 only; other ranks get no sinks)."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def write(self, rec: StepMetrics) -> None:
+        for sink in self.sinks:
+            sink.write(rec)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,159 @@
+"""Models: ``transformers`` causal LMs built from a shape config with random init, plus
+parameter counts and FLOPs per token for MFU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.config import ModelConfig
+from harness.errors import ConfigError
+
+
+def resolve_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: ``model.vocab_size`` if set, else the tokenizer's padded up to a
+    multiple of ``model.vocab_multiple`` (64 by default, for matmul-friendly shapes).
+
+    Raises:
+        ConfigError: an explicit ``model.vocab_size`` smaller than the tokenizer's vocabulary.
+    """
+    if model.vocab_size is not None:
+        if model.vocab_size < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tokenizer_vocab} tokens); raise it or set model.vocab_size=null to follow the tokenizer"
+            )
+        return model.vocab_size
+    m = model.vocab_multiple
+    return (tokenizer_vocab + m - 1) // m * m
+
+
+def intermediate_size(model: ModelConfig) -> int:
+    """MLP width: as configured, else 4*hidden (GPT-2) or 8/3*hidden rounded up to 64 (LLaMA)."""
+    if model.intermediate_size is not None:
+        return model.intermediate_size
+    if model.arch == "gpt2":
+        return 4 * model.hidden_size
+    return (int(8 * model.hidden_size / 3) + 63) // 64 * 64
+
+
+def hf_config(model: ModelConfig, vocab_size: int, eos_token_id: int | None = None):
+    """The ``transformers`` config (``LlamaConfig`` or ``GPT2Config``) for a shape."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if model.arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=model.hidden_size,
+            intermediate_size=intermediate_size(model),
+            num_hidden_layers=model.num_layers,
+            num_attention_heads=model.num_heads,
+            num_key_value_heads=model.num_kv_heads or model.num_heads,
+            max_position_embeddings=model.max_position_embeddings,
+            rms_norm_eps=model.norm_eps,
+            initializer_range=model.init_std,
+            tie_word_embeddings=model.tie_word_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta},
+            attention_dropout=model.dropout,
+            bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
+            use_cache=False,
+        )
+    else:
+        cfg = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=model.max_position_embeddings,
+            n_embd=model.hidden_size,
+            n_layer=model.num_layers,
+            n_head=model.num_heads,
+            n_inner=intermediate_size(model),
+            layer_norm_epsilon=model.norm_eps,
+            initializer_range=model.init_std,
+            resid_pdrop=model.dropout,
+            embd_pdrop=model.dropout,
+            attn_pdrop=model.dropout,
+            tie_word_embeddings=model.tie_word_embeddings,
+            bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
+            use_cache=False,
+        )
+    cfg._attn_implementation = model.attn_implementation
+    return cfg
+
+
+def build_model(model: ModelConfig, vocab_size: int, seed: int, eos_token_id: int | None = None,
+                device: torch.device | str = "cpu") -> torch.nn.Module:  # fmt: skip
+    """A randomly initialised ``AutoModelForCausalLM`` of the given shape (fp32 weights).
+
+    The init is seeded with ``seed`` so every run (and rank) starts from the same weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(model, vocab_size, eos_token_id)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = AutoModelForCausalLM.from_config(cfg, attn_implementation=model.attn_implementation, dtype=torch.float32)
+    return net
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Parameter counts and training FLOPs of a model shape.
+
+    Attributes:
+        params: all trainable parameters (tied embeddings counted once).
+        embedding_params: input token (and position) embedding tables.
+        non_embedding_params: ``params - embedding_params`` (Kaplan et al. 2020's N).
+        flops_per_token: training FLOPs per token at ``seq_len`` (forward + backward).
+    """
+
+    params: int
+    embedding_params: int
+    non_embedding_params: int
+    flops_per_token: float
+
+
+def model_stats(model: ModelConfig, vocab_size: int, seq_len: int) -> ModelStats:
+    """Count parameters analytically and estimate training FLOPs per token.
+
+    FLOPs per token = 6 * N_matmul + 12 * n_layers * hidden_size * seq_len, where N_matmul
+    counts every weight used in a matrix multiply (all non-embedding weights plus the output
+    projection, which costs the same whether or not it is tied to the input embedding) and
+    the second term is attention's QK^T and AV products (forward 2 + backward 4 FLOPs per
+    multiply-accumulate, non-causal count). Source: PaLM, Chowdhery et al. 2022, Appendix B;
+    Kaplan et al. 2020, Table 1. Norm weights and biases are counted in N but add <0.1%.
+    """
+    h, L, v = model.hidden_size, model.num_layers, vocab_size
+    kv = model.num_kv_heads or model.num_heads
+    head_dim = h // model.num_heads
+    ffn = intermediate_size(model)
+    if model.arch == "llama":
+        attn = h * h * 2 + 2 * h * kv * head_dim  # q, o + k, v
+        mlp = 3 * h * ffn
+        norms = 2 * h
+        layer = attn + mlp + norms
+        embedding = v * h
+        final = h  # final RMSNorm
+    else:
+        attn = 4 * h * h + 4 * h  # c_attn (3h*h + 3h) + c_proj (h*h + h)
+        mlp = 2 * h * ffn + ffn + h
+        norms = 4 * h
+        layer = attn + mlp + norms
+        embedding = v * h + model.max_position_embeddings * h
+        final = 2 * h
+    lm_head = v * h
+    non_embedding = L * layer + final
+    params = embedding + non_embedding + (0 if model.tie_word_embeddings else lm_head)
+    matmul_params = L * (layer - norms) + lm_head
+    flops = 6.0 * matmul_params + 12.0 * L * h * seq_len
+    return ModelStats(params, embedding, params - embedding, flops)
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    """Trainable parameters of a built model (shared tensors counted once)."""
+    seen = {}
+    for p in net.parameters():
+        if p.requires_grad:
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
