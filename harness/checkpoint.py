@@ -142,9 +142,13 @@ def load_checkpoint(path: str, names: tuple[str, ...] = ("model", "optimizer", "
         CheckpointError: the checkpoint is incomplete or unreadable.
     """
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MANIFEST} or wrong sizes)")
+        raise CheckpointError(
+            f"checkpoint.resume: {path} is not a complete checkpoint (no {MANIFEST} or wrong sizes)"
+        )
     try:
-        objs = {n: torch.load(os.path.join(path, f"{n}.pt"), map_location="cpu", weights_only=True) for n in names}
+        objs = {
+            n: torch.load(os.path.join(path, f"{n}.pt"), map_location="cpu", weights_only=True) for n in names
+        }
         with open(os.path.join(path, STATE)) as f:
             state = json.load(f)
     except Exception as e:

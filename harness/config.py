@@ -287,7 +287,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     if cfg.data.format is not None and cfg.data.format not in ("text", "json", "parquet"):
-        raise ConfigError(f"data.format={cfg.data.format!r} is not one of text, json, parquet (or null to infer)")
+        raise ConfigError(
+            f"data.format={cfg.data.format!r} is not one of text, json, parquet (or null to infer)"
+        )
     positive = (
         "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_position_embeddings",
         "model.vocab_multiple", "data.seq_len", "data.num_proc", "tokenizer.train_vocab_size", "optim.lr",
@@ -296,21 +298,38 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
-    non_negative = ("optim.weight_decay", "optim.grad_clip", "optim.eps", "schedule.warmup_steps",
-                    "schedule.min_lr", "eval.every", "checkpoint.every", "schedule.batch_warmup.steps")
+    non_negative = (
+        "optim.weight_decay",
+        "optim.grad_clip",
+        "optim.eps",
+        "schedule.warmup_steps",
+        "schedule.min_lr",
+        "eval.every",
+        "checkpoint.every",
+        "schedule.batch_warmup.steps",
+    )
     for key in non_negative:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
-    for key in ("model.num_kv_heads", "model.intermediate_size", "model.vocab_size", "eval.patience",
-                "schedule.batch_warmup.tokens"):
+    for key in (
+        "model.num_kv_heads",
+        "model.intermediate_size",
+        "model.vocab_size",
+        "eval.patience",
+        "schedule.batch_warmup.tokens",
+    ):
         v = _get(cfg, key)
         if v is not None and v <= 0:
             raise ConfigError(f"{key}={v} must be > 0 (or null)")
     m = cfg.model
     if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}"
+        )
     if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}"
+        )
     if cfg.data.seq_len > m.max_position_embeddings:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="

@@ -1,10 +1,10 @@
 """The training loop. One iteration = one optimizer step over K accumulated micro-batches:
 
-    1. sample    this rank's micro-batches of the planned step (sizes from the batch ramp)
-    2. forward   per micro-batch: summed token cross-entropy / target tokens of the whole step
-    3. backward  per micro-batch; gradients synchronized only on the last one
-    4. update    clip by global norm, optimizer step, LR scheduler step, zero grads -- once
-    5. log       one StepMetrics record; then evaluation and checkpoint when due
+1. sample    this rank's micro-batches of the planned step (sizes from the batch ramp)
+2. forward   per micro-batch: summed token cross-entropy / target tokens of the whole step
+3. backward  per micro-batch; gradients synchronized only on the last one
+4. update    clip by global norm, optimizer step, LR scheduler step, zero grads -- once
+5. log       one StepMetrics record; then evaluation and checkpoint when due
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ class LoopParts:
     save_checkpoint: callable  # (TrainState) -> None
 
 
-def token_loss_sum(model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def token_loss_sum(
+    model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over ``mb``'s target tokens, in fp32 (0-d tensor).
 
     Positions whose label is ``IGNORE_INDEX`` contribute nothing.
@@ -85,7 +87,9 @@ def token_loss_sum(model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
         logits = model(input_ids=mb.input_ids).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def forward_backward(parts: LoopParts, micro_batches: list[MicroBatch]) -> torch.Tensor:
@@ -150,7 +154,11 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         state = replace(state, step=info.step, tokens_total=info.tokens_total,
                         position=info.end_position(parts.plan.num_sequences))  # fmt: skip
         record = _record(parts, info, timer.durations(), loss, grad_norm, lr, time.perf_counter() - started)
-        if parts.eval_every and parts.val_batches and (info.step % parts.eval_every == 0 or info.step == parts.max_steps):
+        if (
+            parts.eval_every
+            and parts.val_batches
+            and (info.step % parts.eval_every == 0 or info.step == parts.max_steps)
+        ):
             record.val_loss = evaluate(parts)
             state = _early_stopping(parts, state, record.val_loss)
         parts.metrics.write(record)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -138,7 +139,10 @@ class StepTimer:
         if self.cuda:
             self._marks[-1][1].synchronize()
             first = self._marks[0][1]
-            out = {name: prev.elapsed_time(ev) / 1e3 for (_, prev), (name, ev) in zip(self._marks, self._marks[1:])}
+            out = {
+                name: prev.elapsed_time(ev) / 1e3
+                for (_, prev), (name, ev) in zip(self._marks, self._marks[1:])
+            }
             out["total"] = first.elapsed_time(self._marks[-1][1]) / 1e3
             return out
         out = {name: t - prev for (_, prev), (name, t) in zip(self._marks, self._marks[1:])}
@@ -183,12 +187,16 @@ class ConsoleSink:
 
         self.max_steps, self.every = max_steps, every
         disable = {"on": False, "off": True}.get(progress, not sys.stderr.isatty())
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=disable, leave=True)
+        self.bar = tqdm(
+            total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=disable, leave=True
+        )
         self.first = True
 
     def write(self, rec: StepMetrics) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", tok_s=f"{rec.tokens_per_second:,.0f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", tok_s=f"{rec.tokens_per_second:,.0f}", refresh=False
+        )
         if self.first or rec.step % self.every == 0 or rec.step == self.max_steps or rec.val_loss is not None:
             self.bar.write(format_line(rec, self.max_steps), file=sys.stdout)
             log.debug(format_line(rec, self.max_steps))
@@ -204,7 +212,9 @@ class WandbSink:
     The run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues the same wandb run.
     """
 
-    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict):
+    def __init__(
+        self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict
+    ):
         import wandb
 
         if mode == "auto":
@@ -214,7 +224,7 @@ class WandbSink:
             with open(id_path) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(6)
             with open(id_path, "w") as f:
                 f.write(run_id)
         self.run = wandb.init(project=project, entity=entity, name=name, dir=run_dir, mode=mode, id=run_id,

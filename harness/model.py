@@ -93,7 +93,9 @@ def build_model(model: ModelConfig, vocab_size: int, seed: int, eos_token_id: in
     cfg = hf_config(model, vocab_size, eos_token_id)
     torch.manual_seed(seed)
     with torch.device(device):
-        net = AutoModelForCausalLM.from_config(cfg, attn_implementation=model.attn_implementation, dtype=torch.float32)
+        net = AutoModelForCausalLM.from_config(
+            cfg, attn_implementation=model.attn_implementation, dtype=torch.float32
+        )
     return net
 
 

@@ -159,7 +159,9 @@ class IterationPlan:
     world_size: int = 1
     drop_last: bool = False
 
-    def steps(self, start_step: int = 0, position: DataPosition | None = None, tokens_total: int = 0) -> Iterator[StepInfo]:
+    def steps(
+        self, start_step: int = 0, position: DataPosition | None = None, tokens_total: int = 0
+    ) -> Iterator[StepInfo]:
         """Yield the steps after ``start_step`` forever, from a data position and token count.
 
         With ``position`` None the plan is replayed from step 1 up to ``start_step`` first,

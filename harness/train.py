@@ -14,8 +14,8 @@ import sys
 from dataclasses import asdict
 
 import hydra
-import transformers
 import torch
+import transformers
 from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
@@ -42,7 +42,9 @@ def run(cfg, run_dir: str) -> TrainState:
         HarnessError: a config, data or checkpoint problem (raised before the model is built
             whenever it can be detected from the config, the data or the checkpoint metadata).
     """
-    resolved = OmegaConf.to_container(OmegaConf.create(cfg) if isinstance(cfg, TrainConfig) else cfg, resolve=True)
+    resolved = OmegaConf.to_container(
+        OmegaConf.create(cfg) if isinstance(cfg, TrainConfig) else cfg, resolve=True
+    )
     cfg: TrainConfig = to_object(cfg)
     env = read_env(cfg.train.device)
     batch = validate(cfg, env.world_size)
@@ -80,8 +82,11 @@ def run(cfg, run_dir: str) -> TrainState:
     module = backend.setup(model)
     optimizer = backend.build_optimizer(cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule.torch_lambda(i))
-    peak_flops, peak_source = (cfg.train.peak_flops_per_device, "train.peak_flops_per_device") \
-        if cfg.train.peak_flops_per_device else device_peak_flops(env.device)
+    peak_flops, peak_source = (
+        (cfg.train.peak_flops_per_device, "train.peak_flops_per_device")
+        if cfg.train.peak_flops_per_device
+        else device_peak_flops(env.device)
+    )
     if env.is_main:
         log.info("model: %s (%s), %s parameters (%s non-embedding), vocab %d, %.3g FLOPs/token; peak %.3g FLOP/s "
                  "(%s)", cfg.model.name, cfg.model.arch, f"{count_parameters(model):,}",
@@ -105,7 +110,10 @@ def run(cfg, run_dir: str) -> TrainState:
     sinks = []
     if env.is_main:
         _truncate_metrics(metrics_path, state.step)
-        sinks = [JsonlSink(metrics_path), ConsoleSink(max_steps, state.step, cfg.logging.every, cfg.logging.progress)]
+        sinks = [
+            JsonlSink(metrics_path),
+            ConsoleSink(max_steps, state.step, cfg.logging.every, cfg.logging.progress),
+        ]
         if cfg.logging.wandb.mode != "disabled":
             w = cfg.logging.wandb
             sinks.append(WandbSink(w.mode, w.project, w.entity, w.name or cfg.run_name, run_dir, resolved))

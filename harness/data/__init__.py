@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from harness.config import DataConfig, TokenizerConfig
 from harness.data.loader import IGNORE_INDEX, MicroBatch, PackedSequences, StepLoader, validation_batches
-from harness.data.sources import Corpus, is_prepared_dir, load_corpus, resolve_corpus
+from harness.data.sources import is_prepared_dir, load_corpus, resolve_corpus
 from harness.data.store import FORMAT, TokenStore, open_store, write_store
 from harness.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 from harness.errors import DataError
@@ -58,12 +58,15 @@ def load_token_store(data: DataConfig, tok_cfg: TokenizerConfig, output_dir: str
 
     def dataset():
         if "ds" not in raw:
-            raw["ds"], raw["column"] = load_corpus(corpus, data.text_field, data.sample_by, data.split, data.cache_dir)
+            raw["ds"], raw["column"] = load_corpus(
+                corpus, data.text_field, data.sample_by, data.split, data.cache_dir
+            )
         return raw["ds"], raw["column"]
 
     if tok_cfg.path:
         tokenizer = load_tokenizer(tok_cfg.path)
     else:
+
         def texts():
             ds, column = dataset()
             for batch in ds.iter(batch_size=1000):
@@ -77,7 +80,8 @@ def load_token_store(data: DataConfig, tok_cfg: TokenizerConfig, output_dir: str
     if output_dir is None and is_prepared_dir(target):
         return tokenizer, open_store(target)
     ds, column = dataset()
-    source = corpus.files[0] if len(corpus.files) == 1 else f"{len(corpus.files)} files ({corpus.files[0]}, ...)"
+    first = corpus.files[0] if corpus.format == "hub" else os.path.abspath(corpus.files[0])
+    source = first if len(corpus.files) == 1 else f"{len(corpus.files)} files ({first}, ...)"
     store = write_store(target, ds, column, tokenizer, data.num_proc,
                         {"source": source, "tokenizer_fingerprint": fingerprint, "text_field": column})  # fmt: skip
     return tokenizer, store
@@ -96,12 +100,10 @@ class DataBundle:
     train: PackedSequences
     val: PackedSequences | None
 
-    @property
-    def corpus(self) -> Corpus | str:
-        return self.store.path
 
-
-def build_data(data: DataConfig, tok_cfg: TokenizerConfig, global_batch_size: int, need_val: bool) -> DataBundle:
+def build_data(
+    data: DataConfig, tok_cfg: TokenizerConfig, global_batch_size: int, need_val: bool
+) -> DataBundle:
     """Tokenize/load the corpus and split it: the last ``data.val_fraction`` of tokens is validation.
 
     Raises:

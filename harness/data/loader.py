@@ -68,7 +68,9 @@ class StepLoader:
     of ``micro_batch_size`` from each, so every rank reads only its own shard.
     """
 
-    def __init__(self, sequences: PackedSequences, seed: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, sequences: PackedSequences, seed: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    ):
         self.sequences = sequences
         self.seed = seed
         self.micro_batch_size = micro_batch_size

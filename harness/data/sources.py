@@ -85,9 +85,13 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
         formats = {infer_format(f) for f in files}
         if None in formats:
             bad = next(f for f in files if infer_format(f) is None)
-            raise DataError(f"data.format: cannot infer the format of {bad!r}; set data.format=text|json|parquet")
+            raise DataError(
+                f"data.format: cannot infer the format of {bad!r}; set data.format=text|json|parquet"
+            )
         if len(formats) > 1:
-            raise DataError(f"data.path mixes formats {sorted(formats)}; give one format per run (data.format)")
+            raise DataError(
+                f"data.path mixes formats {sorted(formats)}; give one format per run (data.format)"
+            )
         fmt = formats.pop()
     return Corpus(tuple(files), fmt)
 
@@ -122,11 +126,19 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
                 "text", data_files=list(corpus.files), split="train", sample_by=sample_by, cache_dir=hf_cache
             )
         else:
-            ds = datasets.load_dataset(corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache)
+            ds = datasets.load_dataset(
+                corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache
+            )
     except Exception as e:  # datasets wraps parser errors in several types
-        where = corpus.files[0] if len(corpus.files) == 1 else f"{len(corpus.files)} files from {corpus.files[0]!r}"
+        where = (
+            corpus.files[0]
+            if len(corpus.files) == 1
+            else f"{len(corpus.files)} files from {corpus.files[0]!r}"
+        )
         cause = e.__cause__ or e
-        raise DataError(f"data.path: cannot read {where} as {corpus.format}: {type(cause).__name__}: {cause}") from e
+        raise DataError(
+            f"data.path: cannot read {where} as {corpus.format}: {type(cause).__name__}: {cause}"
+        ) from e
     column = "text" if corpus.format == "text" else text_field
     if column not in ds.column_names:
         raise DataError(

@@ -79,7 +79,7 @@ def write_store(target: str, dataset, column: str, tokenizer, num_proc: int, ext
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     def encode(batch):
-        return {"input_ids": tokenizer(batch[column], add_special_tokens=False)["input_ids"]}
+        return {"input_ids": tokenizer(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
 
     tokenized = dataset.map(
         encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
@@ -88,6 +88,7 @@ def write_store(target: str, dataset, column: str, tokenizer, num_proc: int, ext
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)
     try:
         num_tokens = num_docs = 0
         with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
@@ -103,7 +104,9 @@ def write_store(target: str, dataset, column: str, tokenizer, num_proc: int, ext
                     f.write(arr.tobytes())
                     num_tokens += arr.size
         if num_tokens == 0:
-            raise DataError(f"data.path: every document of {extra_meta.get('source', 'the corpus')} is empty (0 tokens)")
+            raise DataError(
+                f"data.path: every document of {extra_meta.get('source', 'the corpus')} is empty (0 tokens)"
+            )
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "num_documents": num_docs,
                 "eos_token_id": eos, "vocab_size": vocab, **extra_meta}  # fmt: skip

@@ -74,6 +74,7 @@ def train_bpe_tokenizer(texts_iter, vocab_size: int, cache_dir: str, key: str):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+    os.chmod(tmp, 0o755)
     tok.save_pretrained(tmp)
     try:
         os.replace(tmp, target)

@@ -1,0 +1,97 @@
+"""Config schema, Hydra composition and validation errors."""
+
+import pytest
+from conftest import compose
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+from harness.config import TrainConfig, resolve_batch_sizes, to_object, validate
+from harness.errors import ConfigError
+
+
+def test_default_config_composes_to_typed_object():
+    cfg = to_object(compose())
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.name == "tiny" and cfg.parallel.name == "none"
+    assert cfg.train.max_steps == 200 and cfg.train.global_batch_size == 16
+    assert cfg.data.path.endswith("/*.py")  # the stdlib resolver expanded
+    batch = validate(cfg)
+    assert (batch.global_batch_size, batch.micro_batch_size, batch.gradient_accumulation_steps) == (16, 4, 4)
+
+
+def test_overrides_and_model_presets():
+    cfg = to_object(compose("train.max_steps=500", "model=llama_125m", "optim.lr=6e-4", "schedule=wsd"))
+    assert cfg.train.max_steps == 500
+    assert (cfg.model.name, cfg.model.hidden_size, cfg.model.num_layers) == ("llama_125m", 768, 12)
+    assert cfg.optim.lr == 6e-4 and cfg.schedule.name == "wsd"
+    for preset in ("llama_1b", "llama3_8b", "gpt2_124m", "gpt2_tiny"):
+        assert to_object(compose(f"model={preset}")).model.name == preset
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("train.max_stepz=10")
+    assert "max_stepz" in str(e.value.__cause__ or e.value)
+    assert isinstance(e.value.__cause__, ConfigAttributeError)
+    assert "full_key: train.max_stepz" in str(e.value.__cause__)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("train.max_steps=many")
+    assert isinstance(e.value.__cause__, ValidationError)
+    assert "max_steps" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "g,m,k,world,expected",
+    [(16, 4, None, 1, (16, 4, 4)), (16, None, 2, 2, (16, 4, 2)), (None, 4, 3, 2, (24, 4, 3)), (8, 2, 4, 1, (8, 2, 4))],
+)  # fmt: skip
+def test_batch_arithmetic_derives_the_third(g, m, k, world, expected):
+    t = TrainConfig().train
+    t.global_batch_size, t.micro_batch_size, t.gradient_accumulation_steps = g, m, k
+    b = resolve_batch_sizes(t, world)
+    assert (b.global_batch_size, b.micro_batch_size, b.gradient_accumulation_steps) == expected
+
+
+def test_batch_arithmetic_errors_show_the_arithmetic():
+    t = TrainConfig().train
+    t.global_batch_size, t.micro_batch_size, t.gradient_accumulation_steps = 16, 4, 2
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_size=16 != micro_batch_size=4 x gradient_accumulation_steps=2 x world_size=1 = 8",
+    ):
+        resolve_batch_sizes(t, 1)
+    t.gradient_accumulation_steps = None
+    t.global_batch_size = 18
+    with pytest.raises(
+        ConfigError, match=r"global_batch_size=18 is not divisible by micro_batch_size=4 x world_size=1 = 4"
+    ):
+        resolve_batch_sizes(t, 1)
+    t.global_batch_size = None
+    with pytest.raises(ConfigError, match="set two of"):
+        resolve_batch_sizes(t, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["schedule.warmup_steps=300"], r"schedule.warmup_steps=300 > train.max_steps=200"),
+        (["data.seq_len=2048"], r"data.seq_len=2048 exceeds model.max_position_embeddings=1024"),
+        (["train.max_tokens=100000"], r"set exactly one budget"),
+        (["train.max_steps=null"], r"set exactly one budget"),
+        (["schedule.name=linear"], r"schedule.name='linear' is not one of cosine, constant, wsd"),
+        (["schedule.batch_warmup.start_global_batch_size=6"], r"must both be multiples of micro_batch_size x world_size = 4"),
+        (["schedule.batch_warmup.steps=500"], r"schedule.batch_warmup.steps=500 > train.max_steps=200"),
+        (["train.micro_batch_size=0"], r"train.micro_batch_size=0 must be a positive integer"),
+        (["model.num_heads=3"], r"model.hidden_size=256 is not divisible by model.num_heads=3"),
+        (["schedule.min_lr=1.0"], r"schedule.min_lr=1.0 is larger than optim.lr"),
+        (["data.format=csv"], r"data.format='csv' is not one of text, json, parquet"),
+        (["parallel.name=fsdp"], r"parallel.name='fsdp' is not one of none"),
+        (["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers"),
+        (["schedule=wsd", "schedule.warmup_steps=190"], r"overlaps the wsd decay"),
+    ],
+)  # fmt: skip
+def test_validation_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(to_object(compose(*overrides)))

@@ -1,0 +1,128 @@
+"""Iteration arithmetic: LR at given steps, batch ramp, epochs, tokens, token budgets."""
+
+import math
+
+import pytest
+import torch
+
+from harness.schedule import BatchRamp, DataPosition, IterationPlan, LRSchedule
+
+
+def test_cosine_pinned_values():
+    s = LRSchedule("cosine", lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert s(0) == 0.0
+    assert s(1) == pytest.approx(1e-4)
+    assert s(5) == pytest.approx(5e-4)
+    assert s(10) == pytest.approx(1e-3)  # end of warmup: peak
+    assert s(60) == pytest.approx(5.5e-4)  # mid-decay: (lr + min_lr) / 2
+    assert s(35) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert s(110) == pytest.approx(1e-4)  # last step: min_lr exactly
+    assert s(500) == pytest.approx(1e-4)
+
+
+def test_constant_and_wsd():
+    c = LRSchedule("constant", lr=2e-3, min_lr=0.0, warmup_steps=4, max_steps=100)
+    assert [c(i) for i in (0, 2, 4, 50, 100)] == pytest.approx([0, 1e-3, 2e-3, 2e-3, 2e-3])
+    w = LRSchedule("wsd", lr=1e-3, min_lr=0.0, warmup_steps=10, max_steps=100, decay_fraction=0.2)
+    assert w(10) == pytest.approx(1e-3)
+    assert w(80) == pytest.approx(1e-3)  # decay starts after step 80
+    assert w(90) == pytest.approx(5e-4)
+    assert w(100) == pytest.approx(0.0)
+
+
+def test_scheduler_advances_once_per_optimizer_step():
+    s = LRSchedule("cosine", lr=1e-2, min_lr=1e-3, warmup_steps=3, max_steps=12)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=s.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: s.torch_lambda(i))
+    used = []
+    for _ in range(12):
+        used.append(opt.param_groups[0]["lr"])  # the LR update k uses
+        opt.step()
+        sched.step()
+    assert used == pytest.approx([s(k) for k in range(1, 13)])
+    assert used[-1] == pytest.approx(1e-3)
+
+
+def test_batch_ramp_by_steps():
+    ramp = BatchRamp(full=16, increment=4, start=4, steps=40)
+    sizes = [ramp.at(step) for step in range(1, 46)]
+    assert sizes[:14] == [4] * 14  # steps 1-14
+    assert sizes[14:27] == [8] * 13  # steps 15-27
+    assert sizes[27:40] == [12] * 13  # steps 28-40
+    assert sizes[40:] == [16] * 5  # full from step 41
+    assert ramp.end_step() == 41
+    assert BatchRamp(full=16, increment=4).at(1) == 16
+
+
+def test_batch_ramp_by_tokens():
+    ramp = BatchRamp(full=8, increment=2, start=2, tokens=300)
+    assert [ramp.at(1, t) for t in (0, 99, 100, 199, 200, 299, 300, 10_000)] == [2, 2, 4, 4, 6, 6, 8, 8]
+
+
+def test_iterations_per_epoch_ceil_and_floor():
+    ramp = BatchRamp(full=4, increment=2)
+    plan = IterationPlan(num_sequences=10, seq_len=8, ramp=ramp, micro_batch_size=2)
+    steps = [next(s) for s in [plan.steps()] for _ in range(6)]
+    assert plan.iterations_per_epoch() == 3  # ceil(10/4)
+    assert [s.global_batch_size for s in steps] == [4, 4, 2, 4, 4, 2]
+    assert [s.gradient_accumulation_steps for s in steps] == [2, 2, 1, 2, 2, 1]
+    assert [s.position for s in steps[2:4]] == [DataPosition(0, 8), DataPosition(1, 0)]
+    assert steps[2].epoch == pytest.approx(1.0) and steps[3].epoch == pytest.approx(1.4)
+    dropped = IterationPlan(10, 8, ramp, 2, drop_last=True)
+    it = dropped.steps()
+    assert dropped.iterations_per_epoch() == 2  # floor(10/4)
+    got = [next(it) for _ in range(4)]
+    assert [s.global_batch_size for s in got] == [4, 4, 4, 4]
+    assert [s.position for s in got] == [
+        DataPosition(0, 0),
+        DataPosition(0, 4),
+        DataPosition(1, 0),
+        DataPosition(1, 4),
+    ]
+
+
+def test_tokens_total_is_sum_of_step_tokens_with_ramp():
+    ramp = BatchRamp(full=16, increment=4, start=4, steps=10)
+    plan = IterationPlan(num_sequences=1000, seq_len=128, ramp=ramp, micro_batch_size=4)
+    it = plan.steps()
+    infos = [next(it) for _ in range(30)]
+    assert infos[-1].tokens_total == sum(i.tokens for i in infos) == plan.total_tokens(30)
+    assert [i.tokens for i in infos[:3]] == [512, 512, 512]
+    assert infos[-1].tokens == 16 * 128
+
+
+def test_steps_for_token_budget():
+    plan = IterationPlan(
+        num_sequences=10**6, seq_len=1024, ramp=BatchRamp(full=8, increment=8), micro_batch_size=8
+    )
+    assert plan.steps_for_tokens(8 * 1024 * 100) == 100
+    assert plan.steps_for_tokens(8 * 1024 * 100 + 1) == 101
+    ramped = IterationPlan(10**6, 1024, BatchRamp(full=8, increment=2, start=2, steps=4), 2)
+    it = ramped.steps()
+    assert [next(it).global_batch_size for _ in range(6)] == [2, 2, 4, 6, 8, 8]  # 3 increments over 4 steps
+    assert ramped.steps_for_tokens(14 * 1024) == 4
+    assert ramped.steps_for_tokens(15 * 1024) == 5
+
+
+def test_resumed_plan_continues_the_same_steps():
+    plan = IterationPlan(37, 16, BatchRamp(full=8, increment=2, start=2, steps=6), 2)
+    it = plan.steps()
+    full = [next(it) for _ in range(25)]
+    tail = plan.steps(start_step=11)  # position replayed from step 1
+    assert [next(tail) for _ in range(14)] == full[11:]
+    explicit = plan.steps(11, full[10].end_position(37), full[10].tokens_total)
+    assert [next(explicit) for _ in range(14)] == full[11:]
+
+
+@pytest.mark.parametrize(
+    "model_params,tokens,batch_tokens,expected_steps",
+    [(175e9, 300e9, 3.2e6, 93_750), (70e9, 2e12, 4e6, 500_000), (405e9, 15e12, 16e6, 937_500)],
+)  # fmt: skip
+def test_published_runs_iteration_counts(model_params, tokens, batch_tokens, expected_steps):
+    """GPT-3 175B, LLaMA 2 70B and LLaMA 3 405B step counts from token budget and batch."""
+    seq_len = 2048 if model_params == 175e9 else 4096
+    batch = int(batch_tokens // seq_len)
+    plan = IterationPlan(10**12, seq_len, BatchRamp(full=batch, increment=1), 1)
+    steps = plan.steps_for_tokens(int(tokens))
+    assert abs(steps - expected_steps) / expected_steps < 0.03
