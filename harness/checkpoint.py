@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 
@@ -112,9 +113,13 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
         path = os.path.join(root, name)
         if is_complete(path):
             out.append((int(m.group(1)), path))
-        else:
+        elif path not in _warned:
+            _warned.add(path)
             log.warning("skipping incomplete checkpoint %s (no manifest or a file of the wrong size)", path)
     return out
+
+
+_warned: set[str] = set()
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -152,7 +157,15 @@ def load_checkpoint(path: str, names: tuple[str, ...] = ("model", "optimizer", "
         with open(os.path.join(path, STATE)) as f:
             state = json.load(f)
     except Exception as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+        detail = " ".join(str(e).split())[:200]
+        if isinstance(
+            e, pickle.UnpicklingError
+        ):  # weights_only refused something that is not tensors/plain data
+            detail = "it holds pickled objects other than tensors and plain data, which are never loaded"
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({type(e).__name__}: {detail}); it may be corrupted: delete it to "
+            "resume from the previous one, or set checkpoint.resume to another checkpoint"
+        ) from e
     return objs, state
 
 

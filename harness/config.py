@@ -167,6 +167,7 @@ class CheckpointConfig:
 @dataclass
 class PrepareConfig:
     output_dir: str | None = None  # python -m harness.prepare_data writes the token store here
+    overwrite: bool = False  # replace an existing token store at output_dir
 
 
 @dataclass
@@ -321,6 +322,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
         v = _get(cfg, key)
         if v is not None and v <= 0:
             raise ConfigError(f"{key}={v} must be > 0 (or null)")
+    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(
+            f"run_name={cfg.run_name!r} must be a non-empty name without '/' (it names runs/<run_name>)"
+        )
+    if cfg.tokenizer.train_vocab_size < 257:
+        raise ConfigError(
+            f"tokenizer.train_vocab_size={cfg.tokenizer.train_vocab_size} must be >= 257 "
+            "(256 byte symbols + <|endoftext|>)"
+        )
     m = cfg.model
     if m.hidden_size % m.num_heads:
         raise ConfigError(
@@ -372,6 +382,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
                 f"schedule.batch_warmup.start_global_batch_size={start} and train.global_batch_size="
                 f"{batch.global_batch_size} must both be multiples of micro_batch_size x world_size = {inc}"
             )
+        if bw.tokens is not None and bw.steps:
+            raise ConfigError(
+                f"schedule.batch_warmup.tokens={bw.tokens} and schedule.batch_warmup.steps={bw.steps} are both set; "
+                "give one ramp length (add schedule.batch_warmup.steps=0 to ramp over tokens)"
+            )
         if bw.tokens is None and bw.steps == 0 and start != batch.global_batch_size:
             raise ConfigError(
                 "schedule.batch_warmup.start_global_batch_size is set but the ramp has no length: "
@@ -383,11 +398,19 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
 
 
 def check_schedule_fits(cfg: TrainConfig, max_steps: int) -> None:
-    """Raise :class:`ConfigError` when a warmup (LR or batch) is longer than the run."""
+    """Raise :class:`ConfigError` when a warmup (LR or batch) is longer than the run.
+
+    ``max_steps`` is ``train.max_steps`` or the step count a ``train.max_tokens`` budget converts to.
+    """
     s = cfg.schedule
+    budget = (
+        f"train.max_steps={max_steps}"
+        if cfg.train.max_tokens is None
+        else f"the {max_steps} steps of train.max_tokens={cfg.train.max_tokens}"
+    )
     if s.warmup_steps > max_steps:
         raise ConfigError(
-            f"schedule.warmup_steps={s.warmup_steps} > train.max_steps={max_steps}: the run would end "
+            f"schedule.warmup_steps={s.warmup_steps} > {budget}: the run would end "
             "inside the LR warmup; lower schedule.warmup_steps"
         )
     if s.name == "wsd":
@@ -395,12 +418,12 @@ def check_schedule_fits(cfg: TrainConfig, max_steps: int) -> None:
         if s.warmup_steps > max_steps - decay_steps:
             raise ConfigError(
                 f"schedule.warmup_steps={s.warmup_steps} overlaps the wsd decay (last {decay_steps} of "
-                f"{max_steps} steps); lower schedule.warmup_steps or schedule.decay_fraction"
+                f"{budget}); lower schedule.warmup_steps or schedule.decay_fraction"
             )
     bw = s.batch_warmup
     if bw.start_global_batch_size is not None and bw.tokens is None and bw.steps > max_steps:
         raise ConfigError(
-            f"schedule.batch_warmup.steps={bw.steps} > train.max_steps={max_steps}: the run would end "
+            f"schedule.batch_warmup.steps={bw.steps} > {budget}: the run would end "
             "inside the batch-size warmup; lower schedule.batch_warmup.steps"
         )
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -73,7 +74,7 @@ class LoopParts:
     peak_flops: float  # FLOP/s of one device
     autocast_dtype: torch.dtype | None  # bf16 autocast on GPU, None for fp32
     metrics: MetricsLogger
-    save_checkpoint: callable  # (TrainState) -> None
+    save_checkpoint: Callable[[TrainState], None]
 
 
 def token_loss_sum(

@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 log = logging.getLogger("harness")
+step_log = logging.getLogger(
+    "harness.steps"
+)  # per-step lines for train.log (the console gets them from tqdm)
+step_log.propagate = False
+step_log.setLevel(logging.INFO)
 
 
 @dataclass
@@ -199,7 +204,7 @@ class ConsoleSink:
         )
         if self.first or rec.step % self.every == 0 or rec.step == self.max_steps or rec.val_loss is not None:
             self.bar.write(format_line(rec, self.max_steps), file=sys.stdout)
-            log.debug(format_line(rec, self.max_steps))
+            step_log.info(format_line(rec, self.max_steps))
         self.first = False
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import time
 
 import hydra
 
-from harness.config import to_object
+from harness.config import to_object, validate
 from harness.data import load_token_store
 from harness.errors import ConfigError, HarnessError
 
@@ -30,13 +30,24 @@ def prepare(cfg) -> str:
         HarnessError: ``prepare.output_dir`` unset, or a data/tokenizer problem.
     """
     cfg = to_object(cfg)
+    validate(cfg)
     out = cfg.prepare.output_dir
     if not out:
         raise ConfigError(
             "prepare.output_dir is not set: give the directory to write, e.g. prepare.output_dir=data/my_corpus"
         )
+    target = os.path.abspath(os.path.expanduser(out))
+    if (
+        os.path.exists(target)
+        and not (os.path.isdir(target) and not os.listdir(target))
+        and not cfg.prepare.overwrite
+    ):
+        raise ConfigError(
+            f"prepare.output_dir={out!r} already exists and is not an empty directory; choose a new directory "
+            "(or add prepare.overwrite=true to replace a token store)"
+        )
     start = time.perf_counter()
-    _, store = load_token_store(cfg.data, cfg.tokenizer, output_dir=os.path.abspath(os.path.expanduser(out)))
+    _, store = load_token_store(cfg.data, cfg.tokenizer, output_dir=target)
     seconds = time.perf_counter() - start
     log.info("prepared %s tokens in %d documents into %s (%.1f s, %s tokens/s); train with data.path=%s",
              f"{store.num_tokens:,}", store.meta["num_documents"], store.path, seconds,

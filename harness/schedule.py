@@ -39,13 +39,13 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         """LR (same unit as ``lr``) used by optimizer update number ``step`` (1-based); step 0 -> before any."""
-        if self.warmup_steps > 0 and step < self.warmup_steps:
+        if self.warmup_steps > 0 and step <= self.warmup_steps:
             return self.lr * step / self.warmup_steps
         if self.name == "constant":
             return self.lr
         if self.name == "cosine":
             span = self.max_steps - self.warmup_steps
-            progress = 1.0 if span <= 0 else min(1.0, (step - self.warmup_steps) / span)
+            progress = 1.0 if span <= 0 else min(1.0, max(0.0, (step - self.warmup_steps) / span))
             return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if self.name == "wsd":
             decay_steps = round(self.decay_fraction * self.max_steps)

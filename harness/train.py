@@ -7,6 +7,7 @@ optimizer and scheduler -- and hands them to :func:`harness.loop.train`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ from omegaconf import OmegaConf
 from harness import checkpoint as ckpt
 from harness.config import TrainConfig, check_schedule_fits, to_object, validate
 from harness.data import StepLoader, build_data, validation_batches
+from harness.data.tokenizer import tokenizer_fingerprint
 from harness.dist import read_env
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.loop import LoopParts, TrainState
 from harness.loop import train as train_loop
-from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops
+from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops, step_log
 from harness.model import build_model, count_parameters, model_stats, resolve_vocab_size
 from harness.parallel import build_backend
 from harness.schedule import BatchRamp, IterationPlan, LRSchedule
@@ -35,21 +37,23 @@ log = logging.getLogger("harness")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def run(cfg, run_dir: str) -> TrainState:
+def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
     """Train as ``cfg`` says, writing everything into ``run_dir``; returns the final state.
+
+    Nothing is written into ``run_dir`` until the config, the data and any checkpoint to resume
+    from have been checked; then ``.hydra/`` (composed config, ``overrides``, resolved config) and
+    ``train.log`` are written.
 
     Raises:
         HarnessError: a config, data or checkpoint problem (raised before the model is built
             whenever it can be detected from the config, the data or the checkpoint metadata).
     """
-    resolved = OmegaConf.to_container(
-        OmegaConf.create(cfg) if isinstance(cfg, TrainConfig) else cfg, resolve=True
-    )
+    composed = OmegaConf.structured(cfg) if isinstance(cfg, TrainConfig) else cfg
+    resolved = OmegaConf.to_container(composed, resolve=True)
     cfg: TrainConfig = to_object(cfg)
     env = read_env(cfg.train.device)
     batch = validate(cfg, env.world_size)
     backend = build_backend(cfg.parallel, env)
-    os.makedirs(run_dir, exist_ok=True)
 
     # Data and iteration plan: everything the run will do, before any model exists.
     data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, need_val=cfg.eval.every > 0)
@@ -66,9 +70,24 @@ def run(cfg, run_dir: str) -> TrainState:
     stats = model_stats(cfg.model, vocab_size, cfg.data.seq_len)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     model_key = {**asdict(cfg.model), "vocab_size": vocab_size, "name": None}
-    resume_from = _find_resume(cfg.checkpoint.resume, ckpt_root, model_key)
+    data_key = {"tokens": data.store.num_tokens, "tokenizer": tokenizer_fingerprint(data.tokenizer),
+                "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction}  # fmt: skip
+    resume_from = _find_resume(cfg.checkpoint.resume, ckpt_root, model_key, data_key)
+    log_file = _start_run_dir(run_dir, composed, resolved, overrides or []) if env.is_main else None
+    try:
+        return _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps, schedule, stats,
+                      ckpt_root, model_key, data_key, resume_from, resolved)  # fmt: skip
+    finally:
+        if log_file is not None:
+            log.removeHandler(log_file)
+            step_log.removeHandler(log_file)
+            log_file.close()
+
+
+def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps, schedule, stats, ckpt_root,
+           model_key, data_key, resume_from, resolved) -> TrainState:  # fmt: skip
+    """Build the model, backend, optimizer and scheduler; restore; run the loop; export."""
     if env.is_main:
-        _write_resolved(run_dir, resolved)
         log.info("data: %s: %s tokens -> %d train sequences of %d (+1) tokens, %d validation",
                  data.store.meta.get("source", data.store.path), f"{data.store.num_tokens:,}", len(data.train),
                  cfg.data.seq_len, len(data.val) if data.val else 0)  # fmt: skip
@@ -94,15 +113,19 @@ def run(cfg, run_dir: str) -> TrainState:
 
     state = TrainState()
     if resume_from:
-        state = _restore(resume_from, backend, optimizer, scheduler, schedule)
+        state, saved_max_steps = _restore(resume_from, backend, optimizer, scheduler, schedule)
         log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step, f"{state.tokens_total:,}")
+        if saved_max_steps != max_steps and state.step < max_steps:
+            log.warning("the budget changed from %d to %d steps: the LR schedule is recomputed for %d steps "
+                        "(LR at step %d: %.3g)", saved_max_steps, max_steps, max_steps, state.step + 1,
+                        schedule(state.step + 1))  # fmt: skip
 
     def save(st: TrainState) -> None:
         tensors = {"model": backend.model_state_dict(),
                    "optimizer": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    "rng": _rng_state()}  # fmt: skip
         meta = {**st.to_dict(), "max_steps": max_steps, "model": model_key,
-                "data": {"tokens": data.store.num_tokens, "seq_len": cfg.data.seq_len}, "config": resolved}  # fmt: skip
+                "data": data_key, "config": resolved}  # fmt: skip
         path = ckpt.save_checkpoint(ckpt_root, st.step, tensors, meta, cfg.checkpoint.keep_last)
         log.info("checkpoint: %s", path)
 
@@ -132,7 +155,8 @@ def run(cfg, run_dir: str) -> TrainState:
         if state.step < max_steps and not state.stopped_early:
             state = train_loop(parts, state)
         else:
-            log.info("nothing to do: the checkpoint is at step %d of max_steps=%d", state.step, max_steps)
+            log.warning("nothing to train: the checkpoint is at step %d and the budget is %d steps%s", state.step,
+                        max_steps, " (stopped early)" if state.stopped_early else "")  # fmt: skip
     finally:
         metrics.close()
     if env.is_main and cfg.checkpoint.export_hf:
@@ -156,8 +180,16 @@ def _rng_state() -> dict:
     return state
 
 
-def _find_resume(resume: str, ckpt_root: str, model_key: dict) -> str | None:
-    """The checkpoint to resume from (or None), checked against this run's model shape."""
+def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict) -> str | None:
+    """The checkpoint to resume from (or None), checked against this run's model and data.
+
+    ``resume`` is ``auto`` (the newest complete checkpoint under ``ckpt_root``, if any), ``never``,
+    a checkpoint directory, or a run directory (its newest checkpoint).
+
+    Raises:
+        ConfigError / CheckpointError: ``never`` over existing checkpoints, a path that is not a
+            complete checkpoint, or a checkpoint of another model shape or corpus/tokenizer.
+    """
     if resume == "never":
         existing = ckpt.list_checkpoints(ckpt_root)
         if existing:
@@ -166,24 +198,38 @@ def _find_resume(resume: str, ckpt_root: str, model_key: dict) -> str | None:
                 "set checkpoint.resume=auto to continue that run, or pick a new run_name / hydra.run.dir"
             )
         return None
-    path = ckpt.latest_checkpoint(ckpt_root) if resume == "auto" else os.path.expanduser(resume)
-    if path is None:
-        return None
-    if not ckpt.is_complete(path):
-        raise CheckpointError(f"checkpoint.resume={resume!r}: {path} is not a complete checkpoint")
+    if resume == "auto":
+        path = ckpt.latest_checkpoint(ckpt_root)
+        if path is None:
+            return None
+    else:
+        path = os.path.expanduser(resume)
+        if os.path.isdir(os.path.join(path, "checkpoints")):  # a run directory
+            path = ckpt.latest_checkpoint(os.path.join(path, "checkpoints")) or path
+        if not ckpt.is_complete(path):
+            raise CheckpointError(
+                f"checkpoint.resume={resume!r} is not auto, never, or a complete checkpoint directory "
+                "(runs/<run_name>/checkpoints/step_NNNNNNNN, or a run directory)"
+            )
     with open(os.path.join(path, ckpt.STATE)) as f:
-        saved = json.load(f).get("model", {})
-    diff = {k: (saved.get(k), v) for k, v in model_key.items() if saved.get(k) != v and k != "name"}
-    if diff:
-        shown = ", ".join(f"model.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise CheckpointError(
-            f"checkpoint {path} was written by a different model ({shown}); use a new run_name / hydra.run.dir, "
-            "or the model config that wrote it"
-        )
+        saved = json.load(f)
+    for section, now, fix in (("model", model_key, "the model config that wrote it"),
+                              ("data", data_key, "the corpus, tokenizer and data.seq_len it was trained on")):  # fmt: skip
+        before = saved.get(section, {})
+        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "name"}
+        if diff:
+            shown = ", ".join(
+                f"{section}.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items())
+            )
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different {section} ({shown}); use a new run_name / "
+                f"hydra.run.dir, or {fix}"
+            )
     return path
 
 
-def _restore(path: str, backend, optimizer, scheduler, schedule: LRSchedule) -> TrainState:
+def _restore(path: str, backend, optimizer, scheduler, schedule: LRSchedule) -> tuple[TrainState, int]:
+    """Load model, optimizer, scheduler and RNG state; returns the train state and the saved budget."""
     objs, meta = ckpt.load_checkpoint(path)
     backend.load_model_state_dict(objs["model"])
     optimizer.load_state_dict(objs["optimizer"]["optimizer"])
@@ -197,7 +243,7 @@ def _restore(path: str, backend, optimizer, scheduler, schedule: LRSchedule) -> 
     torch.set_rng_state(objs["rng"]["torch"])
     if "cuda" in objs["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(objs["rng"]["cuda"])
-    return state
+    return state, meta.get("max_steps", 0)
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -220,23 +266,39 @@ def _truncate_metrics(path: str, step: int) -> None:
         os.replace(tmp, path)
 
 
-def _write_resolved(run_dir: str, resolved: dict) -> None:
+def _start_run_dir(run_dir: str, composed, resolved: dict, overrides: list[str]) -> logging.Handler:
+    """Write ``.hydra/{config,overrides,resolved}.yaml`` and open ``train.log`` (all log lines, per-step ones
+    included); called only after every check passed, so a rejected run leaves an existing run untouched."""
     hydra_dir = os.path.join(run_dir, ".hydra")
     os.makedirs(hydra_dir, exist_ok=True)
-    with open(os.path.join(hydra_dir, "resolved.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    for name, node in (("config", composed), ("overrides", list(overrides)), ("resolved", resolved)):
+        with open(os.path.join(hydra_dir, f"{name}.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(OmegaConf.create(node) if not OmegaConf.is_config(node) else node))
+    handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
+    log.addHandler(handler)
+    step_log.addHandler(handler)
+    return handler
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except HarnessError as e:
-        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)  # only if the rejected run left it empty
         sys.exit(2)
+    except KeyboardInterrupt:
+        latest = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        print(f"interrupted; newest checkpoint: {latest or 'none'} (rerun with checkpoint.resume=auto to continue)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
 
 
 def main() -> None:

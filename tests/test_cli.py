@@ -36,17 +36,12 @@ def test_cli_run_writes_config_log_checkpoint_and_export(cli_run):
 
 
 def _fingerprint(run_dir):
-    """Hashes of every file of a run, except Hydra's per-invocation config and the appended train.log."""
+    """Hashes of every file of a run."""
     out = {}
     for root, _, files in os.walk(run_dir):
-        if ".hydra" in root:
-            continue
         for name in files:
-            if name != "train.log":
-                with open(os.path.join(root, name), "rb") as f:
-                    out[os.path.relpath(os.path.join(root, name), run_dir)] = hashlib.sha256(
-                        f.read()
-                    ).hexdigest()
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), run_dir)] = hashlib.sha256(f.read()).hexdigest()
     return out
 
 
@@ -69,7 +64,7 @@ def test_bad_input_fails_before_the_model_and_keeps_the_run(cli_run, tmp_path, s
     (tmp_path / "notext.jsonl").write_text('{"body": "some words"}\n' * 10)
     (tmp_path / "tiny.txt").write_text("only a handful of words\n")
     subs = {"notext": tmp_path / "notext.jsonl", "tiny": tmp_path / "tiny.txt", "shared": shared_data}
-    before, log_before = _fingerprint(cli_run), (cli_run / "train.log").read_bytes()
+    before = _fingerprint(cli_run)
     proc = harness_train(*SMALL, "train.max_steps=6", f"hydra.run.dir={cli_run}",
                          *[a.format(**subs) for a in args], check=False)  # fmt: skip
     assert proc.returncode != 0
@@ -77,8 +72,12 @@ def test_bad_input_fails_before_the_model_and_keeps_the_run(cli_run, tmp_path, s
     assert "model: " not in proc.stdout  # failed before any model was built
     if message.startswith("error: "):
         assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
-    assert _fingerprint(cli_run) == before
-    assert (cli_run / "train.log").read_bytes().startswith(log_before)  # the log only grows
+    assert _fingerprint(cli_run) == before  # .hydra/, train.log, metrics, checkpoints untouched
+
+
+def test_rejected_new_run_leaves_no_directory(tmp_path):
+    proc = harness_train(*SMALL, "schedule.warmup_steps=999", f"hydra.run.dir={tmp_path}/new", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "new").exists()
 
 
 def test_cli_resume_with_larger_budget(cli_run, small_corpus):

@@ -5,7 +5,7 @@ from conftest import compose
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from harness.config import TrainConfig, resolve_batch_sizes, to_object, validate
+from harness.config import TrainConfig, check_schedule_fits, resolve_batch_sizes, to_object, validate
 from harness.errors import ConfigError
 
 
@@ -90,8 +90,20 @@ def test_batch_arithmetic_errors_show_the_arithmetic():
         (["parallel.name=fsdp"], r"parallel.name='fsdp' is not one of none"),
         (["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers"),
         (["schedule=wsd", "schedule.warmup_steps=190"], r"overlaps the wsd decay"),
+        (["run_name="], r"run_name='' must be a non-empty name"),
+        (["tokenizer.train_vocab_size=10"], r"tokenizer.train_vocab_size=10 must be >= 257"),
+        (["schedule.batch_warmup.tokens=1000"], r"batch_warmup.tokens=1000 and schedule.batch_warmup.steps=40 are both set"),
+        (["train.max_steps=null", "train.max_tokens=100", "schedule.warmup_steps=2000"], None),
     ],
 )  # fmt: skip
 def test_validation_errors_name_the_key(overrides, message):
+    cfg = to_object(compose(*overrides))
+    if message is None:  # only checkable once the token budget is converted to steps
+        validate(cfg)
+        with pytest.raises(
+            ConfigError, match=r"schedule.warmup_steps=2000 > the 7 steps of train.max_tokens=100"
+        ):
+            check_schedule_fits(cfg, 7)
+        return
     with pytest.raises(ConfigError, match=message):
-        validate(to_object(compose(*overrides)))
+        validate(cfg)

@@ -46,7 +46,7 @@ def test_loader_is_deterministic_covers_epoch_and_shards_ranks():
     assert starts == sorted(int(i) * 9 for i in a.step_indices(infos[0]))
 
 
-def test_resolve_globs_dirs_lists_and_formats(tmp_path):
+def test_resolve_globs_dirs_lists_and_formats(tmp_path, monkeypatch):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     with gzip.open(tmp_path / "b.json.gz", "wt") as f:
         f.write('{"text": "y"}\n')
@@ -69,6 +69,11 @@ def test_resolve_globs_dirs_lists_and_formats(tmp_path):
         resolve_corpus(str(tmp_path / "nothing*.jsonl"), None)
     with pytest.raises(DataError, match="mixes formats"):
         resolve_corpus(str(tmp_path), None)
+    with pytest.raises(
+        DataError, match="matches no file"
+    ):  # HF_HUB_OFFLINE=1: a typo is not tried on the hub
+        resolve_corpus("allenai/c4", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert resolve_corpus("allenai/c4", None).format == "hub"
 
 
@@ -122,6 +127,8 @@ def test_prepared_store_is_memory_mapped_and_matches_cache(tmp_path, small_corpu
     assert store.tokens[-1] == tok.eos_token_id
     with pytest.raises(Exception, match="prepare.output_dir is not set"):
         prepare(compose(f"data.path={small_corpus}"))
+    with pytest.raises(Exception, match=r"prepare.output_dir='.*prepared' already exists"):
+        prepare(cfg)
 
 
 def test_real_corpus_with_gpt2_tokenizer(shared_data):

@@ -20,6 +20,13 @@ def test_cosine_pinned_values():
     assert s(500) == pytest.approx(1e-4)
 
 
+def test_warmup_edges():
+    s = LRSchedule("cosine", lr=1e-3, min_lr=1e-4, warmup_steps=20, max_steps=20)
+    assert s(19) == pytest.approx(9.5e-4) and s(20) == pytest.approx(1e-3)  # the peak is reached
+    z = LRSchedule("cosine", lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=10)
+    assert z(0) == pytest.approx(1e-3) and z(10) == pytest.approx(1e-4)
+
+
 def test_constant_and_wsd():
     c = LRSchedule("constant", lr=2e-3, min_lr=0.0, warmup_steps=4, max_steps=100)
     assert [c(i) for i in (0, 2, 4, 50, 100)] == pytest.approx([0, 1e-3, 2e-3, 2e-3, 2e-3])

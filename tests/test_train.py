@@ -111,6 +111,13 @@ def test_resume_after_a_crash_is_bitwise_identical(tmp_path, small_corpus, monke
                for i in oa["optimizer"]["state"])  # fmt: skip
 
 
+def test_resume_from_another_run_directory(tmp_path, small_corpus):
+    train_small(tmp_path / "a", small_corpus, "train.max_steps=5", "eval.every=0")
+    state = train_small(tmp_path / "b", small_corpus, "train.max_steps=7", "eval.every=0",
+                        f"checkpoint.resume={tmp_path / 'a'}")  # fmt: skip
+    assert state.step == 7 and [r["step"] for r in read_metrics(tmp_path / "b")] == [6, 7]
+
+
 def test_rerun_with_larger_budget_continues(tmp_path, small_corpus):
     train_small(tmp_path, small_corpus, "train.max_steps=6", "schedule=constant", "schedule.warmup_steps=2")
     first = read_metrics(tmp_path)
@@ -134,9 +141,21 @@ def test_token_budget_ends_at_the_converted_step(tmp_path, small_corpus):
 def test_guards_against_another_models_checkpoints(tmp_path, small_corpus):
     train_small(tmp_path, small_corpus, "train.max_steps=5", "eval.every=0")
     with pytest.raises(
-        CheckpointError, match=r"written by a different model \(model.hidden_size: checkpoint 64 vs now 96\)"
+        CheckpointError, match=r"with a different model \(model.hidden_size: checkpoint 64 vs now 96\)"
     ):
         train_small(tmp_path, small_corpus, "train.max_steps=6", "model.hidden_size=96")
+    with pytest.raises(
+        CheckpointError, match=r"with a different data \(data.seq_len: checkpoint 32 vs now 16\)"
+    ):
+        train_small(tmp_path, small_corpus, "train.max_steps=6", "data.seq_len=16")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(line for i, line in enumerate(open(small_corpus)) if i % 2 == 0))
+    with pytest.raises(CheckpointError, match=r"with a different data \(data.tokenizer: .*data.tokens: "):
+        train_small(tmp_path, str(other), "train.max_steps=6")
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint.resume='atuo' is not auto, never, or a complete checkpoint"
+    ):
+        train_small(tmp_path, small_corpus, "train.max_steps=6", "checkpoint.resume=atuo")
     with pytest.raises(ConfigError, match="checkpoint.resume=never, but .* already holds checkpoints"):
         train_small(tmp_path, small_corpus, "train.max_steps=6", "checkpoint.resume=never")
     assert checkpoints(tmp_path) == ["step_00000005"] and len(read_metrics(tmp_path)) == 5

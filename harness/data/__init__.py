@@ -54,6 +54,12 @@ def load_token_store(data: DataConfig, tok_cfg: TokenizerConfig, output_dir: str
         return tokenizer, store
 
     corpus = resolve_corpus(data.path, data.format, data.hub_name)
+    try:
+        os.makedirs(data.cache_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"data.cache_dir={data.cache_dir!r} is not a usable directory: {e.strerror or e}"
+        ) from e
     raw = {}
 
     def dataset():

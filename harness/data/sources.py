@@ -77,7 +77,8 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
             continue
         matched = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
         if not matched:
-            if _looks_like_hub_name(pattern) and len(patterns) == 1:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            if _looks_like_hub_name(pattern) and len(patterns) == 1 and not offline:
                 return Corpus((pattern,), "hub", hub_name)
             raise DataError(f"data.path: {pattern!r} matches no file (check the path or glob)")
         files += matched
@@ -130,15 +131,16 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
                 corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache
             )
     except Exception as e:  # datasets wraps parser errors in several types
-        where = (
-            corpus.files[0]
-            if len(corpus.files) == 1
-            else f"{len(corpus.files)} files from {corpus.files[0]!r}"
-        )
         cause = e.__cause__ or e
-        raise DataError(
-            f"data.path: cannot read {where} as {corpus.format}: {type(cause).__name__}: {cause}"
-        ) from e
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        if corpus.format == "hub":
+            raise DataError(
+                f"data.path: {corpus.files[0]!r} is no local file or directory, and loading it as a hub "
+                f"dataset failed ({detail}); check the path"
+            ) from e
+        many = f"{len(corpus.files)} files from {corpus.files[0]!r}"
+        where = corpus.files[0] if len(corpus.files) == 1 else many
+        raise DataError(f"data.path: cannot read {where} as {corpus.format}: {detail}") from e
     column = "text" if corpus.format == "text" else text_field
     if column not in ds.column_names:
         raise DataError(
