@@ -2,11 +2,13 @@
 
 Layout of ``<run>/checkpoints/step_00000100/``::
 
-    model.pt          model state_dict (tensors only)
-    optimizer.pt      optimizer + LR scheduler state
-    rng.pt            torch / CUDA RNG states
-    trainer_state.json  step, tokens, data position, early-stopping state, model shape
-    manifest.json     file names and sizes -- written last
+    model.pt, optimizer.pt   parallel=none: state dicts (tensors only)
+    dcp/                     parallel=ddp|fsdp: torch.distributed.checkpoint shards (every rank its part)
+    deepspeed/               parallel=deepspeed: DeepSpeed's own format
+    rng/rank_<r>.pt          each rank's torch / CUDA RNG states
+    tokenizer/               the tokenizer (for ``python -m harness.export``)
+    trainer_state.json       step, tokens, data position, LR scheduler, early stopping, model, data, config
+    manifest.json            every file with its size -- written last
 
 A checkpoint is written into ``.tmp-step_...`` and renamed when complete, and it counts
 only when its manifest exists and every listed file has the listed size, so a crash or
@@ -21,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 
 import torch
 
@@ -45,8 +48,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str, step: int, tensors: dict[str, object], state: dict, keep_last: int) -> str:
-    """Write ``tensors`` (name -> object for ``torch.save``) and ``state`` (JSON) as checkpoint ``step``.
+def save_checkpoint(root: str, step: int, write: dict | Callable[[str], None], state: dict, keep_last: int,
+                    is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> str:  # fmt: skip
+    """Write checkpoint ``step`` atomically; called on every rank of a job.
+
+    ``write`` is either ``{name: object}`` (each saved with ``torch.save`` as ``name.pt``) or a
+    function that writes this rank's files into the directory it is given. Rank 0 then writes
+    ``trainer_state.json`` (``state``) and ``manifest.json`` (every file with its size), fsyncs
+    and renames the temporary directory into place, and prunes to ``keep_last``.
 
     Returns:
         The checkpoint directory.
@@ -54,40 +63,65 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, object], state: dic
         CheckpointError: the directory cannot be written (the previous checkpoints stay intact).
     """
     final = os.path.join(root, checkpoint_name(step))
-    tmp = os.path.join(root, f".tmp-{checkpoint_name(step)}-{os.getpid()}")
-    try:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        files = {}
-        for name, obj in tensors.items():
-            path = os.path.join(tmp, f"{name}.pt")
-            torch.save(obj, path)
-            files[f"{name}.pt"] = os.path.getsize(path)
-        with open(os.path.join(tmp, STATE), "w") as f:
-            json.dump(state, f, indent=2)
-        files[STATE] = os.path.getsize(os.path.join(tmp, STATE))
-        for name in files:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"step": step, "files": files}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # same step saved again (e.g. a resumed run's final save)
-            old = final + f".old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from e
-    prune(root, keep_last)
+    tmp = os.path.join(root, f".tmp-{checkpoint_name(step)}")
+    error: OSError | None = None
+    if is_main:
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            error = e
+    barrier()
+    if error is None:
+        try:
+            if callable(write):
+                write(tmp)
+            else:
+                for name, obj in write.items():
+                    torch.save(obj, os.path.join(tmp, f"{name}.pt"))
+        except OSError as e:
+            error = e
+    barrier()
+    if is_main and error is None:
+        try:
+            _finish(tmp, final, root, step, state)
+        except OSError as e:
+            error = e
+    barrier()
+    if error is not None:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}") from error
+    if is_main:
+        prune(root, keep_last)
     return final
+
+
+def _finish(tmp: str, final: str, root: str, step: int, state: dict) -> None:
+    """Rank 0: state file, fsync everything, manifest last, then rename into place."""
+    with open(os.path.join(tmp, STATE), "w") as f:
+        json.dump(state, f, indent=2)
+    files = {}
+    for dirpath, _, names in os.walk(tmp):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files[os.path.relpath(path, tmp)] = os.path.getsize(path)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # same step saved again (e.g. a resumed run's final save)
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
 
 
 def is_complete(path: str) -> bool:
@@ -134,11 +168,17 @@ def prune(root: str, keep_last: int) -> None:
     for _, path in found[: max(0, len(found) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):
-        if name.startswith(".tmp-") and not name.endswith(f"-{os.getpid()}"):
+        if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_checkpoint(path: str, names: tuple[str, ...] = ("model", "optimizer", "rng")) -> tuple[dict, dict]:
+def read_state(path: str) -> dict:
+    """The ``trainer_state.json`` of a complete checkpoint."""
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path: str, names: tuple[str, ...] = ("model", "optimizer")) -> tuple[dict, dict]:
     """Load a complete checkpoint: ``({name: object}, trainer_state)``.
 
     Tensors are loaded with ``weights_only=True`` onto the CPU, so no pickled code runs.

@@ -83,6 +83,8 @@ class TrainSection:
     micro_batch_size: int | None = 4  # sequences per forward/backward per rank
     gradient_accumulation_steps: int | None = None  # derived when null
     drop_last: bool = False  # drop an epoch's last partial batch (floor) instead of a short step (ceil)
+    stop_at_step: int | None = None  # end this invocation after this step with a checkpoint; the schedule
+    # still spans max_steps, and a rerun resumes (time-sliced jobs)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
     peak_flops_per_device: float | None = None  # FLOP/s for MFU; None: table (GPU) or measured (CPU)
@@ -138,7 +140,25 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    name: str = "none"  # none (one process); ddp | fsdp | deepspeed come with the distributed backends
+    """Parallelism backend and its knobs (``configs/parallel/*.yaml``)."""
+
+    name: str = "none"  # none | ddp | fsdp | deepspeed
+    timeout_s: float = 600.0  # collective timeout: a dead rank makes the others exit after this long
+    # fsdp (FSDP2, torch.distributed.fsdp.fully_shard per block and on the root)
+    reshard_after_forward: bool = True  # ZeRO-3 style; false keeps gathered params until backward (ZeRO-2)
+    param_dtype: str | None = None  # float32 | bfloat16; None: the model's dtype
+    reduce_dtype: str | None = None  # dtype of the gradient reduce-scatter; None: param_dtype
+    cpu_offload: bool = False  # keep sharded params, grads and optimizer state on the CPU
+    hsdp_replicate: int = (
+        1  # HSDP: replicate groups x shard groups (e.g. nodes x gpus_per_node); 1 = plain FSDP
+    )
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (fsdp, ddp)
+    # deepspeed
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU
+    offload_param: bool = False  # ZeRO-3 parameter offload to CPU
+    bf16: bool | None = None  # DeepSpeed bf16 mode; None: on with CUDA, off on CPU
+    ds_config: Any = None  # a JSON file path or a dict merged over the generated DeepSpeed config
 
 
 @dataclass
@@ -153,6 +173,9 @@ class WandbConfig:
 class LoggingConfig:
     every: int = 10  # console line every N steps (metrics.jsonl gets every step)
     progress: str = "auto"  # auto (bar on a terminal) | on | off
+    comm_timing: bool = (
+        True  # time and count collectives (harness.parallel.comm); false: comm fields are 0/null
+    )
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -260,7 +283,7 @@ _CHOICES = {
     "data.sample_by": ("document", "line", "paragraph"),
     "optim.name": ("adamw",),
     "schedule.name": ("cosine", "constant", "wsd"),
-    "parallel.name": ("none",),
+    "parallel.name": ("none", "ddp", "fsdp", "deepspeed"),
     "logging.progress": ("auto", "on", "off"),
     "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -354,6 +377,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
     if not 0.0 <= cfg.schedule.decay_fraction <= 1.0:
         raise ConfigError(f"schedule.decay_fraction={cfg.schedule.decay_fraction} must be in [0, 1]")
 
+    _validate_parallel(cfg.parallel, world_size)
     t = cfg.train
     if (t.max_steps is None) == (t.max_tokens is None):
         raise ConfigError(
@@ -364,6 +388,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
         raise ConfigError(f"train.max_steps={t.max_steps} must be > 0")
     if t.max_tokens is not None and t.max_tokens <= 0:
         raise ConfigError(f"train.max_tokens={t.max_tokens} must be > 0")
+    if t.stop_at_step is not None and t.stop_at_step <= 0:
+        raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be > 0 (or null)")
     if t.peak_flops_per_device is not None and t.peak_flops_per_device <= 0:
         raise ConfigError(f"train.peak_flops_per_device={t.peak_flops_per_device} must be > 0 (or null)")
     batch = resolve_batch_sizes(t, world_size)
@@ -395,6 +421,38 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
     if t.max_steps is not None:
         check_schedule_fits(cfg, t.max_steps)
     return batch
+
+
+def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
+    """Knobs that only one backend understands, set with another, are errors (not silently ignored)."""
+    defaults = ParallelConfig()
+    own = {
+        "fsdp": ("reshard_after_forward", "param_dtype", "reduce_dtype", "cpu_offload", "hsdp_replicate"),
+        "deepspeed": ("zero_stage", "offload_optimizer", "offload_param", "bf16", "ds_config"),
+    }
+    for backend, keys in own.items():
+        if p.name == backend:
+            continue
+        for key in keys:
+            if getattr(p, key) != getattr(defaults, key):
+                raise ConfigError(f"parallel.{key} is a {backend} setting, but parallel.name={p.name}; "
+                                  f"use parallel={backend} or drop parallel.{key}")  # fmt: skip
+    if p.activation_checkpointing and p.name == "deepspeed":
+        raise ConfigError("parallel.activation_checkpointing is for ddp/fsdp/none; with deepspeed use its own "
+                          "activation_checkpointing section in parallel.ds_config")  # fmt: skip
+    if p.timeout_s <= 0:
+        raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0")
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(p, key) not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"parallel.{key}={getattr(p, key)!r} is not one of float32, bfloat16 (or null)")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not one of 0, 1, 2, 3")
+    if p.offload_param and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_param needs parallel.zero_stage=3 (got {p.zero_stage})")
+    if p.hsdp_replicate < 1 or world_size % p.hsdp_replicate:
+        raise ConfigError(
+            f"parallel.hsdp_replicate={p.hsdp_replicate} must divide world_size={world_size} (replicas x shards)"
+        )
 
 
 def check_schedule_fits(cfg: TrainConfig, max_steps: int) -> None:

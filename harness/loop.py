@@ -70,6 +70,7 @@ class LoopParts:
     eval_every: int
     patience: int | None
     checkpoint_every: int
+    stop_at_step: int | None  # end this invocation after this step (checkpointed), schedule unchanged
     flops_per_token: float  # training FLOPs per token (model.model_stats)
     peak_flops: float  # FLOP/s of one device
     autocast_dtype: torch.dtype | None  # bf16 autocast on GPU, None for fp32
@@ -138,6 +139,7 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         if info.step > parts.max_steps or state.stopped_early:
             break
         timer.start()
+        backend.begin_step()
         # 1. sample
         micro_batches = [mb.to(device, non_blocking=True) for mb in parts.loader.micro_batches(info)]
         timer.mark("data")
@@ -145,11 +147,9 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         loss = forward_backward(parts, micro_batches)
         timer.mark("forward_backward")
         # 4. update, once per step
-        grad_norm = backend.clip_grad_norm(parts.grad_clip)
         lr = parts.scheduler.get_last_lr()[0]
-        backend.optimizer_step()
+        grad_norm = backend.clip_and_step(parts.grad_clip)  # clip by global norm, step, zero grads
         parts.scheduler.step()
-        backend.zero_grad()
         timer.mark("optimizer")
         # 5. log
         state = replace(state, step=info.step, tokens_total=info.tokens_total,
@@ -165,9 +165,13 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         parts.metrics.write(record)
         if not math.isfinite(record.loss):
             log.warning("step %d: non-finite loss %s", info.step, record.loss)
-        last = info.step == parts.max_steps or state.stopped_early
+        stop = info.step == parts.stop_at_step
+        last = info.step == parts.max_steps or state.stopped_early or stop
         if last or (parts.checkpoint_every and info.step % parts.checkpoint_every == 0):
             parts.save_checkpoint(state)
+        if stop:
+            log.info("stopping after step %d (train.stop_at_step); rerun to continue", info.step)
+            break
     return state
 
 
@@ -193,7 +197,7 @@ def _record(parts: LoopParts, info: StepInfo, t: dict, loss: torch.Tensor, grad_
         global_batch_size=info.global_batch_size, gradient_accumulation_steps=info.gradient_accumulation_steps,
         step_time_s=t["total"], data_s=t["data"], forward_backward_s=t["forward_backward"], optimizer_s=t["optimizer"],
         comm_s=comm.comm_s, comm_exposed_s=comm.comm_exposed_s, comm_bytes=comm.comm_bytes,
-        comm_busbw_gbps=comm.busbw_gbps, tokens_per_second=tokens_per_second,
+        comm_busbw_gbps=comm.busbw_gbps, comm_bytes_by_op=comm.bytes_by_op, tokens_per_second=tokens_per_second,
         mfu=parts.flops_per_token * tokens_per_second / (parts.peak_flops * world),
         max_memory_bytes=max_memory_bytes(parts.backend.env.device), elapsed_s=elapsed,
     )  # fmt: skip

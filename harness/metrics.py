@@ -50,6 +50,7 @@ class StepMetrics:
     comm_exposed_s: float | None  # part of comm_s not overlapped with compute (None: not measured)
     comm_bytes: int  # bytes moved by this rank's collectives
     comm_busbw_gbps: float | None  # bus bandwidth of those collectives (None: no collectives)
+    comm_bytes_by_op: dict | None  # comm_bytes per collective kind
     tokens_per_second: float
     mfu: float
     max_memory_bytes: int

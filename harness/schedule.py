@@ -148,7 +148,9 @@ class IterationPlan:
 
     Each epoch visits every sequence once (in a seeded permutation chosen by the data
     loader). A step takes ``ramp.at(step)`` sequences from the current epoch; when fewer
-    remain, the step is short (``drop_last=False``: iterations per epoch = ceil(N / B))
+    remain, the step is short (``drop_last=False``: iterations per epoch = ceil(N / B); at
+    ``world_size`` W > 1 the short step is cut to a multiple of W so every rank gets the same
+    micro-batch shapes, and a remainder below W is skipped)
     or the remainder is skipped (``drop_last=True``: floor(N / B)).
     """
 
@@ -181,7 +183,10 @@ class IterationPlan:
             step += 1
             want = self.ramp.at(step, tokens_total)
             remaining = n - position.offset
-            if remaining < want and self.drop_last:
+            if remaining < want and not self.drop_last and self.world_size > 1:
+                # a short last batch is cut to a multiple of world_size, so every rank gets the same shapes
+                remaining -= remaining % self.world_size
+            if remaining < want and (self.drop_last or remaining == 0):
                 position = DataPosition(position.epoch + 1, 0)
                 remaining = n
             size = min(want, remaining)

@@ -52,8 +52,9 @@ def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
     resolved = OmegaConf.to_container(composed, resolve=True)
     cfg: TrainConfig = to_object(cfg)
     env = read_env(cfg.train.device)
+    log.setLevel(logging.INFO if env.is_main else logging.WARNING)  # rank 0 logs; others only warn
     batch = validate(cfg, env.world_size)
-    backend = build_backend(cfg.parallel, env)
+    backend = build_backend(cfg, env, batch)
 
     # Data and iteration plan: everything the run will do, before any model exists.
     data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, need_val=cfg.eval.every > 0)
@@ -98,8 +99,8 @@ def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps,
 
     # Model, backend, optimizer, scheduler.
     model = build_model(cfg.model, vocab_size, cfg.seed, data.tokenizer.eos_token_id)
-    module = backend.setup(model)
-    optimizer = backend.build_optimizer(cfg.optim)
+    backend.setup(model)
+    optimizer = backend.build_optimizer(cfg.optim)  # after sharding; DeepSpeed wraps the model here
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule.torch_lambda(i))
     peak_flops, peak_source = (
         (cfg.train.peak_flops_per_device, "train.peak_flops_per_device")
@@ -113,7 +114,7 @@ def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps,
 
     state = TrainState()
     if resume_from:
-        state, saved_max_steps = _restore(resume_from, backend, optimizer, scheduler, schedule)
+        state, saved_max_steps = _restore(resume_from, backend, scheduler, schedule, env.rank)
         log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step, f"{state.tokens_total:,}")
         if saved_max_steps != max_steps and state.step < max_steps:
             log.warning("the budget changed from %d to %d steps: the LR schedule is recomputed for %d steps "
@@ -121,12 +122,18 @@ def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps,
                         schedule(state.step + 1))  # fmt: skip
 
     def save(st: TrainState) -> None:
-        tensors = {"model": backend.model_state_dict(),
-                   "optimizer": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   "rng": _rng_state()}  # fmt: skip
-        meta = {**st.to_dict(), "max_steps": max_steps, "model": model_key,
+        def write(directory: str) -> None:  # every rank: its model/optimizer part and its RNG state
+            backend.save(directory)
+            os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
+            torch.save(_rng_state(), os.path.join(directory, "rng", f"rank_{env.rank}.pt"))
+            if env.is_main:
+                data.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+
+        meta = {**st.to_dict(), "max_steps": max_steps, "scheduler": scheduler.state_dict(),
+                "parallel": cfg.parallel.name, "world_size": env.world_size, "model": model_key,
                 "data": data_key, "config": resolved}  # fmt: skip
-        path = ckpt.save_checkpoint(ckpt_root, st.step, tensors, meta, cfg.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(ckpt_root, st.step, write, meta, cfg.checkpoint.keep_last, env.is_main,
+                                    backend.barrier)  # fmt: skip
         log.info("checkpoint: %s", path)
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -142,12 +149,12 @@ def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps,
             sinks.append(WandbSink(w.mode, w.project, w.entity, w.name or cfg.run_name, run_dir, resolved))
     metrics = MetricsLogger(sinks)
     parts = LoopParts(
-        backend=backend, model=module, scheduler=scheduler,
+        backend=backend, model=backend.model, scheduler=scheduler,
         loader=StepLoader(data.train, cfg.seed, batch.micro_batch_size, env.rank, env.world_size),
         val_batches=validation_batches(data.val, cfg.eval.batches, batch.micro_batch_size, env.rank, env.world_size)
         if data.val else [],
         plan=plan, max_steps=max_steps, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval.every,
-        patience=cfg.eval.patience, checkpoint_every=cfg.checkpoint.every, flops_per_token=stats.flops_per_token,
+        patience=cfg.eval.patience, checkpoint_every=cfg.checkpoint.every, stop_at_step=cfg.train.stop_at_step, flops_per_token=stats.flops_per_token,
         peak_flops=peak_flops, autocast_dtype=_autocast_dtype(cfg.train.dtype, env.device), metrics=metrics,
         save_checkpoint=save,
     )  # fmt: skip
@@ -159,10 +166,21 @@ def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps,
                         max_steps, " (stopped early)" if state.stopped_early else "")  # fmt: skip
     finally:
         metrics.close()
-    if env.is_main and cfg.checkpoint.export_hf:
-        transformers.utils.logging.disable_progress_bar()
-        path = ckpt.export_hf(backend.unwrapped(), data.tokenizer, os.path.join(run_dir, "hf"))
-        log.info("exported Hugging Face model and tokenizer to %s", path)
+    finished = state.step >= max_steps or state.stopped_early
+    if cfg.checkpoint.export_hf and finished:
+        full = backend.full_state_dict()  # collective under sharding; the whole model on rank 0
+        if env.is_main:
+            transformers.utils.logging.disable_progress_bar()
+            export_model = build_model(
+                cfg.model, vocab_size, cfg.seed, data.tokenizer.eos_token_id, device="meta"
+            )
+            export_model.load_state_dict(full, assign=True, strict=False)
+            export_model.tie_weights()
+            missing = [n for n, p in export_model.named_parameters() if p.is_meta]
+            if missing:
+                raise CheckpointError(f"the gathered state dict lacks {missing[:3]}; cannot export")
+            path = ckpt.export_hf(export_model, data.tokenizer, os.path.join(run_dir, "hf"))
+            log.info("exported Hugging Face model and tokenizer to %s", path)
     backend.close()
     return state
 
@@ -228,21 +246,33 @@ def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict) -
     return path
 
 
-def _restore(path: str, backend, optimizer, scheduler, schedule: LRSchedule) -> tuple[TrainState, int]:
+def _restore(path: str, backend, scheduler, schedule: LRSchedule, rank: int) -> tuple[TrainState, int]:
     """Load model, optimizer, scheduler and RNG state; returns the train state and the saved budget."""
-    objs, meta = ckpt.load_checkpoint(path)
-    backend.load_model_state_dict(objs["model"])
-    optimizer.load_state_dict(objs["optimizer"]["optimizer"])
-    scheduler.load_state_dict(objs["optimizer"]["scheduler"])
+    meta = ckpt.read_state(path)
+    try:
+        backend.load(path)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({type(e).__name__}: {detail}); it may be corrupted: delete it to "
+            "resume from the previous one, or set checkpoint.resume to another checkpoint"
+        ) from e
+    scheduler.load_state_dict(meta["scheduler"])
     state = TrainState.from_dict(meta)
-    # The schedule may have changed (e.g. a larger max_steps): take the LR from it, not from the file.
-    lr = schedule(state.step + 1)
-    for group in optimizer.param_groups:
+    # The schedule may have changed (e.g. a larger max_steps): take the LR from it, not from the file,
+    # computed exactly as LambdaLR does (base_lr * lambda(last_epoch)).
+    lrs = [base * schedule.torch_lambda(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(backend.optimizer.param_groups, lrs):
         group["lr"] = lr
-    scheduler._last_lr = [lr for _ in optimizer.param_groups]
-    torch.set_rng_state(objs["rng"]["torch"])
-    if "cuda" in objs["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(objs["rng"]["cuda"])
+    scheduler._last_lr = lrs
+    rng_path = os.path.join(path, "rng", f"rank_{rank}.pt")
+    if os.path.isfile(rng_path):  # absent when resuming at a larger world size
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return state, meta.get("max_steps", 0)
 
 
@@ -290,7 +320,8 @@ def _hydra_main(cfg) -> None:
     try:
         run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except HarnessError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one report per job, not one per rank
+            print(f"error: {e}", file=sys.stderr)
         with contextlib.suppress(OSError):
             os.rmdir(run_dir)  # only if the rejected run left it empty
         sys.exit(2)

@@ -26,6 +26,7 @@ def test_save_load_roundtrip_and_keep_last(tmp_path):
 
 
 def test_incomplete_checkpoints_are_never_chosen(tmp_path, caplog):
+    ckpt._warned.clear()
     _save(tmp_path, 10)
     newest = _save(tmp_path, 20)
     # a kill mid-save leaves a temporary directory, a missing manifest, or a truncated file

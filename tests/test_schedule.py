@@ -89,6 +89,17 @@ def test_iterations_per_epoch_ceil_and_floor():
     ]
 
 
+def test_short_last_batch_at_world_size_two():
+    plan = IterationPlan(num_sequences=11, seq_len=8, ramp=BatchRamp(full=4, increment=4), micro_batch_size=2,
+                         world_size=2)  # fmt: skip
+    it = plan.steps()
+    sizes = [next(it).global_batch_size for _ in range(6)]
+    assert sizes == [4, 4, 2, 4, 4, 2]  # 11 = 4 + 4 + 3 -> the short step is cut to 2 (a multiple of 2)
+    it = IterationPlan(9, 8, BatchRamp(full=4, increment=4), 2, world_size=2).steps()
+    got = [next(it) for _ in range(3)]
+    assert [s.global_batch_size for s in got] == [4, 4, 4] and got[2].position == DataPosition(1, 0)
+
+
 def test_tokens_total_is_sum_of_step_tokens_with_ramp():
     ramp = BatchRamp(full=16, increment=4, start=4, steps=10)
     plan = IterationPlan(num_sequences=1000, seq_len=128, ramp=ramp, micro_batch_size=4)

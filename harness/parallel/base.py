@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -19,14 +20,16 @@ class CommStats:
     Attributes:
         comm_s: seconds spent in collectives.
         comm_exposed_s: seconds of ``comm_s`` not overlapped with compute (None: not measured).
-        comm_bytes: bytes moved by this rank's collectives.
+        comm_bytes: bytes moved by this rank's collectives (nccl-tests "size").
         busbw_gbps: bus bandwidth in GB/s (None when there were no collectives).
+        bytes_by_op: ``comm_bytes`` split by collective (all_reduce, all_gather, reduce_scatter, ...).
     """
 
     comm_s: float = 0.0
     comm_exposed_s: float | None = 0.0
     comm_bytes: int = 0
     busbw_gbps: float | None = None
+    bytes_by_op: dict | None = None
 
 
 def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -45,13 +48,33 @@ def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of a ``transformers`` causal LM (LLaMA ``model.layers``, GPT-2 ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
 class Backend(ABC):
-    """How a model is placed, synchronized and stepped across processes.
+    """How a model is placed, synchronized, stepped and checkpointed across processes.
 
     Lifecycle: ``setup(model)`` -> ``build_optimizer`` (after sharding) -> per step:
-    ``accumulate(is_last)`` around each micro-batch's forward/backward, ``clip_grad_norm``,
-    ``optimizer_step``, ``zero_grad``, ``comm_stats``.
+    ``accumulate(is_last)`` around each micro-batch's forward and ``backward``, then
+    ``clip_and_step`` once, ``comm_stats``. ``save``/``load`` write and read the model and
+    optimizer state into a checkpoint directory (every rank its own part).
+
+    Loss convention: the loss passed to ``backward`` is already normalized by the step's
+    target tokens summed over all ranks, so gradients must be summed (not averaged) over
+    data-parallel ranks; backends whose reduction averages multiply by ``world_size`` first.
     """
+
+    name = "base"
 
     def __init__(self, env: DistEnv):
         self.env = env
@@ -63,6 +86,7 @@ class Backend(ABC):
         """Place (and wrap or shard) the model; returns the module to call forward on."""
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
+        """The torch optimizer (its ``param_groups`` carry the LR the scheduler sets)."""
         self.optimizer = build_adamw(self.model, cfg, self.env.device)
         return self.optimizer
 
@@ -77,36 +101,49 @@ class Backend(ABC):
         """Sum of ``t`` over data-parallel ranks (identity on one process)."""
         return t
 
-    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        """Max of ``t`` over ranks (identity on one process)."""
-        return t
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm of all gradients before clipping (0-d tensor); clips when ``max_norm > 0``."""
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global L2 norm (when ``max_norm > 0``), step the optimizer, zero the
+        gradients; returns the norm before clipping (0-d tensor)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-
-    def optimizer_step(self) -> None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         self.optimizer.step()
-
-    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def begin_step(self) -> None:
+        """Called as an optimizer step starts (communication counters restart)."""
 
     def comm_stats(self) -> CommStats:
-        """Communication of the step that just ended (and reset the counters)."""
+        """Communication since :meth:`begin_step`."""
         return CommStats()
 
     def unwrapped(self) -> torch.nn.Module:
-        """The plain ``transformers`` model (for export and evaluation)."""
+        """The ``transformers`` model inside any wrapper."""
         return self.model
 
-    def model_state_dict(self) -> dict:
-        return self.unwrapped().state_dict()
+    # -- checkpoints ------------------------------------------------------------------------
 
-    def load_model_state_dict(self, state: dict) -> None:
-        self.unwrapped().load_state_dict(state)
+    def save(self, directory: str) -> None:
+        """Write model and optimizer state into ``directory`` (plain ``torch.save`` files)."""
+        if self.env.is_main:
+            torch.save(self.unwrapped().state_dict(), os.path.join(directory, "model.pt"))
+            torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+
+    def load(self, directory: str) -> None:
+        """Restore what :meth:`save` wrote (``weights_only`` loading)."""
+        kw = {"map_location": "cpu", "weights_only": True}
+        self.unwrapped().load_state_dict(torch.load(os.path.join(directory, "model.pt"), **kw))
+        self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), **kw))
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's state dict on rank 0's CPU (None on other ranks); collective."""
+        return {k: v.detach().cpu() for k, v in self.unwrapped().state_dict().items()}
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op on one process)."""
 
     def close(self) -> None:
         """Release process groups etc."""

@@ -1,0 +1,212 @@
+"""Per-iteration communication accounting that sees every backend's collectives unmodified.
+
+Mechanism: :func:`install` wraps the ``torch.distributed`` collective functions (the module
+attributes that FSDP2, DDP comm hooks and DeepSpeed call; DeepSpeed copies its references
+when ``deepspeed.init_distributed`` runs, so the wrapper is installed before that) and
+``Work.wait``. Each call records its payload bytes and times; nothing is synchronized per
+collective:
+
+* CPU / gloo: an async collective's interval runs from its issue to the completion callback
+  of its future (gloo runs it on its own thread); a synchronous one from call to return.
+  ``comm_s`` is the length of the union of the intervals of the step, ``comm_exposed_s``
+  the time the training thread was blocked: inside synchronous collectives or ``Work.wait``.
+* CUDA / NCCL: with ``TORCH_NCCL_ENABLE_TIMING=1`` (set by ``harness.dist`` before the process
+  group exists) each ``Work`` carries CUDA start/end events; the GPU durations are read once at
+  the end of the step, after the step's single synchronization. ``comm_exposed_s`` is None
+  there (overlap with kernels on other streams needs the profiler).
+
+Bytes follow nccl-tests' "size": the tensor for all-reduce/broadcast, the gathered output for
+all-gather, the input for reduce-scatter. Bus bandwidth = bytes x factor / time with factor
+2(n-1)/n for all-reduce and (n-1)/n for all-gather, reduce-scatter and all-to-all
+(nccl-tests, doc/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# function name -> (kind, index of the tensor whose size is the payload, or "list" for a tensor list)
+_OPS = {
+    "all_reduce": ("all_reduce", 0),
+    "all_gather_into_tensor": ("all_gather", 0),
+    "all_gather_single": ("all_gather", 0),
+    "_all_gather_base": ("all_gather", 0),
+    "reduce_scatter_tensor": ("reduce_scatter", 1),
+    "reduce_scatter_single": ("reduce_scatter", 1),
+    "_reduce_scatter_base": ("reduce_scatter", 1),
+    "all_gather": ("all_gather", "list0"),
+    "reduce_scatter": ("reduce_scatter", "list1"),
+    "broadcast": ("broadcast", 0),
+    "reduce": ("reduce", 0),
+    "all_to_all_single": ("all_to_all", 1),
+}
+_BUS_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_to_all": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0,
+    "reduce": lambda n: 1.0,
+}
+
+
+@dataclass
+class _Call:
+    kind: str
+    nbytes: int
+    group_size: int
+    start: float
+    end: float | None = None
+    work: object = None
+
+
+@dataclass
+class CommTracker:
+    """Collects the collectives of the current step (see the module docstring)."""
+
+    cuda_timing: bool = False
+    calls: list[_Call] = field(default_factory=list)
+    blocked_s: float = 0.0
+    enabled: bool = True
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls = []
+            self.blocked_s = 0.0
+
+    def stats(self):
+        """CommStats of the calls since :meth:`reset` (call after the step's synchronization)."""
+        from harness.parallel.base import CommStats
+
+        with self._lock:
+            calls = list(self.calls)
+            blocked = self.blocked_s
+        if not calls:
+            return CommStats(0.0, 0.0, 0, None, {})
+        nbytes = sum(c.nbytes for c in calls)
+        by_op: dict[str, int] = {}
+        for c in calls:
+            by_op[c.kind] = by_op.get(c.kind, 0) + c.nbytes
+        bus_bytes = sum(c.nbytes * _BUS_FACTOR[c.kind](max(c.group_size, 1)) for c in calls)
+        if self.cuda_timing:
+            total = 0.0
+            for c in calls:
+                try:
+                    total += (
+                        c.work._get_duration() / 1e3 if c.work is not None else (c.end or c.start) - c.start
+                    )
+                except RuntimeError:
+                    total += 0.0
+            exposed = None
+        else:
+            now = time.perf_counter()
+            spans = sorted((c.start, c.end if c.end is not None else now) for c in calls)
+            total, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+            for s, e in spans[1:]:
+                if s > cur_e:
+                    total += cur_e - cur_s
+                    cur_s, cur_e = s, e
+                else:
+                    cur_e = max(cur_e, e)
+            total += cur_e - cur_s
+            exposed = min(blocked, total)
+        busbw = bus_bytes / total / 1e9 if total > 0 else None
+        return CommStats(total, exposed, nbytes, busbw, by_op)
+
+    # -- recording -------------------------------------------------------------------------
+
+    def _record(self, call: _Call) -> None:
+        with self._lock:
+            self.calls.append(call)
+
+    def _blocked(self, seconds: float) -> None:
+        with self._lock:
+            self.blocked_s += seconds
+
+
+_TRACKER: CommTracker | None = None
+
+
+def tracker() -> CommTracker | None:
+    """The installed tracker, or None."""
+    return _TRACKER
+
+
+def _payload(args, kwargs, names: tuple[str, ...], spec) -> int:
+    """Bytes of the payload argument, passed positionally or by keyword."""
+    idx = int(spec[-1]) if isinstance(spec, str) else spec
+    value = args[idx] if len(args) > idx else kwargs.get(names[idx]) if idx < len(names) else None
+    if isinstance(spec, str):  # a list of tensors
+        return sum(t.numel() * t.element_size() for t in value or [])
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _wrap(fn, kind: str, spec):
+    names = tuple(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tr = _TRACKER
+        if tr is None or not tr.enabled:
+            return fn(*args, **kwargs)
+        group = kwargs.get("group")
+        try:
+            n = dist.get_world_size(group) if group is not None else dist.get_world_size()
+        except Exception:
+            n = 1
+        call = _Call(kind, _payload(args, kwargs, names, spec), n, time.perf_counter())
+        work = fn(*args, **kwargs)
+        if work is None:  # synchronous: the caller was blocked the whole time
+            call.end = time.perf_counter()
+            tr._blocked(call.end - call.start)
+        elif tr.cuda_timing:
+            call.work = work
+        else:
+            try:
+                work.get_future().add_done_callback(lambda _f, c=call: setattr(c, "end", time.perf_counter()))
+            except (RuntimeError, AttributeError):
+                call.work = work
+        tr._record(call)
+        return work
+
+    wrapper.__harness_wrapped__ = fn
+    return wrapper
+
+
+def _wrap_wait(orig):
+    @functools.wraps(orig)
+    def wait(self, *args, **kwargs):
+        tr = _TRACKER
+        if tr is None:
+            return orig(self, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            tr._blocked(time.perf_counter() - t0)
+
+    wait.__harness_wrapped__ = orig
+    return wait
+
+
+def install(cuda_timing: bool = False) -> CommTracker:
+    """Wrap the ``torch.distributed`` collectives once per process and return the tracker."""
+    global _TRACKER
+    if _TRACKER is None:
+        for name, (kind, spec) in _OPS.items():
+            fn = getattr(dist, name, None)
+            if fn is not None and not hasattr(fn, "__harness_wrapped__"):
+                setattr(dist, name, _wrap(fn, kind, spec))
+        work_cls = torch._C._distributed_c10d.Work
+        if not hasattr(work_cls.wait, "__harness_wrapped__"):
+            work_cls.wait = _wrap_wait(work_cls.wait)
+        _TRACKER = CommTracker(cuda_timing=cuda_timing)
+    return _TRACKER

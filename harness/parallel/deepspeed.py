@@ -1,0 +1,169 @@
+"""``parallel=deepspeed``: DeepSpeed ZeRO stage 0-3 with the DeepSpeed config generated from ours.
+
+The engine owns gradient reduction, clipping (``gradient_clipping``), the optimizer step
+and its checkpoint format. The step's micro-batch count varies with the batch-size ramp,
+so the accumulation boundary is set explicitly on every micro-batch
+(``set_gradient_accumulation_boundary``) instead of DeepSpeed's fixed counter, and the
+LR scheduler stays ours (stepped once per optimizer step by the loop).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+
+from harness.config import OptimConfig, ParallelConfig
+from harness.dist import DistEnv
+from harness.errors import CheckpointError, ConfigError
+from harness.parallel.base import build_adamw
+from harness.parallel.distributed import DistributedBackend
+
+DS_TAG = "deepspeed"
+# Keys we generate from train.* / optim.*; a ds_config that sets them differently is an error.
+_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "train.global_batch_size",
+    "gradient_clipping": "optim.grad_clip",
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: ParallelConfig, micro_batch_size: int, accumulation: int, world_size: int,
+                     grad_clip: float, cuda: bool) -> dict:  # fmt: skip
+    """The DeepSpeed JSON config for this run, with ``parallel.ds_config`` merged over it.
+
+    Raises:
+        ConfigError: ``parallel.ds_config`` is not a readable JSON file or dict, or it sets a key
+            that the harness owns (batch sizes, clipping) to another value.
+    """
+    bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    generated = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    user = cfg.ds_config
+    if user is None:
+        return generated
+    if isinstance(user, str):
+        try:
+            with open(os.path.expanduser(user)) as f:
+                user = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"parallel.ds_config={cfg.ds_config!r} is not a readable JSON file: {e}") from e
+    if not isinstance(user, dict):
+        user = dict(user)
+    for key, ours in _OWNED.items():
+        if key in user and user[key] != generated[key]:
+            raise ConfigError(
+                f"parallel.ds_config sets {key}={user[key]}, but the harness derives it ({generated[key]}) from "
+                f"{ours}; set {ours} instead"
+            )
+    return _merge(generated, user)
+
+
+class DeepSpeedBackend(DistributedBackend):
+    """A ``deepspeed.DeepSpeedEngine`` around the ``transformers`` model."""
+
+    name = "deepspeed"
+
+    def __init__(self, env: DistEnv, cfg: ParallelConfig, micro_batch_size: int, accumulation: int,
+                 grad_clip: float, comm_timing: bool = True):  # fmt: skip
+        super().__init__(env, cfg, comm_timing)
+        import deepspeed
+
+        self.ds_config = deepspeed_config(cfg, micro_batch_size, accumulation, env.world_size, grad_clip,
+                                          env.device.type == "cuda")  # fmt: skip
+        deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        try:
+            from deepspeed.runtime.config import DeepSpeedConfig
+
+            DeepSpeedConfig(copy.deepcopy(self.ds_config))
+        except Exception as e:
+            raise ConfigError(
+                f"parallel.ds_config: DeepSpeed rejects the merged config: {' '.join(str(e).split())[:300]}"
+            ) from e
+        self._is_last = True
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.module = model.to(self.env.device)
+        self.model = self.module
+        return self.module  # replaced by the engine in build_optimizer
+
+    def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
+        import deepspeed
+
+        self.optimizer = build_adamw(self.module, cfg, self.env.device)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
+                                                    config=self.ds_config, dist_init_required=False)  # fmt: skip
+        self.model = self.engine
+        return self.optimizer
+
+    def accumulate(self, is_last: bool):
+        import contextlib
+
+        self._is_last = is_last
+        self.engine.set_gradient_accumulation_boundary(is_last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over data-parallel ranks: scale to keep the sum convention.
+        self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
+        if not self._is_last:
+            self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        norm = None
+        if self.cfg.zero_stage == 0:  # the engine clips but does not keep the norm without ZeRO
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        self.engine.step()
+        if norm is None:
+            value = self.engine.get_global_grad_norm()
+            norm = torch.as_tensor(float(value) if value is not None else float("nan"))
+        return norm
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.module
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={}, save_latest=False)
+
+    def load(self, directory: str) -> None:
+        if not os.path.isdir(os.path.join(directory, DS_TAG)):
+            raise CheckpointError(
+                f"checkpoint {directory} has no {DS_TAG}/ (it was not written by parallel=deepspeed); resume it "
+                "with the backend that wrote it, or export it with python -m harness.export"
+            )
+        path, _ = self.engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)  # fmt: skip
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory}/{DS_TAG}")
+
+    def full_state_dict(self) -> dict | None:
+        if self.cfg.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()  # collective; full tensors on rank 0
+        else:
+            sd = self.module.state_dict()
+        return {k: v.detach().cpu() for k, v in sd.items()} if self.env.is_main else None

@@ -1,0 +1,175 @@
+"""Data-parallel backends over ``torch.distributed``: DDP and FSDP2 (DeepSpeed in ``deepspeed.py``).
+
+All of them create the process group from the launcher's environment (``harness.dist``),
+install the communication tracker (``harness.parallel.comm``) before any collective runs,
+and checkpoint DDP/FSDP2 state with ``torch.distributed.checkpoint`` (sharded: every rank
+writes its part; loading reshards, so a run can resume at another world size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from harness.config import ParallelConfig
+from harness.dist import DistEnv, init_distributed, shutdown_distributed
+from harness.errors import CheckpointError, ConfigError
+from harness.parallel import comm
+from harness.parallel.base import Backend, CommStats, transformer_blocks
+
+DCP_DIR = "dcp"
+
+
+class DistributedBackend(Backend):
+    """Shared by the multi-process backends: process group, comm tracking, collectives."""
+
+    def __init__(self, env: DistEnv, cfg: ParallelConfig, comm_timing: bool = True):
+        super().__init__(env)
+        self.cfg = cfg
+        self.tracker = comm.install(cuda_timing=env.device.type == "cuda") if comm_timing else None
+        init_distributed(env, cfg.timeout_s)
+
+    def begin_step(self) -> None:
+        if self.tracker is not None:
+            self.tracker.reset()
+
+    def comm_stats(self) -> CommStats:
+        if self.tracker is None:
+            return CommStats(0.0, None, 0, None, None)
+        return self.tracker.stats()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        shutdown_distributed()
+
+    def _enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
+        if self.cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- torch.distributed.checkpoint ----------------------------------------------------------
+
+    def _state_module(self) -> torch.nn.Module:
+        return self.model
+
+    def save(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self._state_module(), self.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(directory, DCP_DIR))
+
+    def load(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = os.path.join(directory, DCP_DIR)
+        if not os.path.isdir(path):
+            raise CheckpointError(
+                f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=ddp|fsdp); resume it with "
+                "the backend that wrote it, or export it with python -m harness.export"
+            )
+        msd, osd = get_state_dict(self._state_module(), self.optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self._state_module(), self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])  # fmt: skip
+
+    def full_state_dict(self) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(
+            self._state_module(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return sd if self.env.is_main else None
+
+
+def _sum_allreduce_hook(_state, bucket):
+    """DDP comm hook: sum (not average) the bucket, through the tracked ``dist.all_reduce``."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class DDPBackend(DistributedBackend):
+    """``torch.nn.parallel.DistributedDataParallel``; ``no_sync`` on all but the step's last micro-batch."""
+
+    name = "ddp"
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = model.to(self.env.device)
+        self._enable_activation_checkpointing(model)
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        self.ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+        self.ddp.register_comm_hook(None, _sum_allreduce_hook)
+        self.model = self.ddp
+        return self.ddp
+
+    def accumulate(self, is_last: bool):
+        return contextlib.nullcontext() if is_last else self.ddp.no_sync()
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.ddp.module
+
+
+_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class FSDPBackend(DistributedBackend):
+    """FSDP2: ``fully_shard`` on every transformer block and on the root.
+
+    Gradients are reduce-scattered only on the step's last micro-batch
+    (``set_requires_gradient_sync``); FSDP2 averages over ranks, so the loss is scaled by the
+    data-parallel size to keep the sum convention (see :class:`Backend`).
+    """
+
+    name = "fsdp"
+
+    def __init__(self, env: DistEnv, cfg: ParallelConfig, comm_timing: bool = True):
+        if cfg.cpu_offload and env.device.type != "cuda":
+            raise ConfigError("parallel.cpu_offload=true offloads GPU state to the CPU and needs a GPU; "
+                              "drop it on CPU runs")  # fmt: skip
+        super().__init__(env, cfg, comm_timing)
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        c, world = self.cfg, self.env.world_size
+        if c.hsdp_replicate > 1:
+            mesh = init_device_mesh(self.env.device.type, (c.hsdp_replicate, world // c.hsdp_replicate),
+                                    mesh_dim_names=("replicate", "shard"))  # fmt: skip
+        else:
+            mesh = init_device_mesh(self.env.device.type, (world,), mesh_dim_names=("shard",))
+        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[c.param_dtype], reduce_dtype=_DTYPES[c.reduce_dtype])
+        offload = CPUOffloadPolicy() if c.cpu_offload else OffloadPolicy()
+        if not c.cpu_offload:
+            model = model.to(self.env.device)
+        self._enable_activation_checkpointing(model)
+        kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload}
+        for block in transformer_blocks(model):
+            fully_shard(block, reshard_after_forward=c.reshard_after_forward, **kw)
+        fully_shard(model, reshard_after_forward=c.reshard_after_forward, **kw)
+        self.model = model
+        return model
+
+    def accumulate(self, is_last: bool):
+        self.model.set_requires_gradient_sync(is_last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.env.world_size).backward()
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        norm = super().clip_and_step(max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
