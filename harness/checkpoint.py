@@ -197,16 +197,19 @@ def load_checkpoint(path: str, names: tuple[str, ...] = ("model", "optimizer")) 
         with open(os.path.join(path, STATE)) as f:
             state = json.load(f)
     except Exception as e:
-        detail = " ".join(str(e).split())[:200]
-        if isinstance(
-            e, pickle.UnpicklingError
-        ):  # weights_only refused something that is not tensors/plain data
-            detail = "it holds pickled objects other than tensors and plain data, which are never loaded"
-        raise CheckpointError(
-            f"cannot load checkpoint {path} ({type(e).__name__}: {detail}); it may be corrupted: delete it to "
-            "resume from the previous one, or set checkpoint.resume to another checkpoint"
-        ) from e
+        raise unreadable(path, e) from e
     return objs, state
+
+
+def unreadable(path: str, e: Exception) -> CheckpointError:
+    """The one-line error for a checkpoint whose files cannot be loaded, with what to do."""
+    detail = " ".join(str(e).split())[:200]
+    if isinstance(e, pickle.UnpicklingError):  # weights_only refused something that is not tensors/plain data
+        detail = "it holds pickled objects other than tensors and plain data, which are never loaded"
+    return CheckpointError(
+        f"cannot load checkpoint {path} ({type(e).__name__}: {detail}); it may be corrupted: delete it to "
+        "resume from the previous one, or set checkpoint.resume to another checkpoint"
+    )
 
 
 def export_hf(model: torch.nn.Module, tokenizer, path: str) -> str:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import hydra
 import torch
@@ -20,21 +20,46 @@ import transformers
 from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
-from harness.config import TrainConfig, check_schedule_fits, to_object, validate
-from harness.data import StepLoader, build_data, validation_batches
+from harness.config import BatchSizes, TrainConfig, check_schedule_fits, to_object, validate
+from harness.data import DataBundle, StepLoader, build_data, validation_batches
 from harness.data.tokenizer import tokenizer_fingerprint
-from harness.dist import read_env
+from harness.dist import DistEnv, read_env
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.loop import LoopParts, TrainState
 from harness.loop import train as train_loop
 from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops, step_log
-from harness.model import build_model, count_parameters, model_stats, resolve_vocab_size
-from harness.parallel import build_backend
+from harness.model import ModelStats, build_model, count_parameters, model_stats, resolve_vocab_size
+from harness.parallel import Backend, build_backend
 from harness.schedule import BatchRamp, IterationPlan, LRSchedule
 
 log = logging.getLogger("harness")
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclass
+class Prepared:
+    """Everything decided before a model exists: checked config, backend, data, plan, resume point."""
+
+    cfg: TrainConfig
+    run_dir: str
+    resolved: dict  # the config with interpolations resolved (saved in checkpoints and wandb)
+    env: DistEnv
+    batch: BatchSizes
+    backend: Backend
+    data: DataBundle
+    vocab_size: int
+    plan: IterationPlan
+    max_steps: int
+    schedule: LRSchedule
+    stats: ModelStats
+    model_key: dict  # model shape, compared on resume
+    data_key: dict  # corpus/tokenizer identity, compared on resume
+    resume_from: str | None
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints")
 
 
 def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
@@ -49,14 +74,32 @@ def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
             whenever it can be detected from the config, the data or the checkpoint metadata).
     """
     composed = OmegaConf.structured(cfg) if isinstance(cfg, TrainConfig) else cfg
-    resolved = OmegaConf.to_container(composed, resolve=True)
+    p = prepare(cfg, run_dir)
+    log_file = _start_run_dir(run_dir, composed, p.resolved, overrides or []) if p.env.is_main else None
+    try:
+        return _train(p)
+    finally:
+        if log_file is not None:
+            log.removeHandler(log_file)
+            step_log.removeHandler(log_file)
+            log_file.close()
+
+
+def prepare(cfg, run_dir: str) -> Prepared:
+    """Check the config, start the backend (process group), load the data, plan the iterations and
+    find the checkpoint to resume from -- all before any model is built.
+
+    Raises:
+        HarnessError: the first problem found, naming the key or file.
+    """
+    resolved = OmegaConf.to_container(
+        OmegaConf.structured(cfg) if isinstance(cfg, TrainConfig) else cfg, resolve=True
+    )
     cfg: TrainConfig = to_object(cfg)
     env = read_env(cfg.train.device)
     log.setLevel(logging.INFO if env.is_main else logging.WARNING)  # rank 0 logs; others only warn
     batch = validate(cfg, env.world_size)
     backend = build_backend(cfg, env, batch)
-
-    # Data and iteration plan: everything the run will do, before any model exists.
     data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, need_val=cfg.eval.every > 0)
     vocab_size = resolve_vocab_size(cfg.model, len(data.tokenizer))
     bw = cfg.schedule.batch_warmup
@@ -68,40 +111,32 @@ def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
     check_schedule_fits(cfg, max_steps)
     schedule = LRSchedule(cfg.schedule.name, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps,
                           max_steps, cfg.schedule.decay_fraction)  # fmt: skip
-    stats = model_stats(cfg.model, vocab_size, cfg.data.seq_len)
-    ckpt_root = os.path.join(run_dir, "checkpoints")
     model_key = {**asdict(cfg.model), "vocab_size": vocab_size, "name": None}
     data_key = {"tokens": data.store.num_tokens, "tokenizer": tokenizer_fingerprint(data.tokenizer),
                 "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction}  # fmt: skip
-    resume_from = _find_resume(cfg.checkpoint.resume, ckpt_root, model_key, data_key)
-    log_file = _start_run_dir(run_dir, composed, resolved, overrides or []) if env.is_main else None
-    try:
-        return _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps, schedule, stats,
-                      ckpt_root, model_key, data_key, resume_from, resolved)  # fmt: skip
-    finally:
-        if log_file is not None:
-            log.removeHandler(log_file)
-            step_log.removeHandler(log_file)
-            log_file.close()
+    resume_from = _find_resume(
+        cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"), model_key, data_key
+    )
+    return Prepared(cfg, run_dir, resolved, env, batch, backend, data, vocab_size, plan, max_steps, schedule,
+                    model_stats(cfg.model, vocab_size, cfg.data.seq_len), model_key, data_key, resume_from)  # fmt: skip
 
 
-def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps, schedule, stats, ckpt_root,
-           model_key, data_key, resume_from, resolved) -> TrainState:  # fmt: skip
-    """Build the model, backend, optimizer and scheduler; restore; run the loop; export."""
+def _train(p: Prepared) -> TrainState:
+    """Build the model, optimizer and scheduler; restore; run the loop; export."""
+    cfg, env, backend, data, batch = p.cfg, p.env, p.backend, p.data, p.batch
     if env.is_main:
         log.info("data: %s: %s tokens -> %d train sequences of %d (+1) tokens, %d validation",
                  data.store.meta.get("source", data.store.path), f"{data.store.num_tokens:,}", len(data.train),
                  cfg.data.seq_len, len(data.val) if data.val else 0)  # fmt: skip
         log.info("plan: %d steps, global batch %d (micro %d x accumulation %d x world %d), %d iterations/epoch, "
-                 "%s tokens in total", max_steps, batch.global_batch_size, batch.micro_batch_size,
-                 batch.gradient_accumulation_steps, env.world_size, plan.iterations_per_epoch(),
-                 f"{plan.total_tokens(max_steps):,}")  # fmt: skip
+                 "%s tokens in total", p.max_steps, batch.global_batch_size, batch.micro_batch_size,
+                 batch.gradient_accumulation_steps, env.world_size, p.plan.iterations_per_epoch(),
+                 f"{p.plan.total_tokens(p.max_steps):,}")  # fmt: skip
 
-    # Model, backend, optimizer, scheduler.
-    model = build_model(cfg.model, vocab_size, cfg.seed, data.tokenizer.eos_token_id)
+    model = build_model(cfg.model, p.vocab_size, cfg.seed, data.tokenizer.eos_token_id)
     backend.setup(model)
     optimizer = backend.build_optimizer(cfg.optim)  # after sharding; DeepSpeed wraps the model here
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule.torch_lambda(i))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: p.schedule.torch_lambda(i))
     peak_flops, peak_source = (
         (cfg.train.peak_flops_per_device, "train.peak_flops_per_device")
         if cfg.train.peak_flops_per_device
@@ -110,16 +145,19 @@ def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps,
     if env.is_main:
         log.info("model: %s (%s), %s parameters (%s non-embedding), vocab %d, %.3g FLOPs/token; peak %.3g FLOP/s "
                  "(%s)", cfg.model.name, cfg.model.arch, f"{count_parameters(model):,}",
-                 f"{stats.non_embedding_params:,}", vocab_size, stats.flops_per_token, peak_flops, peak_source)  # fmt: skip
+                 f"{p.stats.non_embedding_params:,}", p.vocab_size, p.stats.flops_per_token, peak_flops,
+                 peak_source)  # fmt: skip
 
     state = TrainState()
-    if resume_from:
-        state, saved_max_steps = _restore(resume_from, backend, scheduler, schedule, env.rank)
-        log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step, f"{state.tokens_total:,}")
-        if saved_max_steps != max_steps and state.step < max_steps:
+    if p.resume_from:
+        state, saved_max_steps = _restore(p.resume_from, backend, scheduler, p.schedule, env.rank)
+        log.info(
+            "resumed from %s at step %d (%s tokens)", p.resume_from, state.step, f"{state.tokens_total:,}"
+        )
+        if saved_max_steps != p.max_steps and state.step < p.max_steps:
             log.warning("the budget changed from %d to %d steps: the LR schedule is recomputed for %d steps "
-                        "(LR at step %d: %.3g)", saved_max_steps, max_steps, max_steps, state.step + 1,
-                        schedule(state.step + 1))  # fmt: skip
+                        "(LR at step %d: %.3g)", saved_max_steps, p.max_steps, p.max_steps, state.step + 1,
+                        p.schedule(state.step + 1))  # fmt: skip
 
     def save(st: TrainState) -> None:
         def write(directory: str) -> None:  # every rank: its model/optimizer part and its RNG state
@@ -129,60 +167,66 @@ def _train(cfg, run_dir, env, batch, backend, data, vocab_size, plan, max_steps,
             if env.is_main:
                 data.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
 
-        meta = {**st.to_dict(), "max_steps": max_steps, "scheduler": scheduler.state_dict(),
-                "parallel": cfg.parallel.name, "world_size": env.world_size, "model": model_key,
-                "data": data_key, "config": resolved}  # fmt: skip
-        path = ckpt.save_checkpoint(ckpt_root, st.step, write, meta, cfg.checkpoint.keep_last, env.is_main,
+        meta = {**st.to_dict(), "max_steps": p.max_steps, "scheduler": scheduler.state_dict(),
+                "parallel": cfg.parallel.name, "world_size": env.world_size, "model": p.model_key,
+                "data": p.data_key, "config": p.resolved}  # fmt: skip
+        path = ckpt.save_checkpoint(p.ckpt_root, st.step, write, meta, cfg.checkpoint.keep_last, env.is_main,
                                     backend.barrier)  # fmt: skip
         log.info("checkpoint: %s", path)
 
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    sinks = []
-    if env.is_main:
-        _truncate_metrics(metrics_path, state.step)
-        sinks = [
-            JsonlSink(metrics_path),
-            ConsoleSink(max_steps, state.step, cfg.logging.every, cfg.logging.progress),
-        ]
-        if cfg.logging.wandb.mode != "disabled":
-            w = cfg.logging.wandb
-            sinks.append(WandbSink(w.mode, w.project, w.entity, w.name or cfg.run_name, run_dir, resolved))
-    metrics = MetricsLogger(sinks)
+    metrics = MetricsLogger(_sinks(p, state.step) if env.is_main else [])
     parts = LoopParts(
         backend=backend, model=backend.model, scheduler=scheduler,
         loader=StepLoader(data.train, cfg.seed, batch.micro_batch_size, env.rank, env.world_size),
         val_batches=validation_batches(data.val, cfg.eval.batches, batch.micro_batch_size, env.rank, env.world_size)
         if data.val else [],
-        plan=plan, max_steps=max_steps, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval.every,
-        patience=cfg.eval.patience, checkpoint_every=cfg.checkpoint.every, stop_at_step=cfg.train.stop_at_step, flops_per_token=stats.flops_per_token,
-        peak_flops=peak_flops, autocast_dtype=_autocast_dtype(cfg.train.dtype, env.device), metrics=metrics,
-        save_checkpoint=save,
+        plan=p.plan, max_steps=p.max_steps, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval.every,
+        patience=cfg.eval.patience, checkpoint_every=cfg.checkpoint.every, stop_at_step=cfg.train.stop_at_step,
+        flops_per_token=p.stats.flops_per_token, peak_flops=peak_flops,
+        autocast_dtype=_autocast_dtype(cfg.train.dtype, env.device), metrics=metrics, save_checkpoint=save,
     )  # fmt: skip
     try:
-        if state.step < max_steps and not state.stopped_early:
+        if state.step < p.max_steps and not state.stopped_early:
             state = train_loop(parts, state)
         else:
             log.warning("nothing to train: the checkpoint is at step %d and the budget is %d steps%s", state.step,
-                        max_steps, " (stopped early)" if state.stopped_early else "")  # fmt: skip
+                        p.max_steps, " (stopped early)" if state.stopped_early else "")  # fmt: skip
     finally:
         metrics.close()
-    finished = state.step >= max_steps or state.stopped_early
-    if cfg.checkpoint.export_hf and finished:
-        full = backend.full_state_dict()  # collective under sharding; the whole model on rank 0
-        if env.is_main:
-            transformers.utils.logging.disable_progress_bar()
-            export_model = build_model(
-                cfg.model, vocab_size, cfg.seed, data.tokenizer.eos_token_id, device="meta"
-            )
-            export_model.load_state_dict(full, assign=True, strict=False)
-            export_model.tie_weights()
-            missing = [n for n, p in export_model.named_parameters() if p.is_meta]
-            if missing:
-                raise CheckpointError(f"the gathered state dict lacks {missing[:3]}; cannot export")
-            path = ckpt.export_hf(export_model, data.tokenizer, os.path.join(run_dir, "hf"))
-            log.info("exported Hugging Face model and tokenizer to %s", path)
+    if cfg.checkpoint.export_hf and (state.step >= p.max_steps or state.stopped_early):
+        _export(p)
     backend.close()
     return state
+
+
+def _sinks(p: Prepared, start_step: int) -> list:
+    """Rank 0's metric sinks: metrics.jsonl (cut back to ``start_step``), console, wandb."""
+    path = os.path.join(p.run_dir, "metrics.jsonl")
+    _truncate_metrics(path, start_step)
+    sinks = [
+        JsonlSink(path),
+        ConsoleSink(p.max_steps, start_step, p.cfg.logging.every, p.cfg.logging.progress),
+    ]
+    w = p.cfg.logging.wandb
+    if w.mode != "disabled":
+        sinks.append(WandbSink(w.mode, w.project, w.entity, w.name or p.cfg.run_name, p.run_dir, p.resolved))
+    return sinks
+
+
+def _export(p: Prepared) -> None:
+    """Gather the full model (collective under sharding) and save it in HF format on rank 0."""
+    full = p.backend.full_state_dict()
+    if not p.env.is_main:
+        return
+    transformers.utils.logging.disable_progress_bar()
+    model = build_model(p.cfg.model, p.vocab_size, p.cfg.seed, p.data.tokenizer.eos_token_id, device="meta")
+    model.load_state_dict(full, assign=True, strict=False)
+    model.tie_weights()
+    missing = [n for n, t in model.named_parameters() if t.is_meta]
+    if missing:
+        raise CheckpointError(f"the gathered state dict lacks {missing[:3]}; cannot export")
+    path = ckpt.export_hf(model, p.data.tokenizer, os.path.join(p.run_dir, "hf"))
+    log.info("exported Hugging Face model and tokenizer to %s", path)
 
 
 def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -254,11 +298,7 @@ def _restore(path: str, backend, scheduler, schedule: LRSchedule, rank: int) -> 
     except CheckpointError:
         raise
     except Exception as e:
-        detail = " ".join(str(e).split())[:200]
-        raise CheckpointError(
-            f"cannot load checkpoint {path} ({type(e).__name__}: {detail}); it may be corrupted: delete it to "
-            "resume from the previous one, or set checkpoint.resume to another checkpoint"
-        ) from e
+        raise ckpt.unreadable(path, e) from e
     scheduler.load_state_dict(meta["scheduler"])
     state = TrainState.from_dict(meta)
     # The schedule may have changed (e.g. a larger max_steps): take the LR from it, not from the file,
