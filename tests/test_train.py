@@ -197,3 +197,19 @@ def test_c4_json_gz_with_the_llama_style_tokenizer(tmp_path, shared_data):
                 "schedule.batch_warmup.start_global_batch_size=null")  # fmt: skip
     recs = read_metrics(tmp_path)
     assert len(recs) == 5 and abs(recs[0]["loss"] - math.log(32000)) < 0.3
+
+
+def test_export_command_from_a_single_process_checkpoint(run12, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from harness.export import main as export_main
+
+    run_dir, _ = run12
+    export_main([str(run_dir / "checkpoints" / "step_00000012"), str(tmp_path / "out")])
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    theirs = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    with pytest.raises(SystemExit):
+        export_main([str(tmp_path), str(tmp_path / "nowhere")])  # not a checkpoint: one error line, exit 2

@@ -1,0 +1,70 @@
+"""Backend pieces that need no process group: the generated DeepSpeed config, the comm tracker."""
+
+import json
+
+import pytest
+import torch
+
+from harness.config import ParallelConfig
+from harness.errors import ConfigError
+from harness.parallel import comm
+from harness.parallel.deepspeed import deepspeed_config
+
+
+def test_deepspeed_config_is_generated_and_user_config_merged(tmp_path):
+    cfg = ParallelConfig(name="deepspeed", zero_stage=3, offload_optimizer=True)
+    ds = deepspeed_config(cfg, micro_batch_size=2, accumulation=4, world_size=8, grad_clip=1.0, cuda=True)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 1.0
+    user = {
+        "zero_optimization": {"overlap_comm": True},
+        "activation_checkpointing": {"partition_activations": True},
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    for given in (user, str(path)):
+        merged = deepspeed_config(ParallelConfig(name="deepspeed", ds_config=given), 2, 4, 8, 1.0, cuda=False)
+        assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # merged, not replaced
+        assert merged["activation_checkpointing"] == {"partition_activations": True}
+        assert merged["bf16"] == {"enabled": False}
+
+
+def test_deepspeed_config_conflicts_and_bad_files_are_errors(tmp_path):
+    bad = ParallelConfig(name="deepspeed", ds_config={"train_micro_batch_size_per_gpu": 16})
+    with pytest.raises(
+        ConfigError, match=r"sets train_micro_batch_size_per_gpu=16, .* set train.micro_batch_size"
+    ):
+        deepspeed_config(bad, 2, 4, 8, 1.0, cuda=False)
+    with pytest.raises(ConfigError, match=r"parallel.ds_config='.*missing.json' is not a readable JSON file"):
+        deepspeed_config(
+            ParallelConfig(name="deepspeed", ds_config=str(tmp_path / "missing.json")), 2, 4, 8, 1.0, False
+        )
+
+
+def test_tracker_unions_intervals_and_counts_bytes():
+    tr = comm.CommTracker()
+    tr._record(comm._Call("all_reduce", 400, 2, start=0.0, end=1.0))
+    tr._record(comm._Call("all_gather", 800, 2, start=0.5, end=1.5))  # overlaps the first
+    tr._record(comm._Call("reduce_scatter", 800, 2, start=3.0, end=3.5))
+    tr._blocked(0.25)
+    s = tr.stats()
+    assert s.comm_s == pytest.approx(2.0)  # [0, 1.5] + [3, 3.5]
+    assert s.comm_exposed_s == pytest.approx(0.25)
+    assert s.comm_bytes == 2000 and s.bytes_by_op == {
+        "all_reduce": 400,
+        "all_gather": 800,
+        "reduce_scatter": 800,
+    }
+    bus = 400 * 2 * (1 / 2) + 800 * (1 / 2) + 800 * (1 / 2)  # nccl-tests bus factors at n=2
+    assert s.busbw_gbps == pytest.approx(bus / 2.0 / 1e9)
+    tr.reset()
+    assert tr.stats().comm_bytes == 0
+
+
+def test_payload_bytes_positional_and_keyword():
+    t = torch.zeros(10, dtype=torch.float32)
+    names = ("output", "input", "op", "group", "async_op")
+    assert comm._payload((torch.zeros(5), t), {}, names, 1) == 40
+    assert comm._payload((), {"output": torch.zeros(5), "input": t}, names, 1) == 40
+    assert comm._payload(([t, t], t), {}, ("tensor_list", "tensor"), "list0") == 80
