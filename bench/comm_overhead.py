@@ -56,7 +56,9 @@ def main() -> None:
             shares = []
             for rep in range(args.reps):
                 for timing in (True, False):  # interleaved
-                    recs = run(backend, args.model, timing, args.steps, Path(tmp) / f"{backend}-{timing}-{rep}")[5:]
+                    recs = run(
+                        backend, args.model, timing, args.steps, Path(tmp) / f"{backend}-{timing}-{rep}"
+                    )[5:]
                     times[timing] += [r["step_time_s"] for r in recs]
                     if timing:
                         shares += [r["comm_s"] / r["step_time_s"] for r in recs]
