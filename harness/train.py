@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 
 import hydra
@@ -28,11 +29,16 @@ from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.loop import LoopParts, TrainState
 from harness.loop import train as train_loop
 from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops, step_log
-from harness.model import ModelStats, build_model, count_parameters, model_stats, resolve_vocab_size
+from harness.model import ModelStats, build_model, model_stats, resolve_vocab_size
 from harness.parallel import Backend, build_backend
 from harness.schedule import BatchRamp, IterationPlan, LRSchedule
 
 log = logging.getLogger("harness")
+# DeepSpeed still calls the collectives torch 2.13 renamed; DDP warns about broadcast_buffers once per rank.
+warnings.filterwarnings(
+    "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning
+)
+warnings.filterwarnings("ignore", message=r".*broadcast_buffers.*", category=FutureWarning)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -114,9 +120,8 @@ def prepare(cfg, run_dir: str) -> Prepared:
     model_key = {**asdict(cfg.model), "vocab_size": vocab_size, "name": None}
     data_key = {"tokens": data.store.num_tokens, "tokenizer": tokenizer_fingerprint(data.tokenizer),
                 "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction}  # fmt: skip
-    resume_from = _find_resume(
-        cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"), model_key, data_key
-    )
+    resume_from = _find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"), model_key, data_key,
+                               cfg.parallel.name, env.world_size)  # fmt: skip
     return Prepared(cfg, run_dir, resolved, env, batch, backend, data, vocab_size, plan, max_steps, schedule,
                     model_stats(cfg.model, vocab_size, cfg.data.seq_len), model_key, data_key, resume_from)  # fmt: skip
 
@@ -144,7 +149,7 @@ def _train(p: Prepared) -> TrainState:
     )
     if env.is_main:
         log.info("model: %s (%s), %s parameters (%s non-embedding), vocab %d, %.3g FLOPs/token; peak %.3g FLOP/s "
-                 "(%s)", cfg.model.name, cfg.model.arch, f"{count_parameters(model):,}",
+                 "(%s)", cfg.model.name, cfg.model.arch, f"{p.stats.params:,}",
                  f"{p.stats.non_embedding_params:,}", p.vocab_size, p.stats.flops_per_token, peak_flops,
                  peak_source)  # fmt: skip
 
@@ -154,7 +159,7 @@ def _train(p: Prepared) -> TrainState:
         log.info(
             "resumed from %s at step %d (%s tokens)", p.resume_from, state.step, f"{state.tokens_total:,}"
         )
-        if saved_max_steps != p.max_steps and state.step < p.max_steps:
+        if saved_max_steps != p.max_steps and state.step < p.max_steps and env.is_main:
             log.warning("the budget changed from %d to %d steps: the LR schedule is recomputed for %d steps "
                         "(LR at step %d: %.3g)", saved_max_steps, p.max_steps, p.max_steps, state.step + 1,
                         p.schedule(state.step + 1))  # fmt: skip
@@ -242,7 +247,26 @@ def _rng_state() -> dict:
     return state
 
 
-def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict) -> str | None:
+def _check_format(path: str, saved: dict, parallel: str, world_size: int) -> None:
+    """A checkpoint's weights format must suit this backend (none: model.pt; ddp/fsdp: dcp/, any world size;
+    deepspeed: its own files, only at the world size that wrote them)."""
+    family = {"none": "none", "ddp": "dcp", "fsdp": "dcp", "deepspeed": "deepspeed"}
+    was = saved.get("parallel", "none")
+    if family.get(was) != family[parallel]:
+        raise CheckpointError(
+            f"checkpoint {path} was written by parallel={was}, which parallel={parallel} cannot load; resume with "
+            f"parallel={was}, or export it (python -m harness.export {path} OUT) and start a new run from it"
+        )
+    if was == "deepspeed" and saved.get("world_size") != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by DeepSpeed at world size {saved.get('world_size')}, and DeepSpeed "
+            f"checkpoints resume only at that world size (now {world_size}); relaunch with that many processes, "
+            f"or export it with python -m harness.export"
+        )
+
+
+def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict, parallel: str = "none",
+                 world_size: int = 1) -> str | None:  # fmt: skip
     """The checkpoint to resume from (or None), checked against this run's model and data.
 
     ``resume`` is ``auto`` (the newest complete checkpoint under ``ckpt_root``, if any), ``never``,
@@ -275,6 +299,7 @@ def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict) -
             )
     with open(os.path.join(path, ckpt.STATE)) as f:
         saved = json.load(f)
+    _check_format(path, saved, parallel, world_size)
     for section, now, fix in (("model", model_key, "the model config that wrote it"),
                               ("data", data_key, "the corpus, tokenizer and data.seq_len it was trained on")):  # fmt: skip
         before = saved.get(section, {})

@@ -68,3 +68,25 @@ def test_payload_bytes_positional_and_keyword():
     assert comm._payload((torch.zeros(5), t), {}, names, 1) == 40
     assert comm._payload((), {"output": torch.zeros(5), "input": t}, names, 1) == 40
     assert comm._payload(([t, t], t), {}, ("tensor_list", "tensor"), "list0") == 80
+
+
+def test_deepspeed_config_typo_is_an_error():
+    typo = ParallelConfig(name="deepspeed", ds_config={"zero_optimisation": {"stage": 1}})
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"
+    ):
+        deepspeed_config(typo, 2, 4, 8, 1.0, cuda=False)
+
+
+def test_checkpoint_format_must_suit_the_backend():
+    from harness.errors import CheckpointError
+    from harness.train import _check_format
+
+    _check_format("ck", {"parallel": "fsdp", "world_size": 2}, "ddp", 1)  # dcp reshards: fine
+    _check_format("ck", {"parallel": "deepspeed", "world_size": 2}, "deepspeed", 2)
+    with pytest.raises(CheckpointError, match=r"written by parallel=none, which parallel=fsdp cannot load"):
+        _check_format("ck", {"parallel": "none", "world_size": 1}, "fsdp", 2)
+    with pytest.raises(
+        CheckpointError, match=r"DeepSpeed at world size 2, .* resume only at that world size \(now 1\)"
+    ):
+        _check_format("ck", {"parallel": "deepspeed", "world_size": 2}, "deepspeed", 1)

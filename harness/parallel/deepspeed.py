@@ -31,6 +31,33 @@ _OWNED = {
 }
 
 
+# Top-level DeepSpeed config sections besides the names in deepspeed.runtime.constants.
+_SECTIONS = {
+    "zero_optimization", "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb",
+    "csv_monitor", "aio", "compile", "data_efficiency", "data_types", "checkpoint", "elasticity", "autotuning",
+    "amp", "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "memory_breakdown", "dump_state", "pipeline", "curriculum_learning", "progressive_layer_drop", "eigenvalue",
+    "quantize_training", "compression_training", "sparse_attention", "nebula", "timers", "torch_autocast",
+    "seq_parallel_communication_data_type", "zenflow", "managed_gradient_accumulation", "hybrid_engine",
+    "weight_quantization", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16", "bf16",
+}  # fmt: skip
+
+
+def _check_keys(user: dict) -> None:
+    """A top-level key DeepSpeed does not know, that is one typo away from one it does, is an error
+    (DeepSpeed itself ignores unknown keys, so the setting would silently have no effect)."""
+    import difflib
+
+    import deepspeed.runtime.constants as c
+
+    known = _SECTIONS | {v for k, v in vars(c).items() if k.isupper() and isinstance(v, str)}
+    for key in user:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"parallel.ds_config: unknown key {key!r} (did you mean {close[0]!r}?)")
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in override.items():
@@ -48,8 +75,10 @@ def deepspeed_config(cfg: ParallelConfig, micro_batch_size: int, accumulation: i
     """
     bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
     zero: dict = {"stage": cfg.zero_stage}
+    extra: dict = {}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+        extra["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps the offloaded states
     if cfg.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     generated = {
@@ -62,6 +91,7 @@ def deepspeed_config(cfg: ParallelConfig, micro_batch_size: int, accumulation: i
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **extra,
     }
     user = cfg.ds_config
     if user is None:
@@ -74,6 +104,7 @@ def deepspeed_config(cfg: ParallelConfig, micro_batch_size: int, accumulation: i
             raise ConfigError(f"parallel.ds_config={cfg.ds_config!r} is not a readable JSON file: {e}") from e
     if not isinstance(user, dict):
         user = dict(user)
+    _check_keys(user)
     for key, ours in _OWNED.items():
         if key in user and user[key] != generated[key]:
             raise ConfigError(
