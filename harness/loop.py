@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,6 +39,7 @@ class TrainState:
     best_val_loss: float = math.inf
     evals_since_best: int = 0
     stopped_early: bool = False
+    preempted: bool = False  # this invocation ended on SIGUSR1/SIGTERM (not saved: a rerun continues)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "tokens_total": self.tokens_total, "epoch": self.position.epoch,
@@ -53,6 +56,40 @@ class TrainState:
 
 def _json_float(x: float):
     return None if not math.isfinite(x) else x
+
+
+class StopSignal:
+    """SIGUSR1 / SIGTERM (Slurm's warning before the time limit, preemption, torchrun forwarding a
+    SIGTERM) ask the loop to finish the current optimizer step, checkpoint and return.
+
+    Use as a context manager around the loop; the previous handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def requested(self, backend: Backend) -> bool:
+        """True when any rank got a signal (all ranks agree, so they stop at the same step)."""
+        flag = torch.tensor(float(self.signum is not None), device=backend.env.device)
+        return (
+            bool(backend.all_reduce_sum(flag).item() > 0) if backend.env.world_size > 1 else bool(flag.item())
+        )
 
 
 @dataclass
@@ -76,6 +113,7 @@ class LoopParts:
     autocast_dtype: torch.dtype | None  # bf16 autocast on GPU, None for fp32
     metrics: MetricsLogger
     save_checkpoint: Callable[[TrainState], None]
+    stop_signal: StopSignal | None = None
 
 
 def token_loss_sum(
@@ -165,12 +203,19 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         parts.metrics.write(record)
         if not math.isfinite(record.loss):
             log.warning("step %d: non-finite loss %s", info.step, record.loss)
-        stop = info.step == parts.stop_at_step
+        signalled = parts.stop_signal is not None and parts.stop_signal.requested(backend)
+        stop = info.step == parts.stop_at_step or signalled
         last = info.step == parts.max_steps or state.stopped_early or stop
         if last or (parts.checkpoint_every and info.step % parts.checkpoint_every == 0):
             parts.save_checkpoint(state)
         if stop:
-            log.info("stopping after step %d (train.stop_at_step); rerun to continue", info.step)
+            reason = "a stop signal (SIGUSR1/SIGTERM)" if signalled else "train.stop_at_step"
+            log.info(
+                "stopping after step %d on %s; rerun with checkpoint.resume=auto to continue",
+                info.step,
+                reason,
+            )
+            state = replace(state, preempted=signalled)
             break
     return state
 

@@ -26,7 +26,7 @@ from harness.data import DataBundle, StepLoader, build_data, validation_batches
 from harness.data.tokenizer import tokenizer_fingerprint
 from harness.dist import DistEnv, read_env
 from harness.errors import CheckpointError, ConfigError, HarnessError
-from harness.loop import LoopParts, TrainState
+from harness.loop import LoopParts, StopSignal, TrainState
 from harness.loop import train as train_loop
 from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops, step_log
 from harness.model import ModelStats, build_model, model_stats, resolve_vocab_size
@@ -40,6 +40,7 @@ warnings.filterwarnings(
 )
 warnings.filterwarnings("ignore", message=r".*broadcast_buffers.*", category=FutureWarning)
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a checkpoint; rerun (requeue) to continue
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -192,7 +193,8 @@ def _train(p: Prepared) -> TrainState:
     )  # fmt: skip
     try:
         if state.step < p.max_steps and not state.stopped_early:
-            state = train_loop(parts, state)
+            with StopSignal() as parts.stop_signal:
+                state = train_loop(parts, state)
         else:
             log.warning("nothing to train: the checkpoint is at step %d and the budget is %d steps%s", state.step,
                         p.max_steps, " (stopped early)" if state.stopped_early else "")  # fmt: skip
@@ -383,7 +385,9 @@ def _hydra_main(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     try:
-        run(cfg, run_dir, list(hydra_cfg.overrides.task))
+        state = run(cfg, run_dir, list(hydra_cfg.overrides.task))
+        if state.preempted:
+            sys.exit(EXIT_PREEMPTED)
     except HarnessError as e:
         if os.environ.get("RANK", "0") == "0":  # one report per job, not one per rank
             print(f"error: {e}", file=sys.stderr)

@@ -86,3 +86,33 @@ def test_cli_resume_with_larger_budget(cli_run, small_corpus):
     recs = read_metrics(cli_run)
     assert [r["step"] for r in recs] == list(range(1, 9))
     assert checkpoints(cli_run) == ["step_00000006", "step_00000008"]
+
+
+def test_stop_signal_checkpoints_and_a_rerun_continues_identically(tmp_path, small_corpus):
+    """SIGUSR1 (Slurm's --signal) mid-run: the step finishes, a checkpoint is written, exit status 75;
+    the rerun ends exactly as an uninterrupted run."""
+    import signal
+    import time
+
+    args = [*SMALL, f"data.path={small_corpus}", "train.max_steps=30", "checkpoint.every=0", "eval.every=0"]
+    harness_train(*args, f"hydra.run.dir={tmp_path / 'straight'}")
+    run_dir = tmp_path / "signalled"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run_dir / "metrics.jsonl").exists()
+        and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    stopped_at = read_metrics(run_dir)[-1]["step"]
+    assert 3 <= stopped_at < 30 and checkpoints(run_dir) == [f"step_{stopped_at:08d}"]
+    assert not (run_dir / "hf").exists()  # not finished: no export yet
+    harness_train(*args, f"hydra.run.dir={run_dir}")
+    keep = ("step", "loss", "grad_norm", "lr", "tokens_total")
+    assert [{k: r[k] for k in keep} for r in read_metrics(run_dir)] == [
+        {k: r[k] for k in keep} for r in read_metrics(tmp_path / "straight")
+    ]
