@@ -85,11 +85,15 @@ class StopSignal:
         self.signum = signum
 
     def requested(self, backend: Backend) -> bool:
-        """True when any rank got a signal (all ranks agree, so they stop at the same step)."""
-        flag = torch.tensor(float(self.signum is not None), device=backend.env.device)
-        return (
-            bool(backend.all_reduce_sum(flag).item() > 0) if backend.env.world_size > 1 else bool(flag.item())
-        )
+        """True when any rank got a signal (all ranks agree, so they stop at the same step).
+
+        One process reads the flag; several all-reduce it (one tiny collective per step).
+        """
+        local = self.signum is not None
+        if backend.env.world_size == 1:
+            return local
+        flag = torch.tensor(float(local), device=backend.env.device)
+        return bool(backend.all_reduce_sum(flag).item() > 0)
 
 
 @dataclass
