@@ -81,7 +81,7 @@ def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
             whenever it can be detected from the config, the data or the checkpoint metadata).
     """
     composed = OmegaConf.structured(cfg) if isinstance(cfg, TrainConfig) else cfg
-    p = prepare(cfg, run_dir)
+    p = prepare(composed, run_dir)
     log_file = _start_run_dir(run_dir, composed, p.resolved, overrides or []) if p.env.is_main else None
     try:
         return _train(p)
@@ -99,9 +99,9 @@ def prepare(cfg, run_dir: str) -> Prepared:
     Raises:
         HarnessError: the first problem found, naming the key or file.
     """
-    resolved = OmegaConf.to_container(
-        OmegaConf.structured(cfg) if isinstance(cfg, TrainConfig) else cfg, resolve=True
-    )
+    if isinstance(cfg, TrainConfig):
+        cfg = OmegaConf.structured(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     cfg: TrainConfig = to_object(cfg)
     env = read_env(cfg.train.device)
     log.setLevel(logging.INFO if env.is_main else logging.WARNING)  # rank 0 logs; others only warn

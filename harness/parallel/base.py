@@ -133,10 +133,12 @@ class Backend(ABC):
             torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
 
     def load(self, directory: str) -> None:
-        """Restore what :meth:`save` wrote (``weights_only`` loading)."""
-        kw = {"map_location": "cpu", "weights_only": True}
-        self.unwrapped().load_state_dict(torch.load(os.path.join(directory, "model.pt"), **kw))
-        self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), **kw))
+        """Restore what :meth:`save` wrote (``weights_only`` loading, see ``harness.checkpoint``)."""
+        from harness.checkpoint import load_checkpoint
+
+        objs, _ = load_checkpoint(directory, names=("model", "optimizer"))
+        self.unwrapped().load_state_dict(objs["model"])
+        self.optimizer.load_state_dict(objs["optimizer"])
 
     def full_state_dict(self) -> dict | None:
         """The whole model's state dict on rank 0's CPU (None on other ranks); collective."""
