@@ -194,6 +194,61 @@ class PrepareConfig:
 
 
 @dataclass
+class PlanConfig:
+    """``python -m harness.plan`` only: the hardware and assumptions of the cost estimate."""
+
+    gpus: int = 1  # devices the run will use (the world size of the plan)
+    gpu: str = "H100"  # H100 | H200 | A100 | B200 (peak bf16 FLOP/s and memory: harness.metrics.GPU_SPECS)
+    mfu: float = (
+        0.40  # assumed model FLOPs utilization (Megatron-LM reports 41-48% on H100; no GPU run here yet)
+    )
+    format: str = "text"  # text | json
+    png: str | None = None  # schedule plot; None: <run dir>/plan.png; "" for none
+    dataset_tokens: int | None = None  # plan for a corpus of this many tokens without reading data.path
+    exact_max_mb: float = (
+        512.0  # corpora up to this size (file bytes) are tokenized (and cached) for exact counts
+    )
+    sample_mb: float = (
+        64.0  # larger ones: estimate tokens from the first files up to this size (needs tokenizer.path)
+    )
+
+
+@dataclass
+class SlurmConfig:
+    """``python -m harness.launch.slurm`` only: the allocation and the generated sbatch script."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0 on CPU-only partitions
+    nproc_per_node: int | None = None  # training processes per node; None: gpus_per_node (1 without GPUs)
+    cpus_per_task: int | None = None  # CPUs of each node's task (the launcher and its training processes)
+    mem: str | None = None  # --mem, e.g. "0" for all of a node's memory
+    time: str = "04:00:00"  # wall-clock limit, Slurm syntax
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False  # whole nodes
+    job_name: str | None = None  # None: run_name
+    launcher: str = "auto"  # auto (deepspeed for parallel=deepspeed, else torchrun) | torchrun | deepspeed
+    rdzv_port: int = 29500  # rendezvous / master port on the first node
+    python: str | None = None  # interpreter on the nodes; None: this one (``python`` inside a container)
+    container_image: str | None = None  # pyxis/enroot image (srun --container-image)
+    container_mounts: str | None = None  # srun --container-mounts, e.g. /data:/data,/scratch:/scratch
+    container_exec: str | None = None  # command prefix on each node, e.g. "apptainer exec --nv harness.sif"
+    env: dict[str, str] = field(
+        default_factory=dict
+    )  # exported before srun: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...
+    setup: list[str] = field(
+        default_factory=list
+    )  # shell lines run before srun (module load, source venv/bin/activate)
+    sbatch_args: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --mail-type=END
+    signal_grace_s: int = 120  # USR1 this many seconds before the time limit: finish the step and checkpoint
+    max_requeues: int = 10  # requeues (preemptions, and failures with requeue_on_failure) before giving up
+    requeue_on_failure: bool = False  # also requeue after a crash (bounded by max_requeues)
+    dry_run: bool = False  # write the script, do not submit
+
+
+@dataclass
 class TrainConfig:
     """The whole run configuration (``configs/train.yaml`` composes onto this)."""
 
@@ -210,6 +265,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:
@@ -298,9 +355,14 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
     return obj
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
+def validate(cfg: TrainConfig, world_size: int = 1, schedule_fits: bool = True) -> BatchSizes:
     """Check everything that can be checked from the config alone (no data, no model).
 
+    Args:
+        cfg: the composed config.
+        world_size: training processes (the batch arithmetic depends on it).
+        schedule_fits: also refuse warmups longer than ``train.max_steps`` (``harness.plan``
+            turns these into warnings and passes False).
     Returns:
         The full-size :class:`BatchSizes`.
     Raises:
@@ -418,7 +480,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchSizes:
                 "schedule.batch_warmup.start_global_batch_size is set but the ramp has no length: "
                 "set schedule.batch_warmup.steps (or .tokens)"
             )
-    if t.max_steps is not None:
+    if t.max_steps is not None and schedule_fits:  # harness.plan reports these as warnings instead
         check_schedule_fits(cfg, t.max_steps)
     return batch
 
@@ -453,6 +515,48 @@ def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
         raise ConfigError(
             f"parallel.hsdp_replicate={p.hsdp_replicate} must divide world_size={world_size} (replicas x shards)"
         )
+
+
+def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
+    """Check the ``slurm`` section for ``python -m harness.launch.slurm``.
+
+    Returns:
+        ``(launcher, nproc_per_node)``: ``torchrun`` or ``deepspeed``, and training processes per node.
+    Raises:
+        ConfigError: naming the offending ``slurm.*`` key and the fix.
+    """
+    import re
+
+    if s.nodes is None or s.nodes < 1:
+        raise ConfigError(f"slurm.nodes={s.nodes} must be >= 1 (the number of nodes to allocate)")
+    if s.gpus_per_node < 0:
+        raise ConfigError(f"slurm.gpus_per_node={s.gpus_per_node} must be >= 0 (0 on CPU partitions)")
+    nproc = s.nproc_per_node if s.nproc_per_node is not None else max(s.gpus_per_node, 1)
+    if nproc < 1:
+        raise ConfigError(f"slurm.nproc_per_node={s.nproc_per_node} must be >= 1")
+    if s.gpus_per_node and nproc > s.gpus_per_node:
+        raise ConfigError(f"slurm.nproc_per_node={nproc} > slurm.gpus_per_node={s.gpus_per_node}: "
+                          "one training process per GPU at most")  # fmt: skip
+    for key in ("cpus_per_task", "signal_grace_s", "max_requeues", "rdzv_port"):
+        value = getattr(s, key)
+        if value is not None and value < (1 if key in ("cpus_per_task", "rdzv_port") else 0):
+            raise ConfigError(f"slurm.{key}={value} must be {'> 0' if key != 'max_requeues' else '>= 0'}")
+    if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+", s.time or ""):
+        raise ConfigError(f"slurm.time={s.time!r} is not a Slurm time limit (MM, HH:MM:SS or D-HH:MM:SS)")
+    launcher = s.launcher
+    if launcher == "auto":
+        launcher = "deepspeed" if parallel == "deepspeed" else "torchrun"
+    if launcher not in ("torchrun", "deepspeed"):
+        raise ConfigError(f"slurm.launcher={s.launcher!r} is not one of auto, torchrun, deepspeed")
+    for name in s.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+            raise ConfigError(f"slurm.env key {name!r} is not a valid environment variable name")
+    for arg in s.sbatch_args:
+        if not str(arg).startswith("-"):
+            raise ConfigError(
+                f"slurm.sbatch_args entry {arg!r} must be an sbatch option such as --mail-type=END"
+            )
+    return launcher, nproc
 
 
 def check_schedule_fits(cfg: TrainConfig, max_steps: int) -> None:

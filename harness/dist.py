@@ -4,6 +4,7 @@ that torchrun, the deepspeed launcher or Slurm sets."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -44,18 +45,53 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[003-004,9],cpu1`` -> ``gpu003``, ``vm`` -> ``vm``.
+
+    Raises:
+        ConfigError: an empty or malformed list.
+    """
+    head = re.split(r",(?![^\[]*\])", nodelist.strip())[0]  # split on commas outside brackets
+    if "[" in head:
+        prefix, ranges = head.split("[", 1)
+        head = prefix + re.split(r"[,\-\]]", ranges)[0]
+    if not head or any(c in head for c in "[],"):
+        raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}")
+    return head
+
+
+def _slurm_rendezvous() -> None:
+    """Under ``srun`` without torchrun (e.g. Hydra's submitit launcher): ``MASTER_ADDR`` is the step's
+    first node and ``MASTER_PORT`` is derived from the job id (distinct for concurrent jobs), unless set."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    if "MASTER_ADDR" not in os.environ and nodelist:
+        os.environ["MASTER_ADDR"] = first_host(nodelist)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000)
+
+
 def read_env(device: str = "auto") -> DistEnv:
-    """Read ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (torchrun, deepspeed) or ``SLURM_PROCID``/
-    ``SLURM_LOCALID``/``SLURM_NTASKS`` (srun), and choose the device.
+    """Read ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (torchrun, deepspeed) or, inside an ``srun`` step
+    without them, ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS`` (then ``MASTER_ADDR`` and
+    ``MASTER_PORT`` default to the step's first node and a port derived from ``SLURM_JOB_ID``), and
+    choose the device. A batch script's own shell (no ``SLURM_STEP_ID``) is one process, whatever
+    ``SLURM_NTASKS`` says.
 
     Args:
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     Raises:
         ConfigError: ``cuda`` requested without a GPU, or a malformed variable.
     """
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    if "RANK" not in os.environ and os.environ.get("SLURM_STEP_ID") not in (None, ""):
+        rank = _env_int("SLURM_PROCID", default=0)
+        local_rank = _env_int("SLURM_LOCALID", default=0)
+        world_size = _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
+        if world_size > 1:
+            _slurm_rendezvous()
+    else:
+        rank = _env_int("RANK", default=0)
+        local_rank = _env_int("LOCAL_RANK", default=0)
+        world_size = _env_int("WORLD_SIZE", default=1)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if device == "auto":

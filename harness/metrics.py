@@ -70,13 +70,15 @@ def _clean(v):
 # Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, without sparsity):
 # H100 SXM / H200: 989.4 TFLOP/s (NVIDIA H100 and H200 datasheets); H100 PCIe: 756 TFLOP/s;
 # A100: 312 TFLOP/s (NVIDIA A100 datasheet); B200: 2.25 PFLOP/s (NVIDIA DGX B200 datasheet, per GPU).
-PEAK_BF16_FLOPS = {
-    "H200": 989.4e12,
-    "H100 PCIe": 756e12,
-    "H100": 989.4e12,
-    "A100": 312e12,
-    "B200": 2250e12,
+# name: (peak dense bf16 FLOP/s, memory bytes, source). Datasheet figures "with sparsity" are halved.
+GPU_SPECS = {
+    "H100": (989.4e12, 80e9, "NVIDIA H100 datasheet, SXM5: 1,979 TFLOPS BF16 with sparsity"),
+    "H200": (989.4e12, 141e9, "NVIDIA H200 datasheet, SXM: 1,979 TFLOPS BF16 with sparsity"),
+    "A100": (312e12, 80e9, "NVIDIA A100 datasheet, SXM 80GB: 312 TFLOPS BF16 dense"),
+    "B200": (2250e12, 180e9, "NVIDIA HGX B200 datasheet: 4.5 PFLOPS FP16/BF16 with sparsity, 180 GB per GPU"),
 }
+# Looked up by substring of torch.cuda.get_device_name (first match wins, so "H100 PCIe" comes first).
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100 PCIe": 756e12, **{k: v[0] for k, v in GPU_SPECS.items()}}
 
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:

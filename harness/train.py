@@ -26,12 +26,14 @@ from harness.data import DataBundle, StepLoader, build_data, validation_batches
 from harness.data.tokenizer import tokenizer_fingerprint
 from harness.dist import DistEnv, read_env
 from harness.errors import CheckpointError, ConfigError, HarnessError
+from harness.launch.node import EXIT_PREEMPTED, report_exit
 from harness.loop import LoopParts, StopSignal, TrainState
 from harness.loop import train as train_loop
 from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops, step_log
 from harness.model import ModelStats, build_model, model_stats, resolve_vocab_size
 from harness.parallel import Backend, build_backend
-from harness.schedule import BatchRamp, IterationPlan, LRSchedule
+from harness.plan import iteration_plan
+from harness.schedule import IterationPlan, LRSchedule
 
 log = logging.getLogger("harness")
 # DeepSpeed still calls the collectives torch 2.13 renamed; DDP warns about broadcast_buffers once per rank.
@@ -40,7 +42,6 @@ warnings.filterwarnings(
 )
 warnings.filterwarnings("ignore", message=r".*broadcast_buffers.*", category=FutureWarning)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a checkpoint; rerun (requeue) to continue
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -109,12 +110,7 @@ def prepare(cfg, run_dir: str) -> Prepared:
     backend = build_backend(cfg, env, batch)
     data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, need_val=cfg.eval.every > 0)
     vocab_size = resolve_vocab_size(cfg.model, len(data.tokenizer))
-    bw = cfg.schedule.batch_warmup
-    ramp = BatchRamp(batch.global_batch_size, batch.micro_batch_size * env.world_size,
-                     bw.start_global_batch_size, bw.steps, bw.tokens)  # fmt: skip
-    plan = IterationPlan(len(data.train), cfg.data.seq_len, ramp, batch.micro_batch_size, env.world_size,
-                         cfg.train.drop_last)  # fmt: skip
-    max_steps = cfg.train.max_steps or plan.steps_for_tokens(cfg.train.max_tokens)
+    plan, max_steps = iteration_plan(cfg, batch, len(data.train))  # the same arithmetic as harness.plan
     check_schedule_fits(cfg, max_steps)
     schedule = LRSchedule(cfg.schedule.name, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps,
                           max_steps, cfg.schedule.decay_fraction)  # fmt: skip
@@ -202,6 +198,7 @@ def _train(p: Prepared) -> TrainState:
         metrics.close()
     if cfg.checkpoint.export_hf and (state.step >= p.max_steps or state.stopped_early):
         _export(p)
+    report_exit(env.rank, EXIT_PREEMPTED if state.preempted else 0)  # for harness.launch.node under torchrun
     backend.close()
     return state
 

@@ -24,8 +24,13 @@ class PackedSequences:
         self.tokens = tokens
         self.seq_len = seq_len
 
+    @staticmethod
+    def count(num_tokens: int, seq_len: int) -> int:
+        """Sequences of ``seq_len`` (+1) tokens that a stream of ``num_tokens`` tokens holds."""
+        return max(0, (num_tokens - 1) // seq_len)
+
     def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
+        return self.count(len(self.tokens), self.seq_len)
 
     def get(self, indices: np.ndarray) -> torch.Tensor:
         """Sequences ``indices`` as a ``(len(indices), seq_len + 1)`` int64 tensor."""

@@ -1,0 +1,154 @@
+"""Per-node wrapper that the generated sbatch script runs under ``srun`` around torchrun or the
+deepspeed launcher::
+
+    python -m harness.launch.node -- python -m torch.distributed.run ... -m harness.train ...
+
+It exists for two reasons:
+
+1. **Signals.** Slurm asks for a checkpoint with SIGUSR1 (``#SBATCH --signal=B:USR1@N``, relayed by
+   the batch script through ``srun``). torchrun forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT to its
+   workers (and the deepspeed launcher only SIGINT/SIGTERM), and USR1's default action would kill the
+   launcher. So the launcher is started with USR1 ignored, and this wrapper sends USR1 to the training
+   processes themselves (descendants whose command line runs ``harness.train``), which install their
+   own handler: finish the step, checkpoint on every rank, exit 75. SIGTERM is relayed the same way.
+2. **Exit status.** torchrun reports any worker failure as exit status 1, so a preempted run (75)
+   would look like a crash. Training processes write their exit status into ``$HARNESS_EXIT_CODE_DIR``
+   (see :func:`report_exit`); when the launcher fails and every status written there is 0 or 75 with
+   at least one 75, the wrapper exits 75, which the batch script turns into ``scontrol requeue``.
+
+Arguments after ``--`` of the form ``${SLURM_NODEID}`` (any ``SLURM_*`` variable, written in single
+quotes in the batch script) are expanded here, on each node, from that node's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a checkpoint; rerun (requeue) to continue
+EXIT_CODE_DIR_ENV = "HARNESS_EXIT_CODE_DIR"
+TRAIN_MODULE = "harness.train"
+LAUNCHER_MODULES = (
+    "torch.distributed.run",
+    "torchrun",
+    "deepspeed.launcher",
+)  # their command lines name it too
+_SLURM_VAR = re.compile(r"\$\{(SLURM_[A-Z0-9_]+)\}")
+
+
+def report_exit(rank: int, code: int) -> None:
+    """Record this training process's exit status for the node wrapper (no-op outside it).
+
+    Written as ``$HARNESS_EXIT_CODE_DIR/rank_<rank>``; called once the outcome is certain (for a
+    preempted run: after the checkpoint is complete), so a launcher that kills the remaining workers
+    after the first one exits cannot lose it.
+    """
+    directory = os.environ.get(EXIT_CODE_DIR_ENV)
+    if directory and os.path.isdir(directory):
+        with open(os.path.join(directory, f"rank_{rank}"), "w") as f:
+            f.write(str(code))
+
+
+def expand_slurm_vars(args: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """Replace ``${SLURM_*}`` in each argument with this node's value.
+
+    Raises:
+        SystemExit: a referenced ``SLURM_*`` variable is not set (the wrapper runs outside srun).
+    """
+    environ = os.environ if environ is None else environ
+
+    def value(m: re.Match) -> str:
+        if m.group(1) not in environ:
+            raise SystemExit(f"error: {m.group(1)} is not set; harness.launch.node runs under srun")
+        return environ[m.group(1)]
+
+    return [_SLURM_VAR.sub(value, a) for a in args]
+
+
+def combine_exit(launcher_rc: int, worker_codes: list[int]) -> int:
+    """The node's exit status from the launcher's and the workers' reported ones.
+
+    Returns 75 when the launcher failed only because workers stopped for preemption (every reported
+    status is 0 or 75, at least one is 75); otherwise the launcher's status.
+    """
+    if launcher_rc != 0 and worker_codes and EXIT_PREEMPTED in worker_codes:
+        if set(worker_codes) <= {0, EXIT_PREEMPTED}:
+            return EXIT_PREEMPTED
+    return launcher_rc
+
+
+def _training_processes(pid: int) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in children:
+        try:
+            cmd = p.cmdline()
+            if TRAIN_MODULE in cmd and not any(m in a for a in cmd for m in LAUNCHER_MODULES):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def _read_codes(directory: str) -> list[int]:
+    codes = []
+    for name in sorted(os.listdir(directory)):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                codes.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return codes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the launcher command after ``--``; relay USR1/TERM to training processes; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" in argv:
+        argv = argv[argv.index("--") + 1 :]
+    if not argv:
+        print("usage: python -m harness.launch.node -- LAUNCHER ARGS...", file=sys.stderr)
+        return 2
+    cmd = expand_slurm_vars(argv)
+    with tempfile.TemporaryDirectory(prefix="harness-exit-") as codes_dir:
+        env = {**os.environ, EXIT_CODE_DIR_ENV: codes_dir}
+
+        def ignore_usr1() -> None:  # in the launcher: USR1 ignored (inherited by exec), workers set their own
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+        try:
+            proc = subprocess.Popen(cmd, env=env, preexec_fn=ignore_usr1)
+        except OSError as e:
+            print(f"error: cannot start {cmd[0]!r}: {e.strerror}", file=sys.stderr)
+            return 127
+
+        def relay(signum, frame) -> None:
+            targets = _training_processes(proc.pid)
+            name = signal.Signals(signum).name
+            print(f"[harness.launch.node] {name}: asking {len(targets)} training processes to checkpoint and stop",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            for p in targets:
+                try:
+                    p.send_signal(signal.SIGUSR1)
+                except Exception:  # noqa: BLE001  (it may just have exited)
+                    pass
+
+        signal.signal(signal.SIGUSR1, relay)
+        signal.signal(signal.SIGTERM, relay)
+        rc = proc.wait()
+        if rc < 0:  # killed by a signal: report it the way a shell does
+            rc = 128 - rc
+        return combine_exit(rc, _read_codes(codes_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
