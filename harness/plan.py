@@ -1,0 +1,452 @@
+"""Plan a run before spending GPU hours: ``python -m harness.plan [same Hydra overrides as train]``.
+
+Prints the iteration accounting (from the trainer's own :class:`~harness.schedule.IterationPlan`,
+so plan and run cannot disagree), the model's size and FLOPs, the cost at an assumed MFU, the
+memory per device for the chosen backend, and warnings; writes a PNG of the schedule (LR, global
+batch size and cumulative tokens against step). ``plan.format=json`` prints one JSON object.
+
+Nothing is built on a device. The dataset's token count is exact when the corpus is already
+tokenized (a prepared directory or the token cache) or small enough to tokenize now
+(``plan.exact_max_mb``; this fills the same cache the trainer reads); otherwise it is estimated
+from the first ``plan.sample_mb`` of files with ``tokenizer.path`` and said to be an estimate;
+``plan.dataset_tokens`` plans for a corpus without reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+from harness.config import BatchSizes, TrainConfig, check_schedule_fits, to_object, validate
+from harness.errors import ConfigError, DataError, HarnessError
+from harness.metrics import GPU_SPECS
+from harness.model import model_stats, resolve_vocab_size
+from harness.schedule import BatchRamp, IterationPlan, LRSchedule
+
+CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, "Training Compute-Optimal LLMs", Table 3
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device for one backend (GiB = 2**30 bytes in the printout).
+
+    Model state follows the ZeRO paper's accounting (Rajbhandari et al. 2020, Sec. 3.1): with
+    mixed precision, 16 bytes per parameter (fp32 master weights 4, fp32 gradients 4 (or bf16 2
+    + bf16 weights 2 under DeepSpeed), Adam moments 8), divided over ``shards`` ranks as the
+    backend divides them. Activations follow Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models", Sec. 4.1): ``34 * s * b * h`` bytes per layer
+    with 16-bit activations and fused (flash/SDPA) attention, which removes the ``5 * a * s^2 * b``
+    attention-score term; with full activation checkpointing each layer keeps only its input
+    (``2 * s * b * h``) plus one layer's activations during recompute. Logits and their gradient
+    in fp32 add ``8 * s * b * V``. The estimate ignores fragmentation, the CUDA context (~0.5-1 GiB)
+    and communication buffers.
+    """
+
+    backend: str
+    shards: int
+    params: float
+    grads: float
+    optimizer: float
+    gathered: float  # transient unsharded parameters (FSDP/ZeRO-3: about two blocks in flight)
+    activations: float
+    activations_checkpointed: float
+    device_memory: float | None
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.gathered + self.activations
+
+    @property
+    def total_checkpointed(self) -> float:
+        return self.params + self.grads + self.optimizer + self.gathered + self.activations_checkpointed
+
+
+@dataclass
+class Plan:
+    """Everything ``harness.plan`` prints (units: tokens, steps, FLOPs, seconds, bytes)."""
+
+    dataset: str
+    dataset_tokens: int
+    dataset_tokens_exact: bool
+    dataset_note: str
+    seq_len: int
+    train_sequences: int
+    global_batch_size: int
+    global_batch_tokens: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    iterations_per_epoch: int
+    drop_last: bool
+    max_steps: int
+    epochs: float
+    total_tokens: int
+    lr_warmup_end_step: int
+    batch_warmup_end_step: int
+    decay_end_step: int
+    model: str
+    params: int
+    non_embedding_params: int
+    flops_per_token: float
+    total_flops: float
+    tokens_per_param: float
+    gpu: str
+    gpus: int
+    peak_flops: float
+    peak_source: str
+    mfu: float
+    wall_seconds: float
+    gpu_hours: float
+    memory: MemoryEstimate
+    warnings: list[str] = field(default_factory=list)
+    flops_formula: str = (
+        "6 * N_matmul + 12 * n_layers * hidden_size * seq_len per token (PaLM, Chowdhery et al. 2022, App. B; "
+        "Kaplan et al. 2020, Table 1)"
+    )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["memory"]["total"] = self.memory.total
+        d["memory"]["total_checkpointed"] = self.memory.total_checkpointed
+        return d
+
+
+def iteration_plan(
+    cfg: TrainConfig, batch: BatchSizes, num_train_sequences: int
+) -> tuple[IterationPlan, int]:
+    """The trainer's iteration plan and step budget (``train.max_steps``, or the steps of
+    ``train.max_tokens`` with the batch ramp counted step by step). Used by ``harness.train``."""
+    bw = cfg.schedule.batch_warmup
+    ramp = BatchRamp(batch.global_batch_size, batch.micro_batch_size * batch.world_size,
+                     bw.start_global_batch_size, bw.steps, bw.tokens)  # fmt: skip
+    plan = IterationPlan(num_train_sequences, cfg.data.seq_len, ramp, batch.micro_batch_size, batch.world_size,
+                         cfg.train.drop_last)  # fmt: skip
+    max_steps = cfg.train.max_steps or plan.steps_for_tokens(cfg.train.max_tokens)
+    return plan, max_steps
+
+
+def count_dataset_tokens(cfg: TrainConfig) -> tuple[int, bool, str, int | None]:
+    """``(tokens, exact, note, tokenizer vocabulary or None)`` of the whole corpus (training and
+    validation parts).
+
+    Raises:
+        DataError: the corpus cannot be read, or is too large to count and cannot be estimated
+            (no ``tokenizer.path``), or is a hub dataset (set ``plan.dataset_tokens``).
+    """
+    from harness.data import load_token_store
+    from harness.data.sources import is_prepared_dir, load_corpus, resolve_corpus
+    from harness.data.store import open_store
+    from harness.data.tokenizer import load_tokenizer
+
+    p = cfg.plan
+    if p.dataset_tokens is not None:
+        return int(p.dataset_tokens), False, "given by plan.dataset_tokens", _tokenizer_vocab(cfg)
+    if is_prepared_dir(cfg.data.path):
+        tok = load_tokenizer(cfg.tokenizer.path or os.path.join(cfg.data.path, "tokenizer"))
+        return open_store(cfg.data.path).num_tokens, True, "prepared token store", len(tok)
+    corpus = resolve_corpus(cfg.data.path, cfg.data.format, cfg.data.hub_name)
+    if corpus.format == "hub":
+        raise DataError(f"data.path={cfg.data.path!r} is a hub dataset: set plan.dataset_tokens to plan without "
+                        "downloading it")  # fmt: skip
+    total_bytes = sum(os.path.getsize(f) for f in corpus.files)
+    if total_bytes <= p.exact_max_mb * 2**20:
+        tok, store = load_token_store(cfg.data, cfg.tokenizer)  # the trainer's cache: exact
+        note = f"tokenized ({total_bytes / 2**20:.1f} MB of files; cached for the run)"
+        return store.num_tokens, True, note, len(tok)
+    if not cfg.tokenizer.path:
+        raise DataError(
+            f"data.path holds {total_bytes / 2**30:.1f} GB, more than plan.exact_max_mb={p.exact_max_mb}, and "
+            "tokenizer.path is null (a BPE trained on the whole corpus): set tokenizer.path to estimate from a "
+            "sample, plan.dataset_tokens to give the count, or raise plan.exact_max_mb"
+        )
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    sample, sample_bytes = [], 0
+    for f in corpus.files:
+        sample.append(f)
+        sample_bytes += os.path.getsize(f)
+        if sample_bytes >= p.sample_mb * 2**20:
+            break
+    sub = type(corpus)(tuple(sample), corpus.format, corpus.hub_name)
+    ds, column = load_corpus(sub, cfg.data.text_field, cfg.data.sample_by, cfg.data.split, cfg.data.cache_dir)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sample_tokens = sum(len(ids) + len(eos) for b in ds.iter(batch_size=1000)
+                        for ids in tokenizer(b[column], add_special_tokens=False)["input_ids"])  # fmt: skip
+    estimate = round(sample_tokens * total_bytes / sample_bytes)
+    note = (f"estimated from {len(sample)} of {len(corpus.files)} files ({sample_bytes / 2**20:.0f} MB, "
+            f"{sample_tokens / sample_bytes:.3f} tokens per file byte)")  # fmt: skip
+    return estimate, False, note, len(tokenizer)
+
+
+def memory_estimate(cfg: TrainConfig, params: int, vocab: int, device_memory: float | None,
+                    world_size: int) -> MemoryEstimate:  # fmt: skip
+    """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks (see :class:`MemoryEstimate`)."""
+    m, par = cfg.model, cfg.parallel
+    p = float(params)
+    name = par.name
+    shards = world_size
+    if name == "fsdp" and par.hsdp_replicate > 1:
+        shards = world_size // par.hsdp_replicate
+    layer = p / max(m.num_layers, 1)
+    gathered = 0.0
+    if name in ("none", "ddp"):
+        shards = 1
+        params_b, grads_b, opt_b = 4 * p, 4 * p, 8 * p
+    elif name == "fsdp":
+        params_b, grads_b, opt_b = 4 * p / shards, 4 * p / shards, 8 * p / shards
+        gathered = 2 * layer * (2 if par.param_dtype == "bfloat16" else 4)  # current + prefetched block
+        if not par.reshard_after_forward:
+            gathered = p * (2 if par.param_dtype == "bfloat16" else 4)
+    else:  # deepspeed: bf16 weights + bf16 grads + fp32 master/moments (12 B)
+        stage = par.zero_stage
+        params_b = 2 * p / (shards if stage >= 3 else 1)
+        grads_b = 2 * p / (shards if stage >= 2 else 1)
+        opt_b = 12 * p / (shards if stage >= 1 else 1)
+        gathered = 2 * layer * 2 if stage >= 3 else 0.0
+    if cfg.parallel.cpu_offload or cfg.parallel.offload_optimizer:
+        opt_b = 0.0
+    s, b, h, L = cfg.data.seq_len, cfg.train.micro_batch_size or 1, m.hidden_size, m.num_layers
+    logits = 8.0 * s * b * vocab
+    act = 34.0 * s * b * h * L + logits
+    act_ckpt = 2.0 * s * b * h * L + 34.0 * s * b * h + logits
+    return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory)
+
+
+def make_plan(cfg: TrainConfig, world_size: int | None = None,
+              dataset: tuple[int, bool, str, int | None] | None = None) -> Plan:  # fmt: skip
+    """Compute the plan for ``cfg`` on ``world_size`` ranks (default ``plan.gpus``).
+
+    Raises:
+        ConfigError / DataError: the config cannot run at all (bad batch arithmetic, no data).
+            Problems a run would refuse later but a plan can still show (a warmup longer than
+            the run) become warnings instead.
+    """
+    p = cfg.plan
+    gpus = world_size or p.gpus
+    if p.gpu not in GPU_SPECS:
+        raise ConfigError(f"plan.gpu={p.gpu!r} is not one of {', '.join(GPU_SPECS)}")
+    if not 0 < p.mfu <= 1:
+        raise ConfigError(f"plan.mfu={p.mfu} must be in (0, 1]")
+    if gpus < 1:
+        raise ConfigError(f"plan.gpus={gpus} must be >= 1")
+    batch = validate(cfg, gpus, schedule_fits=False)
+    tokens, exact, note, tok_vocab = dataset or count_dataset_tokens(cfg)
+    n_val = int(tokens * cfg.data.val_fraction) if cfg.eval.every > 0 else 0
+    from harness.data.loader import PackedSequences
+
+    train_sequences = PackedSequences.count(tokens - n_val, cfg.data.seq_len)
+    if train_sequences < 1:
+        raise DataError(
+            f"the corpus ({tokens:,} tokens) holds no sequence of data.seq_len={cfg.data.seq_len}"
+        )
+    warnings: list[str] = []
+    plan, max_steps = iteration_plan(cfg, batch, train_sequences)
+    try:
+        check_schedule_fits(cfg, max_steps)
+    except ConfigError as e:
+        warnings.append(str(e))
+    schedule = LRSchedule(cfg.schedule.name, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps, max_steps,
+                          cfg.schedule.decay_fraction)  # fmt: skip
+    total_tokens, last = 0, None
+    for info in plan.steps():
+        last = info
+        if info.step == max_steps:
+            break
+    total_tokens = last.tokens_total
+    vocab = resolve_vocab_size(cfg.model, tok_vocab or cfg.tokenizer.train_vocab_size)
+    stats = model_stats(cfg.model, vocab, cfg.data.seq_len)
+    peak, memory_bytes, source = GPU_SPECS[p.gpu]
+    total_flops = stats.flops_per_token * total_tokens
+    wall = total_flops / (gpus * peak * p.mfu)
+    ramp = plan.ramp
+    batch_end = ramp.end_step() if ramp.tokens is None else _first_full_step(plan, max_steps)
+    # A batch ramp whose sizes are not multiples of micro_batch_size x world_size is an error of
+    # validate() above (the trainer's own check), not a warning.
+    if train_sequences < batch.global_batch_size:
+        warnings.append(f"fewer than one step per epoch: {train_sequences} sequences < global batch "
+                        f"{batch.global_batch_size}")  # fmt: skip
+    tpp = total_tokens / stats.params
+    if tpp < 1:
+        warnings.append(f"{tpp:.2f} training tokens per parameter (< 1): the model will barely train")
+    decay_end = max_steps if cfg.schedule.name != "constant" else 0
+    if cfg.schedule.name != "constant" and schedule(max_steps) != cfg.schedule.min_lr:
+        warnings.append(f"the LR schedule does not reach min_lr at max_steps={max_steps}")
+    mem = memory_estimate(cfg, stats.params, vocab, memory_bytes, gpus)
+    limit = mem.total_checkpointed if cfg.parallel.activation_checkpointing else mem.total
+    if limit > memory_bytes:
+        warnings.append(f"estimated {limit / 2**30:.1f} GiB per device exceeds the {p.gpu}'s "
+                        f"{memory_bytes / 2**30:.0f} GiB: lower train.micro_batch_size, shard more "
+                        "(parallel=fsdp / zero_stage=3) or enable activation checkpointing")  # fmt: skip
+    return Plan(
+        dataset=str(cfg.data.path), dataset_tokens=tokens, dataset_tokens_exact=exact, dataset_note=note,
+        seq_len=cfg.data.seq_len, train_sequences=train_sequences, global_batch_size=batch.global_batch_size,
+        global_batch_tokens=batch.global_batch_size * cfg.data.seq_len, micro_batch_size=batch.micro_batch_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps, world_size=gpus,
+        iterations_per_epoch=plan.iterations_per_epoch(), drop_last=cfg.train.drop_last, max_steps=max_steps,
+        epochs=last.epoch, total_tokens=total_tokens, lr_warmup_end_step=cfg.schedule.warmup_steps,
+        batch_warmup_end_step=batch_end, decay_end_step=decay_end, model=cfg.model.name, params=stats.params,
+        non_embedding_params=stats.non_embedding_params, flops_per_token=stats.flops_per_token,
+        total_flops=total_flops, tokens_per_param=tpp, gpu=p.gpu, gpus=gpus, peak_flops=peak, peak_source=source,
+        mfu=p.mfu, wall_seconds=wall, gpu_hours=wall * gpus / 3600, memory=mem, warnings=warnings,
+    )  # fmt: skip
+
+
+def _tokenizer_vocab(cfg: TrainConfig) -> int | None:
+    if cfg.tokenizer.path:
+        from harness.data.tokenizer import load_tokenizer
+
+        return len(load_tokenizer(cfg.tokenizer.path))
+    return None
+
+
+def _first_full_step(plan: IterationPlan, max_steps: int) -> int:
+    for info in plan.steps():
+        if info.global_batch_size == plan.ramp.full or info.step >= max_steps:
+            return info.step
+    raise AssertionError("unreachable")
+
+
+def schedule_series(cfg: TrainConfig, plan_: Plan, max_points: int = 4000) -> dict[str, list]:
+    """Per-step LR, global batch size and cumulative tokens (subsampled to ``max_points``) for the PNG."""
+    batch = validate(cfg, plan_.world_size, schedule_fits=False)
+    it, max_steps = iteration_plan(cfg, batch, plan_.train_sequences)
+    schedule = LRSchedule(cfg.schedule.name, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps, max_steps,
+                          cfg.schedule.decay_fraction)  # fmt: skip
+    every = max(1, max_steps // max_points)
+    out: dict[str, list] = {"step": [], "lr": [], "global_batch_size": [], "tokens_total": []}
+    for info in it.steps():
+        if info.step % every == 0 or info.step in (1, max_steps) or info.step <= plan_.batch_warmup_end_step:
+            out["step"].append(info.step)
+            out["lr"].append(schedule(info.step))
+            out["global_batch_size"].append(info.global_batch_size)
+            out["tokens_total"].append(info.tokens_total)
+        if info.step >= max_steps:
+            break
+    return out
+
+
+def plot_schedule(series: dict[str, list], path: str, title: str) -> None:
+    """Write a 3-panel PNG: LR, global batch size (sequences) and cumulative tokens against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    for ax, key, label in zip(axes, ("lr", "global_batch_size", "tokens_total"),
+                              ("learning rate", "global batch (sequences)", "cumulative tokens")):  # fmt: skip
+        ax.plot(series["step"], series[key], lw=1.5)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds:,.1f} s"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:,.2f} h"
+    return f"{seconds / 86400:,.2f} days"
+
+
+def render_text(pl: Plan) -> str:
+    """The human-readable plan."""
+    gib = 2**30
+    m = pl.memory
+    exact = (
+        "exact: " if pl.dataset_tokens_exact else "" if pl.dataset_note.startswith("given") else "ESTIMATE: "
+    )
+    lines = [
+        "== Iterations (the trainer's own arithmetic) ==",
+        f"dataset            {pl.dataset if not pl.dataset_note.startswith('given') else '(not read)'}",
+        f"dataset tokens     {pl.dataset_tokens:,} ({exact}{pl.dataset_note})",
+        f"seq_len            {pl.seq_len} -> {pl.train_sequences:,} training sequences",
+        f"global batch       {pl.global_batch_size} sequences = {pl.global_batch_tokens:,} tokens "
+        f"(micro {pl.micro_batch_size} x accumulation {pl.gradient_accumulation_steps} x world {pl.world_size})",
+        f"iterations/epoch   {pl.iterations_per_epoch:,} ({'floor, drop_last' if pl.drop_last else 'ceil'})",
+        f"max_steps          {pl.max_steps:,} optimizer steps = {pl.epochs:.3f} epochs",
+        f"training tokens    {pl.total_tokens:,} ({_si(pl.total_tokens)}; batch ramp counted step by step)",
+        f"schedule           LR warmup ends at step {pl.lr_warmup_end_step:,}; full batch from step "
+        f"{pl.batch_warmup_end_step:,}; LR decay ends at step {pl.decay_end_step:,}",
+        "",
+        "== Model ==",
+        f"model              {pl.model}: {pl.params:,} parameters ({pl.non_embedding_params:,} non-embedding)",
+        f"FLOPs per token    {pl.flops_per_token:.4g} = {pl.flops_formula}",
+        f"training FLOPs     {pl.total_flops:.4g}",
+        f"tokens/parameter   {pl.tokens_per_param:.2f} (compute-optimal ~{CHINCHILLA_TOKENS_PER_PARAM:.0f}, "
+        "Hoffmann et al. 2022)",
+        "",
+        "== Cost ==",
+        f"hardware           {pl.gpus} x {pl.gpu}, peak {pl.peak_flops / 1e12:.1f} TFLOP/s bf16 dense each "
+        f"({pl.peak_source})",
+        f"at MFU {pl.mfu:.0%}        {_duration(pl.wall_seconds)} wall, {pl.gpu_hours:,.1f} GPU-hours",
+        "",
+        f"== Memory per device ({m.backend}, model state over {m.shards} shard(s); estimate) ==",
+        f"parameters         {m.params / gib:8.2f} GiB",
+        f"gradients          {m.grads / gib:8.2f} GiB",
+        f"optimizer states   {m.optimizer / gib:8.2f} GiB",
+        f"gathered params    {m.gathered / gib:8.2f} GiB",
+        f"activations        {m.activations / gib:8.2f} GiB (micro-batch {pl.micro_batch_size} x {pl.seq_len}); "
+        f"{m.activations_checkpointed / gib:.2f} GiB with activation checkpointing",
+        f"total              {m.total / gib:8.2f} GiB; {m.total_checkpointed / gib:.2f} GiB with checkpointing"
+        + (f" (device: {m.device_memory / gib:.0f} GiB)" if m.device_memory else ""),
+        "",
+    ]
+    lines += [f"WARNING: {w}" for w in pl.warnings] or ["no warnings"]
+    return "\n".join(lines)
+
+
+def _compose(overrides: list[str]):
+    from harness.launch.slurm import _compose as compose
+
+    return compose(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.plan [overrides]``: exit 0 with the plan, 2 with one ``error:`` line on bad input."""
+    from omegaconf import open_dict
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        try:
+            composed = _compose(argv)
+        except Exception as e:  # Hydra's composition errors name the key
+            raise ConfigError(" ".join(str(e).split())) from e
+        run_dir = composed.hydra.run.dir
+        with open_dict(composed):
+            del composed["hydra"]
+        cfg = to_object(composed)
+        if cfg.plan.format not in ("text", "json"):
+            raise ConfigError(f"plan.format={cfg.plan.format!r} is not one of text, json")
+        pl = make_plan(cfg)
+        png = cfg.plan.png if cfg.plan.png is not None else os.path.join(run_dir, "plan.png")
+        if png:
+            os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+            plot_schedule(schedule_series(cfg, pl), png, f"{cfg.run_name}: {pl.model}, {pl.max_steps:,} steps, "
+                          f"{_si(pl.total_tokens)} tokens")  # fmt: skip
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.plan.format == "json":
+        print(json.dumps({**pl.to_dict(), "png": png or None}, indent=1))
+    else:
+        print(render_text(pl))
+        if png:
+            print(f"\nschedule plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
