@@ -8,25 +8,32 @@ Layout of ``<run>/checkpoints/step_00000100/``::
     rng/rank_<r>.pt          each rank's torch / CUDA RNG states
     tokenizer/               the tokenizer (for ``python -m harness.export``)
     trainer_state.json       step, tokens, data position, LR scheduler, early stopping, model, data, config
-    manifest.json            every file with its size -- written last
+    manifest.json            every file with its size and SHA-256 -- written last
 
 A checkpoint is written into ``.tmp-step_...`` and renamed when complete, and it counts
 only when its manifest exists and every listed file has the listed size, so a crash or
-kill mid-save never leaves one that looks complete. Loading uses ``torch.load(weights_only=True)``.
+kill mid-save never leaves one that looks complete. Before a resume, the chosen checkpoint's
+files are also checked against their SHA-256 (:func:`verify`); a mismatch skips it, with a
+warning naming the file, for the previous one. Nothing pickled is loaded before
+:func:`scan_pickles` has checked that it refers only to tensor/plain-data types (DCP metadata
+and DeepSpeed files included); our own files load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 
 import torch
 
+from harness import faults
 from harness.errors import CheckpointError
 
 log = logging.getLogger("harness")
@@ -108,7 +115,8 @@ def _finish(tmp: str, final: str, root: str, step: int, state: dict) -> None:
             path = os.path.join(dirpath, name)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            files[os.path.relpath(path, tmp)] = os.path.getsize(path)
+            files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    faults.on_checkpoint(step)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump({"step": step, "files": files}, f, indent=2)
         f.flush()
@@ -124,14 +132,103 @@ def _finish(tmp: str, final: str, root: str, step: int, state: dict) -> None:
     _fsync_dir(root)
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_files(path: str) -> dict[str, dict]:
+    with open(os.path.join(path, MANIFEST)) as f:
+        files = json.load(f)["files"]
+    return {
+        n: (v if isinstance(v, dict) else {"size": v}) for n, v in files.items()
+    }  # old manifests: sizes only
+
+
 def is_complete(path: str) -> bool:
-    """True when ``path`` has a manifest and every file it lists has the listed size."""
+    """True when ``path`` has a manifest and every file it lists has the listed size (cheap; see :func:`verify`)."""
     try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-        return all(os.path.getsize(os.path.join(path, n)) == size for n, size in manifest["files"].items())
+        return all(
+            os.path.getsize(os.path.join(path, n)) == v["size"] for n, v in _manifest_files(path).items()
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def verify(path: str) -> str | None:
+    """Check every file of checkpoint ``path`` against its manifest (size and SHA-256).
+
+    Returns:
+        None when intact, else what is wrong (naming the file).
+    """
+    try:
+        files = _manifest_files(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST}"
+    for name, v in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != v.get("size"):
+            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {v.get('size')}"
+        if "sha256" in v and _sha256(full) != v["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+# Globals that checkpoint pickles may name (torch's weights-only set covers our own files).
+_DCP_GLOBALS = {
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"),
+}  # fmt: skip
+_DEEPSPEED_GLOBALS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP ``.metadata`` refusing any global outside its dataclasses, torch dtypes and paths."""
+
+    def find_class(self, module: str, name: str):
+        ok = (module, name) in _DCP_GLOBALS or module == "torch.distributed.checkpoint.metadata"
+        if module == "torch" and isinstance(getattr(__import__("torch"), name, None), torch.dtype):
+            ok = True
+        if not ok:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def scan_pickles(path: str) -> None:
+    """Refuse a checkpoint whose pickled files name anything but tensors and plain data.
+
+    torch zip files (``*.pt``) are checked with ``torch.serialization.get_unsafe_globals_in_checkpoint``
+    (allowing the few DeepSpeed classes its optimizer states hold); DCP ``.metadata`` is unpickled with
+    an allow-list. Nothing is executed. Raises:
+        CheckpointError: naming the file and the refused global.
+    """
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            try:
+                if name == ".metadata":
+                    with open(full, "rb") as f:
+                        _MetadataUnpickler(f).load()
+                elif name.endswith(".pt") or zipfile.is_zipfile(full) and name.endswith((".pth", ".bin")):
+                    bad = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(full)
+                           if g not in _DEEPSPEED_GLOBALS]  # fmt: skip
+                    if bad:
+                        raise pickle.UnpicklingError(f"refusing global {bad[0]}")
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+                raise CheckpointError(
+                    f"checkpoint {path}: {os.path.relpath(full, path)} holds pickled objects other than tensors "
+                    f"and plain data ({' '.join(str(e).split())[:160]}); it is never loaded. Delete it or set "
+                    "checkpoint.resume to another checkpoint"
+                ) from e
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -156,10 +253,18 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 _warned: set[str] = set()
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
+def latest_checkpoint(root: str, check: bool = False) -> str | None:
+    """The newest complete checkpoint under ``root``, or None.
+
+    With ``check``, each candidate (newest first) is also :func:`verify`-ed; a damaged one is skipped
+    with a warning naming it and the file, and the previous one is taken.
+    """
+    for _, path in reversed(list_checkpoints(root)):
+        problem = verify(path) if check else None
+        if problem is None:
+            return path
+        log.warning("skipping damaged checkpoint %s: %s; trying the previous one", path, problem)
+    return None
 
 
 def prune(root: str, keep_last: int) -> None:

@@ -87,6 +87,13 @@ class TrainSection:
     # still spans max_steps, and a rerun resumes (time-sliced jobs)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+    compile: bool = False  # torch.compile each transformer block (torchtitan style), before sharding
+    nonfinite: str | None = (
+        None  # skip | abort on a non-finite loss or grad norm; None: skip (abort with deepspeed)
+    )
+    max_consecutive_skips: int = 5  # with skip: abort after this many non-finite steps in a row
+    spike_factor: float = 3.0  # log a loss-spike event when loss > spike_factor x running median; 0 disables
+    spike_window: int = 50  # steps in that running median
     peak_flops_per_device: float | None = None  # FLOP/s for MFU; None: table (GPU) or measured (CPU)
 
 
@@ -102,6 +109,9 @@ class DataConfig:
     hub_name: str | None = None  # dataset config name for hub datasets
     split: str = "train"  # split for hub datasets
     num_proc: int = 1  # tokenization worker processes
+    loader_workers: int | None = (
+        None  # processes preparing the next steps' batches; None: 2 on cuda, 0 on cpu
+    )
     cache_dir: str = "${harness_cache:}"
 
 
@@ -152,7 +162,10 @@ class ParallelConfig:
     hsdp_replicate: int = (
         1  # HSDP: replicate groups x shard groups (e.g. nodes x gpus_per_node); 1 = plain FSDP
     )
-    activation_checkpointing: bool = False  # recompute each block's activations in backward (fsdp, ddp)
+    activation_checkpointing: bool = False  # recompute blocks' activations in backward (none, ddp, fsdp)
+    activation_checkpointing_every: int = (
+        1  # 1: every block (full); k: every k-th block (torchtitan's selective)
+    )
     # deepspeed
     zero_stage: int = 2  # 0 | 1 | 2 | 3
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU
@@ -381,6 +394,19 @@ def validate(cfg: TrainConfig, world_size: int = 1, schedule_fits: bool = True) 
         "model.vocab_multiple", "data.seq_len", "data.num_proc", "tokenizer.train_vocab_size", "optim.lr",
         "logging.every", "eval.batches", "checkpoint.keep_last",
     )  # fmt: skip
+    if cfg.train.nonfinite not in (None, "skip", "abort"):
+        raise ConfigError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of skip, abort (or null)")
+    if cfg.train.nonfinite == "skip" and cfg.parallel.name == "deepspeed":
+        raise ConfigError("train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
+                          "engine.step()); use train.nonfinite=abort or leave it null")  # fmt: skip
+    if cfg.train.max_consecutive_skips < 1 or cfg.train.spike_window < 1 or cfg.train.spike_factor < 0:
+        raise ConfigError(
+            "train.max_consecutive_skips and train.spike_window must be >= 1, train.spike_factor >= 0"
+        )
+    if cfg.data.loader_workers is not None and cfg.data.loader_workers < 0:
+        raise ConfigError(
+            f"data.loader_workers={cfg.data.loader_workers} must be >= 0 (0: load in the training process)"
+        )
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
@@ -502,6 +528,9 @@ def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
     if p.activation_checkpointing and p.name == "deepspeed":
         raise ConfigError("parallel.activation_checkpointing is for ddp/fsdp/none; with deepspeed use its own "
                           "activation_checkpointing section in parallel.ds_config")  # fmt: skip
+    if p.activation_checkpointing_every < 1:
+        raise ConfigError(f"parallel.activation_checkpointing_every={p.activation_checkpointing_every} must be >= 1 "
+                          "(1: every block; k: every k-th block)")  # fmt: skip
     if p.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0")
     for key in ("param_dtype", "reduce_dtype"):
@@ -588,6 +617,26 @@ def check_schedule_fits(cfg: TrainConfig, max_steps: int) -> None:
             f"schedule.batch_warmup.steps={bw.steps} > {budget}: the run would end "
             "inside the batch-size warmup; lower schedule.batch_warmup.steps"
         )
+
+
+def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its dataclass schema does not declare (a ``+key=value`` override
+    adds them; Hydra accepts that, the trainer would silently ignore them)."""
+    import dataclasses
+
+    out = []
+    schema = OmegaConf.get_type(cfg)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in cfg:
+        if key == "hydra":
+            continue
+        if fields is not None and key not in fields:
+            out.append(f"{prefix}{key}")
+            continue
+        node = cfg._get_node(key)
+        if OmegaConf.is_dict(node) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            out += unknown_keys(node, f"{prefix}{key}.")
+    return out
 
 
 def to_object(cfg: Any) -> TrainConfig:

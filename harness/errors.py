@@ -15,3 +15,7 @@ class DataError(HarnessError):
 
 class CheckpointError(HarnessError):
     """A checkpoint cannot be written or does not match the run."""
+
+
+class NonFiniteError(HarnessError):
+    """A non-finite loss or gradient norm under ``train.nonfinite=abort`` (or too many skipped steps)."""

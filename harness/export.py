@@ -57,6 +57,7 @@ def export(checkpoint: str, out_dir: str) -> str:
         raise CheckpointError(
             f"{checkpoint} is not a complete checkpoint (no manifest.json or wrong file sizes)"
         )
+    ckpt.scan_pickles(checkpoint)
     state = ckpt.read_state(checkpoint)
     shape = dict(state["model"])
     vocab_size = shape.pop("vocab_size")

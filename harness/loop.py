@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +23,10 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from harness import faults
 from harness.data import IGNORE_INDEX, MicroBatch, StepLoader
+from harness.data.loader import PrefetchLoader
+from harness.errors import NonFiniteError
 from harness.metrics import MetricsLogger, StepMetrics, StepTimer, max_memory_bytes
 from harness.parallel import Backend
 from harness.schedule import DataPosition, IterationPlan, StepInfo
@@ -39,19 +44,22 @@ class TrainState:
     best_val_loss: float = math.inf
     evals_since_best: int = 0
     stopped_early: bool = False
+    skipped_steps: int = 0  # steps whose update was skipped (train.nonfinite=skip)
+    consecutive_skips: int = 0
     preempted: bool = False  # this invocation ended on SIGUSR1/SIGTERM (not saved: a rerun continues)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "tokens_total": self.tokens_total, "epoch": self.position.epoch,
                 "offset": self.position.offset, "best_val_loss": _json_float(self.best_val_loss),
-                "evals_since_best": self.evals_since_best, "stopped_early": self.stopped_early}  # fmt: skip
+                "evals_since_best": self.evals_since_best, "stopped_early": self.stopped_early,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
         best = d.get("best_val_loss")
         return cls(d["step"], d["tokens_total"], DataPosition(d["epoch"], d["offset"]),
                    math.inf if best is None else float(best), d.get("evals_since_best", 0),
-                   d.get("stopped_early", False))  # fmt: skip
+                   d.get("stopped_early", False), d.get("skipped_steps", 0), d.get("consecutive_skips", 0))  # fmt: skip
 
 
 def _json_float(x: float):
@@ -103,7 +111,7 @@ class LoopParts:
     backend: Backend
     model: torch.nn.Module  # the module to call forward on (possibly wrapped)
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: StepLoader
+    loader: StepLoader | PrefetchLoader
     val_batches: list[MicroBatch]
     plan: IterationPlan
     max_steps: int
@@ -118,6 +126,10 @@ class LoopParts:
     metrics: MetricsLogger
     save_checkpoint: Callable[[TrainState], None]
     stop_signal: StopSignal | None = None
+    nonfinite: str = "skip"  # skip | abort (train.nonfinite)
+    max_consecutive_skips: int = 5
+    spike_factor: float = 3.0  # loss-spike event when loss > spike_factor x running median (0: off)
+    spike_window: int = 50
 
 
 def token_loss_sum(
@@ -136,7 +148,7 @@ def token_loss_sum(
     )
 
 
-def forward_backward(parts: LoopParts, micro_batches: list[MicroBatch]) -> torch.Tensor:
+def forward_backward(parts: LoopParts, micro_batches: list[MicroBatch], step: int = 0) -> torch.Tensor:
     """Accumulate the gradient of the step's token-mean loss; returns that loss (0-d, detached).
 
     Every micro-batch's summed loss is divided by the number of target tokens in the whole
@@ -149,6 +161,8 @@ def forward_backward(parts: LoopParts, micro_batches: list[MicroBatch]) -> torch
     for i, mb in enumerate(micro_batches):
         with backend.accumulate(is_last=i == len(micro_batches) - 1):
             loss = token_loss_sum(parts.model, mb, parts.autocast_dtype) / num_targets
+            if i == 0 and faults.nan_loss(step):
+                loss = loss * float("nan")
             backend.backward(loss)
         total += loss.detach()
     return backend.all_reduce_sum(total)
@@ -175,28 +189,37 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
     """Run optimizer steps from ``state`` until ``parts.max_steps`` (or early stopping)."""
     backend, device = parts.backend, parts.backend.env.device
     timer = StepTimer(device)
+    recent: collections.deque[float] = collections.deque(maxlen=parts.spike_window)  # finite losses
     started = time.perf_counter()
     parts.model.train()
     for info in parts.plan.steps(state.step, state.position, state.tokens_total):
         if info.step > parts.max_steps or state.stopped_early:
             break
+        faults.on_step(info.step)
         timer.start()
         backend.begin_step()
         # 1. sample
         micro_batches = [mb.to(device, non_blocking=True) for mb in parts.loader.micro_batches(info)]
         timer.mark("data")
         # 2 + 3. forward and backward over the accumulated micro-batches
-        loss = forward_backward(parts, micro_batches)
+        loss = forward_backward(parts, micro_batches, info.step)
         timer.mark("forward_backward")
-        # 4. update, once per step
+        # 4. update, once per step (skipped, on every rank alike, when the loss or grad norm is not finite)
         lr = parts.scheduler.get_last_lr()[0]
-        grad_norm = backend.clip_and_step(parts.grad_clip)  # clip by global norm, step, zero grads
+        grad_norm, stepped = backend.clip_and_step(
+            parts.grad_clip, loss
+        )  # clip by global norm, step, zero grads
+        if not stepped:
+            state = _nonfinite(parts, state, info.step, loss, grad_norm)
         parts.scheduler.step()
         timer.mark("optimizer")
         # 5. log
         state = replace(state, step=info.step, tokens_total=info.tokens_total,
-                        position=info.end_position(parts.plan.num_sequences))  # fmt: skip
+                        position=info.end_position(parts.plan.num_sequences),
+                        consecutive_skips=0 if stepped else state.consecutive_skips)  # fmt: skip
         record = _record(parts, info, timer.durations(), loss, grad_norm, lr, time.perf_counter() - started)
+        record.skipped_steps = state.skipped_steps
+        record.events = _events(parts, record, stepped, recent)
         if (
             parts.eval_every
             and parts.val_batches
@@ -205,8 +228,6 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
             record.val_loss = evaluate(parts)
             state = _early_stopping(parts, state, record.val_loss)
         parts.metrics.write(record)
-        if not math.isfinite(record.loss):
-            log.warning("step %d: non-finite loss %s", info.step, record.loss)
         signalled = parts.stop_signal is not None and parts.stop_signal.requested(backend)
         stop = info.step == parts.stop_at_step or signalled
         last = info.step == parts.max_steps or state.stopped_early or stop
@@ -222,6 +243,42 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
             state = replace(state, preempted=signalled)
             break
     return state
+
+
+def _nonfinite(parts: LoopParts, state: TrainState, step: int, loss: torch.Tensor,
+               grad_norm: torch.Tensor) -> TrainState:  # fmt: skip
+    """A step whose loss or gradient norm is not finite: count it as skipped, or abort (nothing saved)."""
+    what = f"step {step}: non-finite loss {loss.item():.4g} / grad norm {grad_norm.item():.4g}"
+    if parts.nonfinite == "abort":
+        raise NonFiniteError(
+            f"{what}; train.nonfinite=abort: stopping without saving (rerun with "
+            "checkpoint.resume=auto to continue from the newest checkpoint, or set train.nonfinite=skip)"
+        )
+    state = replace(
+        state, skipped_steps=state.skipped_steps + 1, consecutive_skips=state.consecutive_skips + 1
+    )
+    log.warning("%s: update skipped (%d skipped so far)", what, state.skipped_steps)
+    if state.consecutive_skips >= parts.max_consecutive_skips:
+        raise NonFiniteError(f"{what}; {state.consecutive_skips} steps in a row were non-finite "
+                             f"(train.max_consecutive_skips={parts.max_consecutive_skips}): stopping without saving; "
+                             "lower optim.lr or check the data, then rerun with checkpoint.resume=auto")  # fmt: skip
+    return state
+
+
+def _events(
+    parts: LoopParts, record: StepMetrics, stepped: bool, recent: collections.deque
+) -> list[str] | None:
+    """``skipped_nonfinite`` and ``loss_spike`` (loss > spike_factor x median of the last spike_window losses)."""
+    events = [] if stepped else ["skipped_nonfinite"]
+    if math.isfinite(record.loss):
+        if parts.spike_factor and len(recent) >= min(10, parts.spike_window):
+            median = statistics.median(recent)
+            if record.loss > parts.spike_factor * median:
+                events.append("loss_spike")
+                log.warning("step %d: loss spike %.4f > %.3g x running median %.4f", record.step, record.loss,
+                            parts.spike_factor, median)  # fmt: skip
+        recent.append(record.loss)
+    return events or None
 
 
 def _early_stopping(parts: LoopParts, state: TrainState, val_loss: float) -> TrainState:

@@ -56,6 +56,8 @@ class StepMetrics:
     max_memory_bytes: int
     elapsed_s: float  # wall time since this process started training
     val_loss: float | None = None  # set on evaluation steps
+    skipped_steps: int = 0  # steps so far whose update was skipped (non-finite loss or grad norm)
+    events: list[str] | None = None  # e.g. ["loss_spike"], ["skipped_nonfinite"]
 
     def to_json(self) -> str:
         return json.dumps({k: _clean(v) for k, v in asdict(self).items()})

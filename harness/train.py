@@ -21,8 +21,9 @@ import transformers
 from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
-from harness.config import BatchSizes, TrainConfig, check_schedule_fits, to_object, validate
+from harness.config import BatchSizes, TrainConfig, check_schedule_fits, to_object, unknown_keys, validate
 from harness.data import DataBundle, StepLoader, build_data, validation_batches
+from harness.data.loader import PrefetchLoader
 from harness.data.tokenizer import tokenizer_fingerprint
 from harness.dist import DistEnv, read_env
 from harness.errors import CheckpointError, ConfigError, HarnessError
@@ -32,6 +33,7 @@ from harness.loop import train as train_loop
 from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops, step_log
 from harness.model import ModelStats, build_model, model_stats, resolve_vocab_size
 from harness.parallel import Backend, build_backend
+from harness.parallel.base import prepare_blocks
 from harness.plan import iteration_plan
 from harness.schedule import IterationPlan, LRSchedule
 
@@ -86,11 +88,48 @@ def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
     log_file = _start_run_dir(run_dir, composed, p.resolved, overrides or []) if p.env.is_main else None
     try:
         return _train(p)
+    except Exception as e:
+        _report_failure(p, e)
+        raise
     finally:
         if log_file is not None:
             log.removeHandler(log_file)
             step_log.removeHandler(log_file)
             log_file.close()
+
+
+def _report_failure(p: Prepared, e: Exception) -> None:
+    """Every rank records its error in ``<run>/failures/rank_<r>.json``; rank 0 then logs the first
+    one (by time) once in ``train.log``, so the root cause of a multi-rank failure is in one place
+    (the other ranks usually fail afterwards in a collective with the dead one)."""
+    import time
+    import traceback
+
+    directory = os.path.join(p.run_dir, "failures")
+    record = {"rank": p.env.rank, "time": time.time(), "error": f"{type(e).__name__}: {e}",
+              "traceback": traceback.format_exc()}  # fmt: skip
+    with contextlib.suppress(OSError):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"rank_{p.env.rank}.json"), "w") as f:
+            json.dump(record, f)
+    if not p.env.is_main:
+        return
+    records = [record]
+    deadline = time.time() + min(10.0, p.cfg.parallel.timeout_s)
+    while p.env.world_size > 1 and time.time() < deadline:  # give the others a moment to report theirs
+        with contextlib.suppress(OSError, ValueError):
+            records = [json.load(open(os.path.join(directory, n))) for n in os.listdir(directory)]
+        if len(records) >= p.env.world_size:
+            break
+        time.sleep(0.2)
+    first = min(records, key=lambda r: r["time"])
+    if isinstance(e, HarnessError) and first["rank"] == p.env.rank:
+        return  # reported as one error line by the caller
+    log.error(
+        "training failed: rank %d raised first: %s\n%s", first["rank"], first["error"], first["traceback"]
+    )
+    if first["rank"] != p.env.rank:
+        log.error("rank %d stopped because of it: %s", p.env.rank, " ".join(record["error"].split())[:300])
 
 
 def prepare(cfg, run_dir: str) -> Prepared:
@@ -136,6 +175,8 @@ def _train(p: Prepared) -> TrainState:
                  f"{p.plan.total_tokens(p.max_steps):,}")  # fmt: skip
 
     model = build_model(cfg.model, p.vocab_size, cfg.seed, data.tokenizer.eos_token_id)
+    prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.parallel.activation_checkpointing_every,
+                   cfg.train.compile)  # fmt: skip
     backend.setup(model)
     optimizer = backend.build_optimizer(cfg.optim)  # after sharding; DeepSpeed wraps the model here
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: p.schedule.torch_lambda(i))
@@ -179,13 +220,16 @@ def _train(p: Prepared) -> TrainState:
     metrics = MetricsLogger(_sinks(p, state.step) if env.is_main else [])
     parts = LoopParts(
         backend=backend, model=backend.model, scheduler=scheduler,
-        loader=StepLoader(data.train, cfg.seed, batch.micro_batch_size, env.rank, env.world_size),
+        loader=_loader(p),
         val_batches=validation_batches(data.val, cfg.eval.batches, batch.micro_batch_size, env.rank, env.world_size)
         if data.val else [],
         plan=p.plan, max_steps=p.max_steps, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval.every,
         patience=cfg.eval.patience, checkpoint_every=cfg.checkpoint.every, stop_at_step=cfg.train.stop_at_step,
         flops_per_token=p.stats.flops_per_token, peak_flops=peak_flops,
         autocast_dtype=_autocast_dtype(cfg.train.dtype, env.device), metrics=metrics, save_checkpoint=save,
+        nonfinite=cfg.train.nonfinite or ("abort" if cfg.parallel.name == "deepspeed" else "skip"),
+        max_consecutive_skips=cfg.train.max_consecutive_skips, spike_factor=cfg.train.spike_factor,
+        spike_window=cfg.train.spike_window,
     )  # fmt: skip
     try:
         if state.step < p.max_steps and not state.stopped_early:
@@ -201,6 +245,17 @@ def _train(p: Prepared) -> TrainState:
     report_exit(env.rank, EXIT_PREEMPTED if state.preempted else 0)  # for harness.launch.node under torchrun
     backend.close()
     return state
+
+
+def _loader(p: Prepared) -> StepLoader | PrefetchLoader:
+    """The step loader; with ``data.loader_workers`` > 0 (default 2 on CUDA), prefetched by worker processes."""
+    loader = StepLoader(p.data.train, p.cfg.seed, p.batch.micro_batch_size, p.env.rank, p.env.world_size)
+    workers = p.cfg.data.loader_workers
+    if workers is None:
+        workers = 2 if p.env.device.type == "cuda" else 0
+    if workers == 0:
+        return loader
+    return PrefetchLoader(loader, p.plan, p.max_steps, workers, pin_memory=p.env.device.type == "cuda")
 
 
 def _sinks(p: Prepared, start_step: int) -> list:
@@ -284,18 +339,26 @@ def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict, p
             )
         return None
     if resume == "auto":
-        path = ckpt.latest_checkpoint(ckpt_root)
+        path = ckpt.latest_checkpoint(
+            ckpt_root, check=True
+        )  # a damaged newest one falls back to the previous
         if path is None:
             return None
     else:
         path = os.path.expanduser(resume)
         if os.path.isdir(os.path.join(path, "checkpoints")):  # a run directory
-            path = ckpt.latest_checkpoint(os.path.join(path, "checkpoints")) or path
+            path = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"), check=True) or path
         if not ckpt.is_complete(path):
             raise CheckpointError(
                 f"checkpoint.resume={resume!r} is not auto, never, or a complete checkpoint directory "
                 "(runs/<run_name>/checkpoints/step_NNNNNNNN, or a run directory)"
             )
+        problem = ckpt.verify(path)
+        if problem:
+            raise CheckpointError(
+                f"checkpoint.resume: {path} is damaged ({problem}); choose another checkpoint"
+            )
+    ckpt.scan_pickles(path)  # before anything is unpickled
     with open(os.path.join(path, ckpt.STATE)) as f:
         saved = json.load(f)
     _check_format(path, saved, parallel, world_size)
@@ -398,8 +461,42 @@ def _hydra_main(cfg) -> None:
         sys.exit(130)
 
 
+def composition_error(e: Exception) -> str:
+    """Hydra's multi-line composition error (unknown key, wrong type, bad override) as one line."""
+    lines = [" ".join(str(x).split()) for x in (e, e.__cause__) if x is not None and str(x).strip()]
+    text = " -- ".join(dict.fromkeys(lines))
+    text = text.split(" Config search path:")[0].split(" See https://hydra.cc")[0]
+    return text.replace(" full_key:", "; full_key:").split(" object_type=")[0].split(" reference_type=")[0]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose ``configs/train.yaml`` with ``overrides`` as Hydra will, raising :class:`ConfigError`
+    with one line instead of Hydra's multi-line report (so every bad input gives one ``error:`` line)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+    except Exception as e:  # ConfigCompositionException, OverrideParseException, ValidationError, ...
+        raise ConfigError(composition_error(e)) from e
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]} is not a config key (added with '+'?); see harness/config.py for the keys"
+        )
+
+
 def main() -> None:
-    """Console-script entry (``harness-train``)."""
+    """Console-script entry (``harness-train``): one ``error:`` line and exit 2 for a config Hydra
+    cannot compose; otherwise Hydra's own main (multirun, ``--cfg`` etc. go straight to Hydra)."""
+    argv = sys.argv[1:]
+    if not any(a.startswith("-") for a in argv):
+        try:
+            check_overrides(argv)
+        except ConfigError as e:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     _hydra_main()
 
 

@@ -58,6 +58,10 @@ class MicroBatch:
         """Number of trained target tokens (labels != IGNORE_INDEX), a 0-d int64 tensor."""
         return (self.labels != IGNORE_INDEX).sum()
 
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies, so that ``to(cuda, non_blocking=True)`` overlaps with compute."""
+        return MicroBatch(self.input_ids.pin_memory(), self.labels.pin_memory())
+
     def to(self, device: torch.device, non_blocking: bool = False) -> MicroBatch:
         return MicroBatch(self.input_ids.to(device, non_blocking=non_blocking),
                           self.labels.to(device, non_blocking=non_blocking))  # fmt: skip
@@ -105,6 +109,53 @@ class StepLoader:
             mine = indices[k * m * w + self.rank * m : k * m * w + (self.rank + 1) * m]
             out.append(MicroBatch.from_sequences(self.sequences.get(mine)))
         return out
+
+
+class _StepStream(torch.utils.data.IterableDataset):
+    """Steps ``start+1 .. max_steps`` of a plan as ``(step, micro_batches)``; with W workers, worker w
+    prepares every W-th step, and the DataLoader returns them round-robin, i.e. in step order."""
+
+    def __init__(self, loader: StepLoader, plan, first: StepInfo, max_steps: int):
+        self.loader, self.plan, self.first, self.max_steps = loader, plan, first, max_steps
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        first = self.first
+        steps = self.plan.steps(first.step - 1, first.position, first.tokens_total - first.tokens)
+        for k, step in enumerate(steps):
+            if step.step > self.max_steps:
+                return
+            if k % workers == wid:
+                yield step.step, self.loader.micro_batches(step)
+
+
+class PrefetchLoader:
+    """A :class:`StepLoader` whose next steps are prepared by ``workers`` processes
+    (``torch.utils.data.DataLoader`` over the plan, ``prefetch_factor`` steps each, pinned memory
+    on CUDA), so the training loop does not wait for indexing and copying.
+
+    The batches are the StepLoader's, for the same planned steps, so resume and the data order
+    are unchanged; :meth:`micro_batches` checks that the loop asks for the steps in order.
+    """
+
+    def __init__(self, loader: StepLoader, plan, max_steps: int, workers: int, pin_memory: bool,
+                 prefetch_factor: int = 2):  # fmt: skip
+        self.loader, self.plan, self.max_steps = loader, plan, max_steps
+        self.workers, self.pin_memory, self.prefetch_factor = workers, pin_memory, prefetch_factor
+        self._it = None
+
+    def micro_batches(self, info: StepInfo) -> list[MicroBatch]:
+        """This rank's micro-batches for ``info`` (the next step of the plan)."""
+        if self._it is None:
+            stream = _StepStream(self.loader, self.plan, info, self.max_steps)
+            self._it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
+                                                        pin_memory=self.pin_memory,
+                                                        prefetch_factor=self.prefetch_factor))  # fmt: skip
+        step, batches = next(self._it)
+        if step != info.step:
+            raise RuntimeError(f"prefetching loader out of step: got step {step}, the loop is at {info.step}")
+        return batches
 
 
 def validation_batches(sequences: PackedSequences, num_batches: int, micro_batch_size: int,

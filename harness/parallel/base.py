@@ -61,6 +61,36 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
+def prepare_blocks(model: torch.nn.Module, activation_checkpointing: bool, every: int = 1,
+                   compile_blocks: bool = False) -> torch.nn.Module:  # fmt: skip
+    """Activation checkpointing and ``torch.compile`` per transformer block, before any sharding.
+
+    Args:
+        activation_checkpointing: recompute checkpointed blocks' activations in backward
+            (non-reentrant ``torch.utils.checkpoint`` through ``transformers``).
+        every: checkpoint blocks ``0, every, 2*every, ...`` (1 = all blocks; the rule of torchtitan's
+            layer-selective activation checkpointing and of ``transformers``' ``every_n_layers``).
+        compile_blocks: ``nn.Module.compile()`` on each block (torchtitan applies compile per block,
+            after activation checkpointing and before FSDP).
+    Returns:
+        ``model`` (changed in place).
+    """
+    if activation_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: selective built in
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs, every_n_layers=every
+            )
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            for i, block in enumerate(transformer_blocks(model)):
+                block.gradient_checkpointing = i % every == 0
+    if compile_blocks:
+        for block in transformer_blocks(model):
+            block.compile()
+    return model
+
+
 class Backend(ABC):
     """How a model is placed, synchronized, stepped and checkpointed across processes.
 
@@ -101,17 +131,28 @@ class Backend(ABC):
         """Sum of ``t`` over data-parallel ranks (identity on one process)."""
         return t
 
-    def clip_and_step(self, max_norm: float) -> torch.Tensor:
-        """Clip by the global L2 norm (when ``max_norm > 0``), step the optimizer, zero the
-        gradients; returns the norm before clipping (0-d tensor)."""
+    def clip_and_step(self, max_norm: float, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """Clip by the global L2 norm (when ``max_norm > 0``), step the optimizer, zero the gradients.
+
+        With ``loss`` given (the step's loss, equal on every rank), the step is skipped -- no parameter
+        or optimizer-state change -- when it or the global norm is not finite; both are the same on
+        every rank, so all ranks agree (one host sync).
+
+        Returns:
+            ``(norm before clipping (0-d tensor), stepped)``.
+        """
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        if loss is not None and not bool(torch.isfinite(norm) & torch.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm, False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm, True
 
     def begin_step(self) -> None:
         """Called as an optimizer step starts (communication counters restart)."""

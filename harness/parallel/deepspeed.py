@@ -164,7 +164,11 @@ class DeepSpeedBackend(DistributedBackend):
         if not self._is_last:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
 
-    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+    def clip_and_step(self, max_norm: float, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """The engine clips and steps; with ``loss`` given, a non-finite loss returns before the step
+        (for ``train.nonfinite=abort``; DeepSpeed cannot skip a step it has started)."""
+        if loss is not None and not bool(torch.isfinite(loss)):
+            return torch.tensor(float("nan")), False
         norm = None
         if self.cfg.zero_stage == 0:  # the engine clips but does not keep the norm without ZeRO
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -173,7 +177,7 @@ class DeepSpeedBackend(DistributedBackend):
         if norm is None:
             value = self.engine.get_global_grad_norm()
             norm = torch.as_tensor(float(value) if value is not None else float("nan"))
-        return norm
+        return norm, loss is None or bool(torch.isfinite(norm))
 
     def unwrapped(self) -> torch.nn.Module:
         return self.module

@@ -52,10 +52,6 @@ class DistributedBackend(Backend):
     def close(self) -> None:
         shutdown_distributed()
 
-    def _enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
-        if self.cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
     # -- torch.distributed.checkpoint ----------------------------------------------------------
 
     def _state_module(self) -> torch.nn.Module:
@@ -108,7 +104,6 @@ class DDPBackend(DistributedBackend):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = model.to(self.env.device)
-        self._enable_activation_checkpointing(model)
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
         self.ddp.register_comm_hook(None, _sum_allreduce_hook)
@@ -155,7 +150,6 @@ class FSDPBackend(DistributedBackend):
         offload = CPUOffloadPolicy() if c.cpu_offload else OffloadPolicy()
         if not c.cpu_offload:
             model = model.to(self.env.device)
-        self._enable_activation_checkpointing(model)
         kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload}
         for block in transformer_blocks(model):
             fully_shard(block, reshard_after_forward=c.reshard_after_forward, **kw)
@@ -169,7 +163,3 @@ class FSDPBackend(DistributedBackend):
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.env.world_size).backward()
-
-    def clip_and_step(self, max_norm: float) -> torch.Tensor:
-        norm = super().clip_and_step(max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
