@@ -11,6 +11,7 @@ message names the offending key and the fix.
 from __future__ import annotations
 
 import os
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,7 +244,7 @@ class SlurmConfig:
     exclusive: bool = False  # whole nodes
     job_name: str | None = None  # None: run_name
     launcher: str = "auto"  # auto (deepspeed for parallel=deepspeed, else torchrun) | torchrun | deepspeed
-    rdzv_port: int = 29500  # rendezvous / master port on the first node
+    rdzv_port: int | None = None  # rendezvous / master port on the first node; None: 20000 + job id % 20000
     python: str | None = None  # interpreter on the nodes; None: this one (``python`` inside a container)
     container_image: str | None = None  # pyxis/enroot image (srun --container-image)
     container_mounts: str | None = None  # srun --container-mounts, e.g. /data:/data,/scratch:/scratch
@@ -399,9 +400,12 @@ def validate(cfg: TrainConfig, world_size: int = 1, schedule_fits: bool = True) 
     if cfg.train.nonfinite == "skip" and cfg.parallel.name == "deepspeed":
         raise ConfigError("train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
                           "engine.step()); use train.nonfinite=abort or leave it null")  # fmt: skip
-    if cfg.train.max_consecutive_skips < 1 or cfg.train.spike_window < 1 or cfg.train.spike_factor < 0:
+    for key in ("max_consecutive_skips", "spike_window"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be >= 1")
+    if cfg.train.spike_factor < 0:
         raise ConfigError(
-            "train.max_consecutive_skips and train.spike_window must be >= 1, train.spike_factor >= 0"
+            f"train.spike_factor={cfg.train.spike_factor} must be >= 0 (0 disables loss-spike events)"
         )
     if cfg.data.loader_workers is not None and cfg.data.loader_workers < 0:
         raise ConfigError(
@@ -546,6 +550,36 @@ def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
         )
 
 
+def slurm_time_seconds(text: str) -> int:
+    """Seconds of a Slurm time limit: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S`` (sbatch manual).
+
+    Raises:
+        ConfigError: another form, a field out of range, or 0 (which Slurm reads as no limit).
+    """
+    import re
+
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text or ""))
+    bad = ConfigError(f"slurm.time={text!r} is not a Slurm time limit (MM, HH:MM:SS or D-HH:MM:SS, not 0)")
+    if not m:
+        raise bad
+    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        h, mi, s = a, b or 0, c or 0
+    elif c is not None:  # H:M:S
+        h, mi, s = a, b, c
+    elif b is not None:  # M:S
+        h, mi, s = 0, a, b
+    else:  # M
+        h, mi, s = 0, a, 0
+    hours_given = days is not None or c is not None
+    if s > 59 or (hours_given and mi > 59) or (days is not None and h > 23):
+        raise bad
+    total = (days or 0) * 86400 + h * 3600 + mi * 60 + s
+    if total <= 0:
+        raise bad
+    return total
+
+
 def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
     """Check the ``slurm`` section for ``python -m harness.launch.slurm``.
 
@@ -570,8 +604,16 @@ def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
         value = getattr(s, key)
         if value is not None and value < (1 if key in ("cpus_per_task", "rdzv_port") else 0):
             raise ConfigError(f"slurm.{key}={value} must be {'> 0' if key != 'max_requeues' else '>= 0'}")
-    if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+", s.time or ""):
-        raise ConfigError(f"slurm.time={s.time!r} is not a Slurm time limit (MM, HH:MM:SS or D-HH:MM:SS)")
+    if s.rdzv_port is not None and not 1024 <= s.rdzv_port <= 65535:
+        raise ConfigError(
+            f"slurm.rdzv_port={s.rdzv_port} must be a port in 1024..65535 (or null: from the job id)"
+        )
+    limit = slurm_time_seconds(s.time)
+    if limit <= s.signal_grace_s:
+        raise ConfigError(f"slurm.time={s.time!r} ({limit} s) must be longer than slurm.signal_grace_s="
+                          f"{s.signal_grace_s}: the checkpoint signal comes that long before the limit")  # fmt: skip
+    if s.mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(s.mem)):
+        raise ConfigError(f"slurm.mem={s.mem!r} is not a Slurm memory size (e.g. 0 for all, 500G, 64000M)")
     launcher = s.launcher
     if launcher == "auto":
         launcher = "deepspeed" if parallel == "deepspeed" else "torchrun"
@@ -580,6 +622,9 @@ def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
     for name in s.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
             raise ConfigError(f"slurm.env key {name!r} is not a valid environment variable name")
+        if re.search(r"KEY|TOKEN|SECRET|PASSWORD", str(name).upper()):
+            raise ConfigError(f"slurm.env.{name} looks like a secret: it would be written into the sbatch script; "
+                              "export it in the submitting shell instead (sbatch passes the environment on)")  # fmt: skip
     for arg in s.sbatch_args:
         if not str(arg).startswith("-"):
             raise ConfigError(
@@ -617,6 +662,15 @@ def check_schedule_fits(cfg: TrainConfig, max_steps: int) -> None:
             f"schedule.batch_warmup.steps={bw.steps} > {budget}: the run would end "
             "inside the batch-size warmup; lower schedule.batch_warmup.steps"
         )
+
+
+def composition_error(e: Exception) -> str:
+    """Hydra's multi-line composition error (unknown key, wrong type, bad override) as one line."""
+    lines = [" ".join(str(x).split()) for x in (e, e.__cause__) if x is not None and str(x).strip()]
+    text = " -- ".join(dict.fromkeys(lines))
+    text = text.split(" Config search path:")[0].split(" See https://hydra.cc")[0]
+    text = re.sub(r" To append to your config use \+\S+", "", text)
+    return text.replace(" full_key:", "; full_key:").split(" object_type=")[0].split(" reference_type=")[0]
 
 
 def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:

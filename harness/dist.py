@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,37 +101,66 @@ def read_env(device: str = "auto") -> DistEnv:
     return DistEnv(rank, local_rank, world_size, dev)
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, ask Linux to SIGKILL this process when its launcher dies.
+
+    torchrun starts workers in their own sessions, so a launcher killed with SIGKILL (OOM killer,
+    a lost node's agent, ``kill -9``) would leave them running, still writing checkpoints and metrics
+    into the run directory while a restarted job resumes from it. ``prctl(PR_SET_PDEATHSIG)``
+    (Linux ``prctl(2)``); a no-op elsewhere.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() == 1:  # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(env: DistEnv, timeout_s: float) -> None:
     """Create the default process group: NCCL on GPU, gloo on CPU.
 
-    Uses ``MASTER_ADDR``/``MASTER_PORT`` from the launcher (a one-process run without them gets
-    127.0.0.1 and a free port). On GPU, ``TORCH_NCCL_ENABLE_TIMING=1`` is set first so that
-    collectives carry CUDA timing events (see ``harness.parallel.comm``).
+    Uses ``MASTER_ADDR``/``MASTER_PORT`` from the launcher; a one-process run without them gets an
+    in-memory store (the environment is left as it was). Under torchrun each elastic attempt gets
+    its own key prefix in the agent's store. On GPU, ``TORCH_NCCL_ENABLE_TIMING=1`` is set first
+    so that collectives carry CUDA timing events (see ``harness.parallel.comm``).
+
+    Raises:
+        ConfigError: several processes but no ``MASTER_ADDR``/``MASTER_PORT``.
     """
     import datetime
-    import socket
 
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise ConfigError(
-                f"WORLD_SIZE={env.world_size} but {name} is not set: launch with torchrun, deepspeed or srun"
-            )
+    die_with_launcher()
+    timeout = datetime.timedelta(seconds=timeout_s)
     backend = "gloo"
     if env.device.type == "cuda":
         os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
         torch.cuda.set_device(env.device)
         backend = "nccl"
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+    store = None
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        store = dist.HashStore()
+    else:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise ConfigError(
+                    f"WORLD_SIZE={env.world_size} but {name} is not set: launch with torchrun, deepspeed or srun"
+                )
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps its store across elastic restarts (--max-restarts); with the previous
+            # attempt's keys still there gloo would connect to dead ranks, so each attempt gets a prefix.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                                  is_master=False, timeout=timeout)  # fmt: skip
+            store = dist.PrefixStore(f"harness/attempt_{attempt}", agent)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
 def shutdown_distributed() -> None:

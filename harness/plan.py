@@ -420,10 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        try:
-            composed = _compose(argv)
-        except Exception as e:  # Hydra's composition errors name the key
-            raise ConfigError(" ".join(str(e).split())) from e
+        composed = _compose(argv)
         run_dir = composed.hydra.run.dir
         with open_dict(composed):
             del composed["hydra"]

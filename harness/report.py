@@ -141,6 +141,20 @@ def _segments(records: Sequence[dict]) -> list[list[dict]]:
     return segments
 
 
+def _ratio(records: list[dict], num: str, den: str) -> float | None:
+    pairs = [(_num(r.get(num)), _num(r.get(den))) for r in records]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    total = sum(b for _, b in pairs)
+    return sum(a for a, _ in pairs) / total if pairs and total > 0 else None
+
+
+def _weighted(records: list[dict], key: str) -> float | None:
+    pairs = [(_num(r.get(key)), _num(r.get("step_time_s"))) for r in records]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None and math.isfinite(a)]
+    total = sum(b for _, b in pairs)
+    return sum(a * b for a, b in pairs) / total if pairs and total > 0 else None
+
+
 def summarize(records: Sequence[dict]) -> dict:
     """Summary numbers of one run's records (as returned by :func:`load_metrics`).
 
@@ -155,8 +169,11 @@ def summarize(records: Sequence[dict]) -> dict:
       recognised where ``elapsed_s`` goes down). It includes evaluation and checkpointing
       between steps but not start-up, nor steps a resume discarded;
     - ``resumes``: the number of times ``elapsed_s`` restarted (processes minus one);
-    - ``mean_mfu`` (fraction 0..1) and ``mean_tokens_per_second`` (tokens/s): plain means over
-      all steps **except step 1** (warm-up and compilation) when more than one step is logged;
+    - ``mean_tokens_per_second`` (tokens/s): tokens / step time summed over all steps **except
+      step 1** (warm-up and compilation) when more than one step is logged, and ``mean_mfu``
+      (fraction 0..1) the step-time-weighted mean of ``mfu`` over the same steps (= achieved
+      FLOP/s over peak, not a mean of per-step ratios);
+    - ``wall_tokens_per_second``: ``total_tokens`` / ``wall_time_s`` (evaluation, checkpoints included);
     - ``comm_share``: sum of ``comm_s`` / sum of ``step_time_s`` over all steps (0..1);
       communication overlaps compute, so this is not a part of a sum to 1;
     - ``exposed_comm_share``: sum of ``comm_exposed_s`` / sum of ``step_time_s`` over the steps
@@ -201,8 +218,9 @@ def summarize(records: Sequence[dict]) -> dict:
         "train_time_s": total_step_time if step_times else None,
         "wall_time_s": wall,
         "resumes": max(len(segments) - 1, 0),
-        "mean_mfu": _mean(_values(steady, "mfu")),
-        "mean_tokens_per_second": _mean(_values(steady, "tokens_per_second")),
+        "mean_mfu": _weighted(steady, "mfu"),
+        "mean_tokens_per_second": _ratio(steady, "tokens", "step_time_s"),
+        "wall_tokens_per_second": total_tokens / wall if total_tokens and wall else None,
         "comm_share": sum(comm) / total_step_time if comm and total_step_time > 0 else None,
         "exposed_comm_share": (
             sum(e for e, _ in exposed_pairs) / exposed_time if exposed_pairs and exposed_time > 0 else None
@@ -349,8 +367,8 @@ def _plot_time_breakdown(runs: dict[str, list[dict]], path: str) -> None:
                 ax.bar(steps, vals, bottom=bottom, color=col, label=lab, width=0.6)
                 bottom += vals[0]
         else:
-            ax.stackplot(steps, *stacks, labels=labels, colors=colors, alpha=0.85, step="post")
-        ax.plot(steps, comm, color="black", lw=1.3, ls="-", drawstyle="steps-post",
+            ax.stackplot(steps, *stacks, labels=labels, colors=colors, alpha=0.85, step="mid")
+        ax.plot(steps, comm, color="black", lw=1.3, ls="-", drawstyle="steps-mid",
                 label="communication (total, overlaps compute)")  # fmt: skip
         totals = [sum(s[j] for s in stacks) for j in range(len(steps))]
         _clip_first_outlier(ax, steps, totals, comm)
@@ -418,7 +436,7 @@ def _fmt(key: str, v) -> str:
         return _fmt_duration(v)
     if key in ("mean_mfu", "comm_share", "exposed_comm_share"):
         return f"{100 * v:.1f}%"
-    if key == "mean_tokens_per_second":
+    if key in ("mean_tokens_per_second", "wall_tokens_per_second"):
         return f"{v:,.0f}"
     if key == "peak_memory_bytes":
         return f"{v / GIB:.2f} GiB"
@@ -434,8 +452,9 @@ ROWS = (
     ("train_time_s", "time in steps", "sum of step_time_s"),
     ("wall_time_s", "training wall time", "largest elapsed_s per process, summed (incl. eval, checkpoints)"),
     ("resumes", "resumes", "times elapsed_s restarted"),
-    ("mean_mfu", "mean MFU", "mean over steps, step 1 excluded"),
-    ("mean_tokens_per_second", "mean throughput (tokens/s)", "mean over steps, step 1 excluded"),
+    ("mean_mfu", "mean MFU", "step-time-weighted, step 1 excluded"),
+    ("mean_tokens_per_second", "throughput (tokens/s)", "tokens / step time, step 1 excluded"),
+    ("wall_tokens_per_second", "wall throughput (tokens/s)", "total tokens / wall time"),
     ("comm_share", "communication share", "sum comm_s / sum step_time_s (overlaps compute)"),
     ("exposed_comm_share", "exposed communication share", "sum comm_exposed_s / sum step_time_s, measured steps"),
     ("peak_memory_bytes", "peak memory", "largest max_memory_bytes"),

@@ -21,7 +21,15 @@ import transformers
 from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
-from harness.config import BatchSizes, TrainConfig, check_schedule_fits, to_object, unknown_keys, validate
+from harness.config import (
+    BatchSizes,
+    TrainConfig,
+    check_schedule_fits,
+    composition_error,
+    to_object,
+    unknown_keys,
+    validate,  # fmt: skip
+)
 from harness.data import DataBundle, StepLoader, build_data, validation_batches
 from harness.data.loader import PrefetchLoader
 from harness.data.tokenizer import tokenizer_fingerprint
@@ -443,30 +451,28 @@ def _hydra_main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    run_dir = hydra_cfg.runtime.output_dir
+    code = run_cli(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+    if code:
+        sys.exit(code)
+
+
+def run_cli(cfg, run_dir: str, overrides: list[str]) -> int:
+    """:func:`run` with the command line's outcome: 0 done, 75 preempted (checkpointed; rerun to
+    continue), 2 a problem the user can fix (one ``error:`` line on stderr, rank 0 only), 130 Ctrl-C."""
     try:
-        state = run(cfg, run_dir, list(hydra_cfg.overrides.task))
-        if state.preempted:
-            sys.exit(EXIT_PREEMPTED)
+        state = run(cfg, run_dir, overrides)
+        return EXIT_PREEMPTED if state.preempted else 0
     except HarnessError as e:
         if os.environ.get("RANK", "0") == "0":  # one report per job, not one per rank
             print(f"error: {e}", file=sys.stderr)
         with contextlib.suppress(OSError):
             os.rmdir(run_dir)  # only if the rejected run left it empty
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         latest = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
         print(f"interrupted; newest checkpoint: {latest or 'none'} (rerun with checkpoint.resume=auto to continue)",
               file=sys.stderr)  # fmt: skip
-        sys.exit(130)
-
-
-def composition_error(e: Exception) -> str:
-    """Hydra's multi-line composition error (unknown key, wrong type, bad override) as one line."""
-    lines = [" ".join(str(x).split()) for x in (e, e.__cause__) if x is not None and str(x).strip()]
-    text = " -- ".join(dict.fromkeys(lines))
-    text = text.split(" Config search path:")[0].split(" See https://hydra.cc")[0]
-    return text.replace(" full_key:", "; full_key:").split(" object_type=")[0].split(" reference_type=")[0]
+        return 130
 
 
 def check_overrides(overrides: list[str]) -> None:

@@ -56,7 +56,7 @@ def test_4_node_8_gpu_script_line_by_line():
     assert "cd /home/u/harness" in lines
     assert "export NCCL_SOCKET_IFNAME=ib0" in lines
     assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
-    assert "RDZV_PORT=29500" in lines
+    assert "RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))  # per job" in lines
     assert "trap 'relay USR1' USR1" in lines and "trap 'relay TERM' TERM" in lines
     i = next(i for i, line in enumerate(lines) if line.startswith("srun "))
     assert lines[i] == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\"

@@ -95,8 +95,8 @@ def expected_summary(records: list[dict]) -> dict:
         "best_val_step": best_step,
         "total_tokens": records[-1]["tokens_total"],
         "train_time_s": total_time,
-        "mean_mfu": sum(r["mfu"] for r in steady) / len(steady),
-        "mean_tokens_per_second": sum(r["tokens_per_second"] for r in steady) / len(steady),
+        "mean_mfu": sum(r["mfu"] * r["step_time_s"] for r in steady) / sum(r["step_time_s"] for r in steady),
+        "mean_tokens_per_second": sum(r["tokens"] for r in steady) / sum(r["step_time_s"] for r in steady),
         "comm_share": sum(r["comm_s"] for r in records) / total_time,
         "exposed_comm_share": sum(r["comm_exposed_s"] for r in measured)
         / sum(r["step_time_s"] for r in measured),

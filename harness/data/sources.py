@@ -82,6 +82,9 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
                 return Corpus((pattern,), "hub", hub_name)
             raise DataError(f"data.path: {pattern!r} matches no file (check the path or glob)")
         files += matched
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise DataError(f"data.path: {empty[0]!r} is empty (0 bytes); remove it or narrow data.path")
     if fmt is None:
         formats = {infer_format(f) for f in files}
         if None in formats:
@@ -140,7 +143,11 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
             ) from e
         many = f"{len(corpus.files)} files from {corpus.files[0]!r}"
         where = corpus.files[0] if len(corpus.files) == 1 else many
-        raise DataError(f"data.path: cannot read {where} as {corpus.format}: {detail}") from e
+        hint = {"text": "UTF-8 text", "json": "JSON lines (one object per line)", "parquet": "parquet"}.get(
+            corpus.format, corpus.format
+        )
+        raise DataError(f"data.path: cannot read {where} as {corpus.format}: {detail}; check that it is {hint}, "
+                        "or set data.format") from e  # fmt: skip
     column = "text" if corpus.format == "text" else text_field
     if column not in ds.column_names:
         raise DataError(

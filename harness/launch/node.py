@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 
+import psutil
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a checkpoint; rerun (requeue) to continue
 EXIT_CODE_DIR_ENV = "HARNESS_EXIT_CODE_DIR"
 TRAIN_MODULE = "harness.train"
@@ -82,8 +84,6 @@ def combine_exit(launcher_rc: int, worker_codes: list[int]) -> int:
 
 
 def _training_processes(pid: int) -> list:
-    import psutil
-
     try:
         children = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -131,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot start {cmd[0]!r}: {e.strerror}", file=sys.stderr)
             return 127
 
-        def relay(signum, frame) -> None:
-            targets = _training_processes(proc.pid)
+        def relay(signum, frame) -> None:  # USR1 and TERM may arrive together (srun relay + slurmstepd)
+            try:
+                targets = _training_processes(proc.pid)
+            except Exception as e:  # noqa: BLE001  (a signal handler must not kill the wrapper)
+                print(
+                    f"[harness.launch.node] cannot list training processes: {e}", file=sys.stderr, flush=True
+                )
+                return
             name = signal.Signals(signum).name
             print(f"[harness.launch.node] {name}: asking {len(targets)} training processes to checkpoint and stop",
                   file=sys.stderr, flush=True)  # fmt: skip

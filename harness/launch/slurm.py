@@ -18,6 +18,7 @@ options are pyxis's (https://github.com/NVIDIA/pyxis).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shlex
@@ -27,7 +28,7 @@ import sys
 
 from omegaconf import open_dict
 
-from harness.config import TrainConfig, to_object, validate, validate_slurm
+from harness.config import TrainConfig, composition_error, to_object, unknown_keys, validate, validate_slurm
 from harness.errors import ConfigError, DataError, HarnessError
 
 CONFIG_DIR = os.path.join(
@@ -102,7 +103,9 @@ def sbatch_script(cfg: TrainConfig, run_dir: str, overrides: list[str], workdir:
         "",
         "# Rendezvous at the first node of the allocation.",
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f"RDZV_PORT={s.rdzv_port}",
+        f"RDZV_PORT={s.rdzv_port}"
+        if s.rdzv_port
+        else "RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))  # per job",
         "RESTARTS=${SLURM_RESTART_COUNT:-0}",
         'echo "[harness] job $SLURM_JOB_ID start $((RESTARTS + 1)) on $SLURM_JOB_NODELIST (rendezvous $HEAD_NODE:$RDZV_PORT)"',
         "# A requeued start continues from the newest complete checkpoint of this run directory.",
@@ -172,8 +175,17 @@ def _compose(overrides: list[str]):
 
     import harness.config  # noqa: F401  (registers the schema and resolvers)
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    except Exception as e:  # Hydra's composition errors (unknown key, wrong type) name the key
+        raise ConfigError(composition_error(e)) from e
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]} is not a config key (added with '+'?); see harness/config.py for the keys"
+        )
+    return cfg
 
 
 def submit(overrides: list[str], workdir: str | None = None) -> tuple[str, str | None]:
@@ -187,16 +199,19 @@ def submit(overrides: list[str], workdir: str | None = None) -> tuple[str, str |
     from harness.data.sources import is_prepared_dir, resolve_corpus
 
     workdir = os.path.abspath(workdir or os.getcwd())
-    try:
-        composed = _compose(overrides)
-    except Exception as e:  # Hydra's composition errors (unknown key, wrong type) name the key
-        raise ConfigError(" ".join(str(e).split())) from e
+    composed = _compose(overrides)
     run_dir = composed.hydra.run.dir
     with open_dict(composed):
         del composed["hydra"]
     cfg = to_object(composed)
     launcher, nproc = validate_slurm(cfg.slurm, cfg.parallel.name)
-    validate(cfg, cfg.slurm.nodes * nproc)
+    try:
+        validate(cfg, cfg.slurm.nodes * nproc)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e} (world size {cfg.slurm.nodes * nproc} = slurm.nodes={cfg.slurm.nodes} x "
+            f"{nproc} processes per node from slurm.gpus_per_node/nproc_per_node)"
+        ) from e
     if not is_prepared_dir(cfg.data.path):
         resolve_corpus(cfg.data.path, cfg.data.format, cfg.data.hub_name)
     run_dir = os.path.abspath(os.path.join(workdir, run_dir))
@@ -213,7 +228,12 @@ def submit(overrides: list[str], workdir: str | None = None) -> tuple[str, str |
         return path, None
     proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ConfigError(f"sbatch {path} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        os.remove(path)  # nothing left behind by a refused submission
+        for d in (os.path.dirname(path), run_dir):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        detail = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())
+        raise ConfigError(f"sbatch refused the job (check slurm.partition/account/qos/time): {detail}")
     job_id = proc.stdout.strip().split(";")[0]
     with open(os.path.join(run_dir, "slurm", "job_ids"), "a") as f:
         f.write(job_id + "\n")
