@@ -59,6 +59,7 @@ def data_wait(steps: int) -> tuple[float, float]:
     from harness.train import run
 
     cfg = _cfg([f"train.max_steps={steps}", "eval.every=0", "checkpoint.every=0", "checkpoint.export_hf=false",
+                "schedule.batch_warmup.start_global_batch_size=null",
                 "logging.wandb.mode=disabled", "logging.progress=off"])  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         run(cfg, tmp)

@@ -100,6 +100,7 @@ class Plan:
     wall_seconds: float
     gpu_hours: float
     memory: MemoryEstimate
+    activation_checkpointing: bool = False
     warnings: list[str] = field(default_factory=list)
     flops_formula: str = (
         "6 * N_matmul + 12 * n_layers * hidden_size * seq_len per token (PaLM, Chowdhery et al. 2022, App. B; "
@@ -230,6 +231,12 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None,
         raise ConfigError(f"plan.mfu={p.mfu} must be in (0, 1]")
     if gpus < 1:
         raise ConfigError(f"plan.gpus={gpus} must be >= 1")
+    if p.dataset_tokens is not None and p.dataset_tokens < 1:
+        raise ConfigError(f"plan.dataset_tokens={p.dataset_tokens} must be >= 1 (or null to count data.path)")
+    if p.exact_max_mb < 0 or p.sample_mb <= 0:
+        raise ConfigError(
+            f"plan.exact_max_mb={p.exact_max_mb} must be >= 0 and plan.sample_mb={p.sample_mb} > 0"
+        )
     batch = validate(cfg, gpus, schedule_fits=False)
     tokens, exact, note, tok_vocab = dataset or count_dataset_tokens(cfg)
     n_val = int(tokens * cfg.data.val_fraction) if cfg.eval.every > 0 else 0
@@ -288,7 +295,8 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None,
         batch_warmup_end_step=batch_end, decay_end_step=decay_end, model=cfg.model.name, params=stats.params,
         non_embedding_params=stats.non_embedding_params, flops_per_token=stats.flops_per_token,
         total_flops=total_flops, tokens_per_param=tpp, gpu=p.gpu, gpus=gpus, peak_flops=peak, peak_source=source,
-        mfu=p.mfu, wall_seconds=wall, gpu_hours=wall * gpus / 3600, memory=mem, warnings=warnings,
+        mfu=p.mfu, wall_seconds=wall, gpu_hours=wall * gpus / 3600, memory=mem,
+        activation_checkpointing=cfg.parallel.activation_checkpointing, warnings=warnings,
     )  # fmt: skip
 
 
@@ -400,8 +408,11 @@ def render_text(pl: Plan) -> str:
         f"gathered params    {m.gathered / gib:8.2f} GiB",
         f"activations        {m.activations / gib:8.2f} GiB (micro-batch {pl.micro_batch_size} x {pl.seq_len}); "
         f"{m.activations_checkpointed / gib:.2f} GiB with activation checkpointing",
-        f"total              {m.total / gib:8.2f} GiB; {m.total_checkpointed / gib:.2f} GiB with checkpointing"
-        + (f" (device: {m.device_memory / gib:.0f} GiB)" if m.device_memory else ""),
+        f"total              {(m.total_checkpointed if pl.activation_checkpointing else m.total) / gib:8.2f} GiB "
+        f"(activation checkpointing {'on' if pl.activation_checkpointing else 'off'}; "
+        f"{(m.total if pl.activation_checkpointing else m.total_checkpointed) / gib:.2f} GiB with it "
+        f"{'off' if pl.activation_checkpointing else 'on'})"
+        + (f"; device: {m.device_memory / gib:.0f} GiB" if m.device_memory else ""),
         "",
     ]
     lines += [f"WARNING: {w}" for w in pl.warnings] or ["no warnings"]
@@ -430,9 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         pl = make_plan(cfg)
         png = cfg.plan.png if cfg.plan.png is not None else os.path.join(run_dir, "plan.png")
         if png:
-            os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-            plot_schedule(schedule_series(cfg, pl), png, f"{cfg.run_name}: {pl.model}, {pl.max_steps:,} steps, "
-                          f"{_si(pl.total_tokens)} tokens")  # fmt: skip
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+                plot_schedule(schedule_series(cfg, pl), png, f"{cfg.run_name}: {pl.model}, {pl.max_steps:,} steps, "
+                              f"{_si(pl.total_tokens)} tokens")  # fmt: skip
+            except OSError as e:
+                raise ConfigError(f"plan.png={png!r}: cannot write it ({e.strerror or e}); choose another path "
+                                  "or plan.png= for none") from e  # fmt: skip
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -327,7 +327,7 @@ def _plot_throughput(runs: dict[str, list[dict]], path: str) -> None:
                      label=_label(name, names))  # fmt: skip
     axes[0].set_ylabel("throughput (tokens/s, all ranks)")
     axes[0].yaxis.set_major_formatter(EngFormatter(sep=" "))
-    axes[1].set_ylabel("MFU (% of peak bf16 FLOP/s)")
+    axes[1].set_ylabel("MFU (% of peak FLOP/s)")
     axes[1].set_xlabel("optimizer step")
     for ax in axes:
         ax.set_ylim(bottom=0)
