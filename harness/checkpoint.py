@@ -224,10 +224,12 @@ def scan_pickles(path: str) -> None:
                     if bad:
                         raise pickle.UnpicklingError(f"refusing global {bad[0]}")
             except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+                detail = " ".join(str(e).split())[:160]
+                what = ("holds pickled objects other than tensors and plain data" if "refusing global" in detail
+                        else "is not a readable checkpoint file")  # fmt: skip
                 raise CheckpointError(
-                    f"checkpoint {path}: {os.path.relpath(full, path)} holds pickled objects other than tensors "
-                    f"and plain data ({' '.join(str(e).split())[:160]}); it is never loaded. Delete it or set "
-                    "checkpoint.resume to another checkpoint"
+                    f"checkpoint {path}: {os.path.relpath(full, path)} {what} ({detail}); it is never loaded. "
+                    "Delete it or set checkpoint.resume to another checkpoint"
                 ) from e
 
 
@@ -251,6 +253,13 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 _warned: set[str] = set()
+
+
+def checkpoint_dirs(root: str) -> list[str]:
+    """Every ``step_*`` directory under ``root``, complete or not, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, n) for n in sorted(os.listdir(root)) if _NAME.match(n)]
 
 
 def latest_checkpoint(root: str, check: bool = False) -> str | None:

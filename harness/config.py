@@ -362,6 +362,22 @@ _CHOICES = {
 }
 
 
+def _nonfinite_float(node: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first float field (dotted key, value) that is NaN or infinite."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{prefix}{f.name}", v
+        if dataclasses.is_dataclass(v):
+            found = _nonfinite_float(v, f"{prefix}{f.name}.")
+            if found:
+                return found
+    return None
+
+
 def _get(cfg: TrainConfig, dotted: str) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):
@@ -393,8 +409,18 @@ def validate(cfg: TrainConfig, world_size: int = 1, schedule_fits: bool = True) 
     positive = (
         "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_position_embeddings",
         "model.vocab_multiple", "data.seq_len", "data.num_proc", "tokenizer.train_vocab_size", "optim.lr",
-        "logging.every", "eval.batches", "checkpoint.keep_last",
+        "logging.every", "eval.batches", "checkpoint.keep_last", "model.rope_theta", "model.norm_eps",
+        "model.init_std",
     )  # fmt: skip
+    bad_float = _nonfinite_float(cfg)
+    if bad_float:
+        raise ConfigError(f"{bad_float[0]}={bad_float[1]} must be a finite number")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)")
+    for key, limit in (("max_steps", 10**9), ("max_tokens", 10**16)):
+        v = getattr(cfg.train, key)
+        if v is not None and v > limit:
+            raise ConfigError(f"train.{key}={v} is beyond {limit:.0e}; is a digit too many?")
     if cfg.train.nonfinite not in (None, "skip", "abort"):
         raise ConfigError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of skip, abort (or null)")
     if cfg.train.nonfinite == "skip" and cfg.parallel.name == "deepspeed":

@@ -151,6 +151,10 @@ def prepare(cfg, run_dir: str) -> Prepared:
         cfg = OmegaConf.structured(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     cfg: TrainConfig = to_object(cfg)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(
+            f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory"
+        )
     env = read_env(cfg.train.device)
     log.setLevel(logging.INFO if env.is_main else logging.WARNING)  # rank 0 logs; others only warn
     batch = validate(cfg, env.world_size)
@@ -347,10 +351,15 @@ def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict, p
             )
         return None
     if resume == "auto":
-        path = ckpt.latest_checkpoint(
-            ckpt_root, check=True
-        )  # a damaged newest one falls back to the previous
+        path = ckpt.latest_checkpoint(ckpt_root, check=True)  # a damaged newest one: the previous
         if path is None:
+            damaged = ckpt.checkpoint_dirs(ckpt_root)
+            if damaged:  # never silently start over on top of a run's history
+                raise CheckpointError(
+                    f"{ckpt_root} holds {len(damaged)} checkpoint(s) (newest {os.path.basename(damaged[-1])}) but "
+                    "none is complete and intact (see the warnings); move them away to start over, or set "
+                    "checkpoint.resume to a good checkpoint"
+                )
             return None
     else:
         path = os.path.expanduser(resume)
@@ -482,9 +491,12 @@ def check_overrides(overrides: list[str]) -> None:
 
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            run_dir = str(cfg.hydra.run.dir)
     except Exception as e:  # ConfigCompositionException, OverrideParseException, ValidationError, ...
         raise ConfigError(composition_error(e)) from e
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory")
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError(

@@ -82,6 +82,13 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("logging.every=0", "logging.every=0 must be > 0"),
     ("logging.wandb.mode=sometimes", "logging.wandb.mode='sometimes' is not one of"),
     ("model.hidden_size=128", "was written with a different model (model.hidden_size: checkpoint 64 vs now 128)"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan must be a finite number"),
+    ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
+    ("seed=-1", "seed=-1 must be in [0, 2**32)"),
+    ("train.max_steps=99999999999", "train.max_steps=99999999999 is beyond 1e+09"),
+    ("hydra.run.dir=/dev/null", "hydra.run.dir='/dev/null' is a file, not a directory"),
 ]  # fmt: skip
 
 

@@ -63,6 +63,16 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(two_checkpoints, d
     assert any("step_00000006" in r.getMessage() for r in caplog.records)  # the warning names it
 
 
+def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(two_checkpoints, small_corpus):
+    root = two_checkpoints / "checkpoints"
+    for step in ("step_00000003", "step_00000006"):
+        (root / step / "model.pt").write_bytes(b"x" * 10)
+    before = {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="holds 2 checkpoint.* none is complete and intact"):
+        train_small(two_checkpoints, small_corpus, "train.max_steps=8", "checkpoint.every=3")
+    assert {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()} == before
+
+
 def test_crafted_pickle_is_refused_before_it_runs(two_checkpoints, small_corpus, tmp_path):
     """A model.pt whose unpickling would run code, with a manifest that matches it (as an attacker
     would write it): the resume is refused naming the file, and the code never runs."""
