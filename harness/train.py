@@ -496,7 +496,9 @@ def check_overrides(overrides: list[str]) -> None:
     except Exception as e:  # ConfigCompositionException, OverrideParseException, ValidationError, ...
         raise ConfigError(composition_error(e)) from e
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError(f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory")
+        raise ConfigError(
+            f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory"
+        )
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError(
