@@ -699,6 +699,38 @@ def composition_error(e: Exception) -> str:
     return text.replace(" full_key:", "; full_key:").split(" object_type=")[0].split(" reference_type=")[0]
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def compose_checked(overrides: list[str]):
+    """Compose ``configs/train.yaml`` with ``overrides`` as the command lines do (Hydra config included),
+    so every entry point (train, launch.slurm, plan) reports bad input as one :class:`ConfigError` line
+    instead of Hydra's multi-line report.
+
+    Raises:
+        ConfigError: a composition error (unknown key, wrong type, missing option), a key the
+            schema lacks (added with ``+``), or a ``hydra.run.dir`` that is a file.
+    """
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            run_dir = str(cfg.hydra.run.dir)
+    except Exception as e:  # ConfigCompositionException, OverrideParseException, ValidationError, ...
+        raise ConfigError(composition_error(e)) from e
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(
+            f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory"
+        )
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]} is not a config key (added with '+'?); see harness/config.py for the keys"
+        )
+    return cfg
+
+
 def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Keys of a composed config that its dataclass schema does not declare (a ``+key=value`` override
     adds them; Hydra accepts that, the trainer would silently ignore them)."""

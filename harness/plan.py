@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from harness.config import BatchSizes, TrainConfig, check_schedule_fits, to_object, validate
+from harness.config import BatchSizes, TrainConfig, check_schedule_fits, compose_checked, to_object, validate
 from harness.errors import ConfigError, DataError, HarnessError
 from harness.metrics import GPU_SPECS
 from harness.model import model_stats, resolve_vocab_size
@@ -419,19 +419,13 @@ def render_text(pl: Plan) -> str:
     return "\n".join(lines)
 
 
-def _compose(overrides: list[str]):
-    from harness.launch.slurm import _compose as compose
-
-    return compose(overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.plan [overrides]``: exit 0 with the plan, 2 with one ``error:`` line on bad input."""
     from omegaconf import open_dict
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        composed = _compose(argv)
+        composed = compose_checked(argv)
         run_dir = composed.hydra.run.dir
         with open_dict(composed):
             del composed["hydra"]

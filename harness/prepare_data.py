@@ -14,13 +14,11 @@ import time
 
 import hydra
 
-from harness.config import to_object, validate
+from harness.config import CONFIG_DIR, to_object, validate
 from harness.data import load_token_store
 from harness.errors import ConfigError, HarnessError
 
 log = logging.getLogger("harness")
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def prepare(cfg) -> str:

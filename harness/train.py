@@ -22,12 +22,12 @@ from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
 from harness.config import (
+    CONFIG_DIR,
     BatchSizes,
     TrainConfig,
     check_schedule_fits,
-    composition_error,
+    compose_checked,
     to_object,
-    unknown_keys,
     validate,  # fmt: skip
 )
 from harness.data import DataBundle, StepLoader, build_data, validation_batches
@@ -51,8 +51,6 @@ warnings.filterwarnings(
     "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning
 )
 warnings.filterwarnings("ignore", message=r".*broadcast_buffers.*", category=FutureWarning)
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 @dataclass
@@ -485,25 +483,8 @@ def run_cli(cfg, run_dir: str, overrides: list[str]) -> int:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Compose ``configs/train.yaml`` with ``overrides`` as Hydra will, raising :class:`ConfigError`
-    with one line instead of Hydra's multi-line report (so every bad input gives one ``error:`` line)."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-            run_dir = str(cfg.hydra.run.dir)
-    except Exception as e:  # ConfigCompositionException, OverrideParseException, ValidationError, ...
-        raise ConfigError(composition_error(e)) from e
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError(
-            f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory"
-        )
-    unknown = unknown_keys(cfg)
-    if unknown:
-        raise ConfigError(
-            f"{unknown[0]} is not a config key (added with '+'?); see harness/config.py for the keys"
-        )
+    """Raise :class:`ConfigError` (one line) when Hydra cannot compose ``overrides`` (see ``compose_checked``)."""
+    compose_checked(overrides)
 
 
 def main() -> None:

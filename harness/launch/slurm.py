@@ -28,12 +28,8 @@ import sys
 
 from omegaconf import open_dict
 
-from harness.config import TrainConfig, composition_error, to_object, unknown_keys, validate, validate_slurm
+from harness.config import TrainConfig, compose_checked, to_object, validate, validate_slurm
 from harness.errors import ConfigError, DataError, HarnessError
-
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
-)
 
 
 def _q(arg: str) -> str:
@@ -170,24 +166,6 @@ def sbatch_script(cfg: TrainConfig, run_dir: str, overrides: list[str], workdir:
     return "\n".join(lines)
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    import harness.config  # noqa: F401  (registers the schema and resolvers)
-
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    except Exception as e:  # Hydra's composition errors (unknown key, wrong type) name the key
-        raise ConfigError(composition_error(e)) from e
-    unknown = unknown_keys(cfg)
-    if unknown:
-        raise ConfigError(
-            f"{unknown[0]} is not a config key (added with '+'?); see harness/config.py for the keys"
-        )
-    return cfg
-
-
 def submit(overrides: list[str], workdir: str | None = None) -> tuple[str, str | None]:
     """Compose and check the config, write ``<run_dir>/slurm/job.sbatch`` and submit it.
 
@@ -199,7 +177,7 @@ def submit(overrides: list[str], workdir: str | None = None) -> tuple[str, str |
     from harness.data.sources import is_prepared_dir, resolve_corpus
 
     workdir = os.path.abspath(workdir or os.getcwd())
-    composed = _compose(overrides)
+    composed = compose_checked(overrides)
     run_dir = composed.hydra.run.dir
     with open_dict(composed):
         del composed["hydra"]
