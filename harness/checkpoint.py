@@ -326,16 +326,45 @@ def unreadable(path: str, e: Exception) -> CheckpointError:
     )
 
 
-def export_hf(model: torch.nn.Module, tokenizer, path: str) -> str:
+def check_export_target(path: str, overwrite: bool) -> str:
+    """The normalized export directory (a trailing ``/`` is fine); call before any work.
+
+    Raises:
+        CheckpointError: ``path`` is a file, or a non-empty directory without ``overwrite``.
+    """
+    target = os.path.normpath(os.path.expanduser(path))
+    if os.path.isfile(target):
+        raise CheckpointError(f"export target {path!r} is a file; give a directory")
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
+        raise CheckpointError(
+            f"export target {path!r} is not empty; choose a new directory or pass --overwrite to replace it"
+        )
+    return target
+
+
+def export_hf(model: torch.nn.Module, tokenizer, path: str, overwrite: bool = True) -> str:
     """Save the model and tokenizer with ``save_pretrained`` into ``path`` (atomically replaced).
 
+    The files are written into a sibling temporary directory and renamed into place, so ``path``
+    is either the old export or the whole new one. ``path`` may end in ``/`` and may be an empty
+    directory; a non-empty one is replaced only with ``overwrite``.
     Reload with ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.
+
+    Raises:
+        CheckpointError: see :func:`check_export_target`.
     """
-    tmp = path + f".tmp-{os.getpid()}"
+    target = check_export_target(path, overwrite)
+    parent, name = os.path.split(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    old = None
+    if os.path.exists(target):
+        old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -71,34 +71,104 @@ def _slurm_rendezvous() -> None:
         os.environ["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000)
 
 
+def read_ranks() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (torchrun, deepspeed)
+    or, inside an ``srun`` step without them, ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS``.
+    A batch script's own shell (no ``SLURM_STEP_ID``) is one process, whatever ``SLURM_NTASKS`` says.
+
+    Raises:
+        ConfigError: a malformed variable.
+    """
+    if "RANK" not in os.environ and os.environ.get("SLURM_STEP_ID") not in (None, ""):
+        return (
+            _env_int("SLURM_PROCID", default=0),
+            _env_int("SLURM_LOCALID", default=0),
+            _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1),
+        )
+    return _env_int("RANK", default=0), _env_int("LOCAL_RANK", default=0), _env_int("WORLD_SIZE", default=1)
+
+
 def read_env(device: str = "auto") -> DistEnv:
-    """Read ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (torchrun, deepspeed) or, inside an ``srun`` step
-    without them, ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS`` (then ``MASTER_ADDR`` and
-    ``MASTER_PORT`` default to the step's first node and a port derived from ``SLURM_JOB_ID``), and
-    choose the device. A batch script's own shell (no ``SLURM_STEP_ID``) is one process, whatever
-    ``SLURM_NTASKS`` says.
+    """This process's :class:`DistEnv`: ranks from :func:`read_ranks` (inside an ``srun`` step without
+    torchrun, ``MASTER_ADDR`` and ``MASTER_PORT`` default to the step's first node and a port derived
+    from ``SLURM_JOB_ID``), and the device.
 
     Args:
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     Raises:
         ConfigError: ``cuda`` requested without a GPU, or a malformed variable.
     """
-    if "RANK" not in os.environ and os.environ.get("SLURM_STEP_ID") not in (None, ""):
-        rank = _env_int("SLURM_PROCID", default=0)
-        local_rank = _env_int("SLURM_LOCALID", default=0)
-        world_size = _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
-        if world_size > 1:
-            _slurm_rendezvous()
-    else:
-        rank = _env_int("RANK", default=0)
-        local_rank = _env_int("LOCAL_RANK", default=0)
-        world_size = _env_int("WORLD_SIZE", default=1)
+    rank, local_rank, world_size = read_ranks()
+    if "RANK" not in os.environ and world_size > 1:
+        _slurm_rendezvous()
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     return DistEnv(rank, local_rank, world_size, dev)
+
+
+_ERROR_KEY = "harness/error_reported"
+
+
+def _job_store(timeout_s: float):
+    """A key-value store every rank of this job reaches, or None: torchrun's agent store (a client
+    connection, the attempt's prefix), else the default process group's store when it exists."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timeout)  # fmt: skip
+            return dist.PrefixStore(f"harness/attempt_{attempt}", agent)
+        if dist.is_initialized():
+            return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001  (no store: fall back to waiting)
+        return None
+    return None
+
+
+def announce_error(message: str, wait_s: float = 20.0) -> None:
+    """Print ``error: <message>`` on stderr once per job: from rank 0, before any rank exits.
+
+    Every rank runs the same checks, so a refused config usually fails on every rank at about the
+    same time; a launcher (torchrun, deepspeed) kills the others as soon as the first one exits,
+    which could be before rank 0 has printed. So rank 0 prints, then marks the job's store; the
+    other ranks wait (up to ``wait_s`` seconds) for that mark before they return. A rank whose error
+    rank 0 does not share (the mark never comes) prints its own line, naming the rank. Without a
+    store (deepspeed launcher before the process group) the other ranks wait 3 s, then print.
+    """
+    import datetime
+
+    rank, _, world_size = read_ranks()
+    if world_size == 1:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    store = _job_store(wait_s)
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if store is not None:
+            try:
+                store.set(_ERROR_KEY, "1")
+            except Exception:  # noqa: BLE001
+                pass
+        return
+    try:
+        if store is None:
+            raise TimeoutError
+        store.wait([_ERROR_KEY], datetime.timedelta(seconds=wait_s))
+        return
+    except Exception:  # noqa: BLE001  (timed out: rank 0 does not share this error)
+        if store is None:
+            import time
+
+            time.sleep(3.0)
+    print(f"error: (rank {rank}) {message}", file=sys.stderr, flush=True)
 
 
 def die_with_launcher() -> None:

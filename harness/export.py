@@ -42,16 +42,19 @@ def load_weights(path: str, model: torch.nn.Module) -> dict:
     raise CheckpointError(f"{path} holds no model.pt, dcp/ or deepspeed/ weights")
 
 
-def export(checkpoint: str, out_dir: str) -> str:
-    """Export ``checkpoint`` as a Hugging Face model + tokenizer into ``out_dir``; returns ``out_dir``.
+def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> str:
+    """Export ``checkpoint`` as a Hugging Face model + tokenizer into ``out_dir``; returns ``out_dir``
+    (normalized). ``out_dir`` may be new, an empty directory, or (with ``overwrite``) a non-empty one.
 
     Raises:
-        CheckpointError: the checkpoint is incomplete or its weights do not fit its model config.
+        CheckpointError: the checkpoint is incomplete, its weights do not fit its model config, or
+            ``out_dir`` is a file or a non-empty directory without ``overwrite`` (checked first).
     """
     import transformers
 
     from harness.data.tokenizer import load_tokenizer
 
+    ckpt.check_export_target(out_dir, overwrite)
     transformers.utils.logging.disable_progress_bar()
     if not ckpt.is_complete(checkpoint):
         raise CheckpointError(
@@ -73,7 +76,7 @@ def export(checkpoint: str, out_dir: str) -> str:
             f"{checkpoint}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.tie_weights()
-    return ckpt.export_hf(model, tokenizer, out_dir)
+    return ckpt.export_hf(model, tokenizer, out_dir, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,10 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "checkpoint", help="a checkpoint directory, e.g. runs/default/checkpoints/step_00000200"
     )
-    parser.add_argument("out_dir", help="where to write the Hugging Face model and tokenizer")
+    parser.add_argument("out_dir", help="where to write the Hugging Face model and tokenizer (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     args = parser.parse_args(argv)
     try:
-        print(export(args.checkpoint, args.out_dir))
+        print(export(args.checkpoint, args.out_dir, args.overwrite))
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

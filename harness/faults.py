@@ -5,6 +5,7 @@
 - ``raise:S[:R]``          raise ``RuntimeError("injected fault at step S")`` as step S starts (on rank R,
                            default every rank); ``raise_once`` does it only in a job's first attempt
                            (``TORCHELASTIC_RESTART_COUNT`` unset or 0), for torchrun ``--max-restarts``
+- ``slow:T[:R]``           every step sleeps T seconds as it starts (on rank R): a slow rank, a long run
 - ``nan_loss:S[:R]``       the first micro-batch's loss of step S is NaN (on rank R)
 - ``checkpoint_sleep:T``   every checkpoint sleeps T seconds after its files are written, before its
                            manifest (a window for kills during a save)
@@ -41,6 +42,8 @@ def on_step(step: int) -> None:
             and (kind == "raise" or first_attempt)
         ):
             raise RuntimeError(f"injected fault at step {step}")
+        if kind == "slow" and _mine(rank):
+            time.sleep(arg)
 
 
 def nan_loss(step: int) -> bool:

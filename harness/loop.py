@@ -46,7 +46,12 @@ class TrainState:
     stopped_early: bool = False
     skipped_steps: int = 0  # steps whose update was skipped (train.nonfinite=skip)
     consecutive_skips: int = 0
-    preempted: bool = False  # this invocation ended on SIGUSR1/SIGTERM (not saved: a rerun continues)
+    stop_signal: str | None = None  # this invocation ended on SIGUSR1/SIGTERM ("preempt") or SIGINT
+    # ("interrupt") after a checkpoint (not saved: a rerun continues)
+
+    @property
+    def preempted(self) -> bool:
+        return self.stop_signal == "preempt"
 
     def to_dict(self) -> dict:
         return {"step": self.step, "tokens_total": self.tokens_total, "epoch": self.position.epoch,
@@ -68,12 +73,13 @@ def _json_float(x: float):
 
 class StopSignal:
     """SIGUSR1 / SIGTERM (Slurm's warning before the time limit, preemption, torchrun forwarding a
-    SIGTERM) ask the loop to finish the current optimizer step, checkpoint and return.
+    SIGTERM) and SIGINT (Ctrl-C) ask the loop to finish the current optimizer step, checkpoint and
+    return. A second Ctrl-C interrupts at once (``KeyboardInterrupt``).
 
     Use as a context manager around the loop; the previous handlers come back on exit.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
@@ -90,18 +96,29 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if self.signum is None:
+                self.signum = signum
+            return
+        if self.signum is None:
+            self.signum = signum
 
-    def requested(self, backend: Backend) -> bool:
-        """True when any rank got a signal (all ranks agree, so they stop at the same step).
+    def requested(self, backend: Backend) -> str | None:
+        """``"preempt"`` (SIGUSR1/SIGTERM) or ``"interrupt"`` (SIGINT) when any rank got a signal, else None;
+        all ranks agree, so they stop at the same step (a SIGINT anywhere wins).
 
         One process reads the flag; several all-reduce it (one tiny collective per step).
         """
-        local = self.signum is not None
-        if backend.env.world_size == 1:
-            return local
-        flag = torch.tensor(float(local), device=backend.env.device)
-        return bool(backend.all_reduce_sum(flag).item() > 0)
+        local = [float(self.signum in (signal.SIGUSR1, signal.SIGTERM)), float(self.signum == signal.SIGINT)]
+        if backend.env.world_size > 1:
+            flags = backend.all_reduce_sum(torch.tensor(local, device=backend.env.device)).tolist()
+        else:
+            flags = local
+        if flags[1] > 0:
+            return "interrupt"
+        return "preempt" if flags[0] > 0 else None
 
 
 @dataclass
@@ -130,6 +147,8 @@ class LoopParts:
     max_consecutive_skips: int = 5
     spike_factor: float = 3.0  # loss-spike event when loss > spike_factor x running median (0: off)
     spike_window: int = 50
+    peak_source: str = ""  # where peak_flops comes from (named when MFU exceeds 100 %)
+    mfu_warned: bool = False
 
 
 def token_loss_sum(
@@ -228,19 +247,19 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
             record.val_loss = evaluate(parts)
             state = _early_stopping(parts, state, record.val_loss)
         parts.metrics.write(record)
-        signalled = parts.stop_signal is not None and parts.stop_signal.requested(backend)
-        stop = info.step == parts.stop_at_step or signalled
+        signalled = parts.stop_signal.requested(backend) if parts.stop_signal is not None else None
+        stop = info.step == parts.stop_at_step or signalled is not None
         last = info.step == parts.max_steps or state.stopped_early or stop
         if last or (parts.checkpoint_every and info.step % parts.checkpoint_every == 0):
             parts.save_checkpoint(state)
         if stop:
-            reason = "a stop signal (SIGUSR1/SIGTERM)" if signalled else "train.stop_at_step"
+            reason = {"preempt": "a stop signal (SIGUSR1/SIGTERM)", "interrupt": "Ctrl-C (SIGINT)"}
             log.info(
                 "stopping after step %d on %s; rerun with checkpoint.resume=auto to continue",
                 info.step,
-                reason,
+                reason.get(signalled, "train.stop_at_step"),
             )
-            state = replace(state, preempted=signalled)
+            state = replace(state, stop_signal=signalled)
             break
     return state
 
@@ -270,6 +289,11 @@ def _events(
 ) -> list[str] | None:
     """``skipped_nonfinite`` and ``loss_spike`` (loss > spike_factor x median of the last spike_window losses)."""
     events = [] if stepped else ["skipped_nonfinite"]
+    if record.mfu > 1.0 and not parts.mfu_warned:
+        parts.mfu_warned = True
+        log.warning("step %d: MFU %.0f%% is above 100%%: the peak used, %.3g FLOP/s per device (%s), is too low; "
+                    "set train.peak_flops_per_device", record.step, 100 * record.mfu, parts.peak_flops,
+                    parts.peak_source)  # fmt: skip
     if math.isfinite(record.loss):
         if parts.spike_factor and len(recent) >= min(10, parts.spike_window):
             median = statistics.median(recent)

@@ -87,19 +87,25 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from.
 
     GPUs are looked up in :data:`PEAK_BF16_FLOPS` by name; a CPU (or unknown GPU) gets a
-    measured number: the fp32 throughput of a 1024x1024 matmul on all its threads for about
-    0.3 s, a practical peak rather than a datasheet one.
+    measured number: the best of :data:`PEAK_MEASUREMENTS` short fp32 ``1024 x 1024`` matmul
+    measurements on all its threads (a practical peak rather than a datasheet one; the best of
+    several, so that a start-up under load does not give a low peak and an MFU above 100 %).
+    ``train.peak_flops_per_device`` overrides both.
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in PEAK_BF16_FLOPS.items():
             if key in name:
                 return flops, f"datasheet bf16 peak of {name}"
-    return measure_matmul_flops(device), f"measured fp32 matmul on {device.type}"
+    best = max(measure_matmul_flops(device, seconds=0.1) for _ in range(PEAK_MEASUREMENTS))
+    return best, f"best of {PEAK_MEASUREMENTS} measured fp32 matmuls on {device.type}"
+
+
+PEAK_MEASUREMENTS = 5
 
 
 def measure_matmul_flops(device: torch.device, n: int = 1024, seconds: float = 0.3) -> float:
-    """FLOP/s of repeated ``n x n`` fp32 matmuls (2*n^3 FLOPs each) on ``device``."""
+    """FLOP/s of repeated ``n x n`` fp32 matmuls (2*n^3 FLOPs each) on ``device`` for about ``seconds``."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     torch.mm(a, b)
@@ -190,29 +196,41 @@ def format_line(rec: StepMetrics, max_steps: int) -> str:
 
 
 class ConsoleSink:
-    """A tqdm progress bar (step/max_steps, ETA) and a log line every ``every`` steps."""
+    """A tqdm progress bar (step/max_steps, ETA, this step's loss/LR) and a log line every ``every`` steps.
+
+    While the bar is shown, log lines (``checkpoint: ...``, warnings) go through ``tqdm.write``
+    (``tqdm.contrib.logging.logging_redirect_tqdm``), so they never share a line with the bar.
+    """
 
     def __init__(self, max_steps: int, start_step: int, every: int, progress: str):
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.max_steps, self.every = max_steps, every
         disable = {"on": False, "off": True}.get(progress, not sys.stderr.isatty())
         self.bar = tqdm(
             total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=disable, leave=True
         )
+        self._redirect = None
+        if not disable:
+            self._redirect = logging_redirect_tqdm(loggers=[logging.root, log])
+            self._redirect.__enter__()
         self.first = True
 
     def write(self, rec: StepMetrics) -> None:
-        self.bar.update(1)
         self.bar.set_postfix(
             loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", tok_s=f"{rec.tokens_per_second:,.0f}", refresh=False
         )
+        self.bar.update(1)  # redraws with this step's postfix
         if self.first or rec.step % self.every == 0 or rec.step == self.max_steps or rec.val_loss is not None:
             self.bar.write(format_line(rec, self.max_steps), file=sys.stdout)
             step_log.info(format_line(rec, self.max_steps))
         self.first = False
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         self.bar.close()
 
 

@@ -211,9 +211,15 @@ class IterationPlan:
                 return info.step
         raise AssertionError("unreachable")
 
-    def total_tokens(self, max_steps: int) -> int:
-        """Tokens consumed by steps 1..max_steps (the batch-size ramp counted step by step)."""
-        for info in self.steps():
+    def total_tokens(
+        self, max_steps: int, start_step: int = 0, position: DataPosition | None = None, tokens_total: int = 0
+    ) -> int:
+        """Tokens consumed by steps 1..max_steps (the batch-size ramp counted step by step); from a
+        resume point (``start_step`` with its data ``position`` and ``tokens_total``) when given, whose
+        steps may have run at another world size."""
+        if start_step >= max_steps:
+            return tokens_total
+        for info in self.steps(start_step, position, tokens_total):
             if info.step == max_steps:
                 return info.tokens_total
         raise AssertionError("unreachable")

@@ -33,9 +33,9 @@ from harness.config import (
 from harness.data import DataBundle, StepLoader, build_data, validation_batches
 from harness.data.loader import PrefetchLoader
 from harness.data.tokenizer import tokenizer_fingerprint
-from harness.dist import DistEnv, read_env
+from harness.dist import DistEnv, announce_error, read_env
 from harness.errors import CheckpointError, ConfigError, HarnessError
-from harness.launch.node import EXIT_PREEMPTED, report_exit
+from harness.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, report_exit
 from harness.loop import LoopParts, StopSignal, TrainState
 from harness.loop import train as train_loop
 from harness.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, device_peak_flops, step_log
@@ -43,7 +43,8 @@ from harness.model import ModelStats, build_model, model_stats, resolve_vocab_si
 from harness.parallel import Backend, build_backend
 from harness.parallel.base import prepare_blocks
 from harness.plan import iteration_plan
-from harness.schedule import IterationPlan, LRSchedule
+from harness.rundir import RunDirLock, open_log_file, record_invocation, write_hydra_dir
+from harness.schedule import DataPosition, IterationPlan, LRSchedule
 
 log = logging.getLogger("harness")
 # DeepSpeed still calls the collectives torch 2.13 renamed; DDP warns about broadcast_buffers once per rank.
@@ -72,6 +73,25 @@ class Prepared:
     model_key: dict  # model shape, compared on resume
     data_key: dict  # corpus/tokenizer identity, compared on resume
     resume_from: str | None
+    resume_state: dict | None  # the trainer_state.json of resume_from
+
+    @property
+    def start_step(self) -> int:
+        return self.resume_state["step"] if self.resume_state else 0
+
+    @property
+    def will_train(self) -> bool:
+        """False when the checkpoint already ends the run (budget reached or stopped early)."""
+        done = self.resume_state and self.resume_state.get("stopped_early")
+        return self.start_step < self.max_steps and not done
+
+    def planned_tokens(self) -> int:
+        """Tokens at the end of the budget, continuing from the resume point (its world size may differ)."""
+        st = self.resume_state
+        if not st:
+            return self.plan.total_tokens(self.max_steps)
+        position = DataPosition(st["epoch"], st["offset"])
+        return self.plan.total_tokens(self.max_steps, st["step"], position, st["tokens_total"])
 
     @property
     def ckpt_root(self) -> str:
@@ -82,26 +102,65 @@ def run(cfg, run_dir: str, overrides: list[str] | None = None) -> TrainState:
     """Train as ``cfg`` says, writing everything into ``run_dir``; returns the final state.
 
     Nothing is written into ``run_dir`` until the config, the data and any checkpoint to resume
-    from have been checked; then ``.hydra/`` (composed config, ``overrides``, resolved config) and
-    ``train.log`` are written.
+    from have been checked and rank 0 holds the run directory's lock (:mod:`harness.rundir`); then
+    the invocation is recorded in ``invocations.jsonl`` and ``train.log``, and ``.hydra/`` is
+    written only when this invocation trains.
 
     Raises:
         HarnessError: a config, data or checkpoint problem (raised before the model is built
-            whenever it can be detected from the config, the data or the checkpoint metadata).
+            whenever it can be detected from the config, the data or the checkpoint metadata),
+            or a run directory held by another live process.
     """
     composed = OmegaConf.structured(cfg) if isinstance(cfg, TrainConfig) else cfg
     p = prepare(composed, run_dir)
-    log_file = _start_run_dir(run_dir, composed, p.resolved, overrides or []) if p.env.is_main else None
+    lock = _lock_run_dir(p)
+    log_file = None
+    outcome = "failed"
     try:
-        return _train(p)
+        if p.env.is_main:
+            log_file = open_log_file(run_dir, log, step_log)
+            record_invocation(run_dir, "start", overrides=list(overrides or []), world_size=p.env.world_size,
+                              parallel=p.cfg.parallel.name, resume_from=p.resume_from, start_step=p.start_step,
+                              max_steps=p.max_steps, trains=p.will_train, config=p.resolved)  # fmt: skip
+            if p.will_train:
+                write_hydra_dir(run_dir, composed, p.resolved, overrides or [])
+        state = _train(p)
+        outcome = state.stop_signal or (
+            "stopped" if state.step < p.max_steps and not state.stopped_early else "done"
+        )
+        return state
     except Exception as e:
         _report_failure(p, e)
+        outcome = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise
+    except KeyboardInterrupt:
+        outcome = "interrupted at once (second Ctrl-C)"
         raise
     finally:
+        if lock is not None:
+            record_invocation(run_dir, "end", outcome=outcome)
+            lock.release()
         if log_file is not None:
             log.removeHandler(log_file)
             step_log.removeHandler(log_file)
             log_file.close()
+
+
+def _lock_run_dir(p: Prepared) -> RunDirLock | None:
+    """Rank 0 takes the run directory's lock; every rank raises the same error when it cannot."""
+    lock, error = None, None
+    if p.env.is_main:
+        try:
+            lock = RunDirLock(p.run_dir).acquire()
+        except ConfigError as e:
+            error = e
+    if p.env.world_size > 1:
+        refused = p.backend.all_reduce_sum(torch.tensor(float(error is not None), device=p.env.device))
+        if error is None and refused.item() > 0:
+            error = ConfigError(f"rank 0 could not lock the run directory {p.run_dir} (see its error)")
+    if error is not None:
+        raise error
+    return lock
 
 
 def _report_failure(p: Prepared, e: Exception) -> None:
@@ -168,8 +227,10 @@ def prepare(cfg, run_dir: str) -> Prepared:
                 "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction}  # fmt: skip
     resume_from = _find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"), model_key, data_key,
                                cfg.parallel.name, env.world_size)  # fmt: skip
+    resume_state = ckpt.read_state(resume_from) if resume_from else None
     return Prepared(cfg, run_dir, resolved, env, batch, backend, data, vocab_size, plan, max_steps, schedule,
-                    model_stats(cfg.model, vocab_size, cfg.data.seq_len), model_key, data_key, resume_from)  # fmt: skip
+                    model_stats(cfg.model, vocab_size, cfg.data.seq_len), model_key, data_key, resume_from,
+                    resume_state)  # fmt: skip
 
 
 def _train(p: Prepared) -> TrainState:
@@ -182,7 +243,7 @@ def _train(p: Prepared) -> TrainState:
         log.info("plan: %d steps, global batch %d (micro %d x accumulation %d x world %d), %d iterations/epoch, "
                  "%s tokens in total", p.max_steps, batch.global_batch_size, batch.micro_batch_size,
                  batch.gradient_accumulation_steps, env.world_size, p.plan.iterations_per_epoch(),
-                 f"{p.plan.total_tokens(p.max_steps):,}")  # fmt: skip
+                 f"{p.planned_tokens():,}")  # fmt: skip
 
     model = build_model(cfg.model, p.vocab_size, cfg.seed, data.tokenizer.eos_token_id)
     prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.parallel.activation_checkpointing_every,
@@ -203,14 +264,15 @@ def _train(p: Prepared) -> TrainState:
 
     state = TrainState()
     if p.resume_from:
-        state, saved_max_steps = _restore(p.resume_from, backend, scheduler, p.schedule, env.rank)
+        state = _restore(p.resume_from, backend, scheduler, p.schedule, env.rank, cfg.optim)
         log.info(
             "resumed from %s at step %d (%s tokens)", p.resume_from, state.step, f"{state.tokens_total:,}"
         )
-        if saved_max_steps != p.max_steps and state.step < p.max_steps and env.is_main:
-            log.warning("the budget changed from %d to %d steps: the LR schedule is recomputed for %d steps "
-                        "(LR at step %d: %.3g)", saved_max_steps, p.max_steps, p.max_steps, state.step + 1,
-                        p.schedule(state.step + 1))  # fmt: skip
+        changed = changed_schedule_keys(p.resume_state, p.resolved, p.max_steps)
+        if changed and state.step < p.max_steps and env.is_main:
+            log.warning("resuming with changed optimizer/schedule settings (%s): the new config's schedule applies "
+                        "from step %d on (LR at step %d: %.4g)", ", ".join(changed), state.step + 1,
+                        state.step + 1, p.schedule(state.step + 1))  # fmt: skip
 
     def save(st: TrainState) -> None:
         def write(directory: str) -> None:  # every rank: its model/optimizer part and its RNG state
@@ -227,7 +289,7 @@ def _train(p: Prepared) -> TrainState:
                                     backend.barrier)  # fmt: skip
         log.info("checkpoint: %s", path)
 
-    metrics = MetricsLogger(_sinks(p, state.step) if env.is_main else [])
+    metrics = MetricsLogger(_sinks(p, state.step) if env.is_main and p.will_train else [])
     parts = LoopParts(
         backend=backend, model=backend.model, scheduler=scheduler,
         loader=_loader(p),
@@ -235,24 +297,27 @@ def _train(p: Prepared) -> TrainState:
         if data.val else [],
         plan=p.plan, max_steps=p.max_steps, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval.every,
         patience=cfg.eval.patience, checkpoint_every=cfg.checkpoint.every, stop_at_step=cfg.train.stop_at_step,
-        flops_per_token=p.stats.flops_per_token, peak_flops=peak_flops,
+        flops_per_token=p.stats.flops_per_token, peak_flops=peak_flops, peak_source=peak_source,
         autocast_dtype=_autocast_dtype(cfg.train.dtype, env.device), metrics=metrics, save_checkpoint=save,
         nonfinite=cfg.train.nonfinite or ("abort" if cfg.parallel.name == "deepspeed" else "skip"),
         max_consecutive_skips=cfg.train.max_consecutive_skips, spike_factor=cfg.train.spike_factor,
         spike_window=cfg.train.spike_window,
     )  # fmt: skip
     try:
-        if state.step < p.max_steps and not state.stopped_early:
+        if p.will_train:
             with StopSignal() as parts.stop_signal:
                 state = train_loop(parts, state)
         else:
-            log.warning("nothing to train: the checkpoint is at step %d and the budget is %d steps%s", state.step,
-                        p.max_steps, " (stopped early)" if state.stopped_early else "")  # fmt: skip
+            log.warning("nothing to train: the checkpoint is at step %d and the budget is %d steps%s; the run "
+                        "directory is left as it was", state.step, p.max_steps,
+                        " (stopped early)" if state.stopped_early else "")  # fmt: skip
     finally:
         metrics.close()
-    if cfg.checkpoint.export_hf and (state.step >= p.max_steps or state.stopped_early):
+    finished = state.step >= p.max_steps or state.stopped_early
+    exported = os.path.isdir(os.path.join(p.run_dir, "hf"))
+    if cfg.checkpoint.export_hf and finished and (p.will_train or not exported):
         _export(p)
-    report_exit(env.rank, EXIT_PREEMPTED if state.preempted else 0)  # for harness.launch.node under torchrun
+    report_exit(env.rank, exit_status(state))  # for harness.launch.node under torchrun
     backend.close()
     return state
 
@@ -392,8 +457,13 @@ def _find_resume(resume: str, ckpt_root: str, model_key: dict, data_key: dict, p
     return path
 
 
-def _restore(path: str, backend, scheduler, schedule: LRSchedule, rank: int) -> tuple[TrainState, int]:
-    """Load model, optimizer, scheduler and RNG state; returns the train state and the saved budget."""
+def _restore(path: str, backend, scheduler, schedule: LRSchedule, rank: int, optim) -> TrainState:
+    """Load model, optimizer, scheduler and RNG state; returns the train state.
+
+    The checkpoint gives the position (step, data, optimizer moments); the config gives the
+    hyperparameters: the LR of every later step is ``schedule(step)`` of *this* config, and
+    ``optim.lr`` / ``weight_decay`` / ``betas`` / ``eps`` replace the saved ones in the param groups.
+    """
     meta = ckpt.read_state(path)
     try:
         backend.load(path)
@@ -403,11 +473,13 @@ def _restore(path: str, backend, scheduler, schedule: LRSchedule, rank: int) -> 
         raise ckpt.unreadable(path, e) from e
     scheduler.load_state_dict(meta["scheduler"])
     state = TrainState.from_dict(meta)
-    # The schedule may have changed (e.g. a larger max_steps): take the LR from it, not from the file,
-    # computed exactly as LambdaLR does (base_lr * lambda(last_epoch)).
+    # LambdaLR computes base_lr * lambda(last_epoch); base_lr (saved) must be this config's optim.lr.
+    groups = backend.optimizer.param_groups
+    scheduler.base_lrs = [optim.lr for _ in groups]
     lrs = [base * schedule.torch_lambda(scheduler.last_epoch) for base in scheduler.base_lrs]
-    for group, lr in zip(backend.optimizer.param_groups, lrs):
-        group["lr"] = lr
+    for i, (group, lr) in enumerate(zip(groups, lrs)):
+        group.update(lr=lr, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        group["weight_decay"] = optim.weight_decay if i == 0 else 0.0  # build_adamw: [decay, no_decay]
     scheduler._last_lr = lrs
     rng_path = os.path.join(path, "rng", f"rank_{rank}.pt")
     if os.path.isfile(rng_path):  # absent when resuming at a larger world size
@@ -415,7 +487,35 @@ def _restore(path: str, backend, scheduler, schedule: LRSchedule, rank: int) -> 
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    return state, meta.get("max_steps", 0)
+    return state
+
+
+SCHEDULE_KEYS = ("optim", "schedule", "train.max_steps", "train.max_tokens")
+
+
+def changed_schedule_keys(saved: dict, resolved: dict, max_steps: int) -> list[str]:
+    """``key old -> new`` for every optimizer / schedule / budget key of the checkpoint's config that
+    this config changes (the budget as a step count)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    before, now = flat(saved.get("config")), flat(resolved)
+    keys = sorted(k for k in before.keys() | now.keys()
+                  if k.startswith(SCHEDULE_KEYS) and k.split(".")[0] in ("optim", "schedule", "train"))  # fmt: skip
+    out = [f"{k} {before.get(k)} -> {now.get(k)}" for k in keys if before.get(k) != now.get(k)]
+    if saved.get("max_steps") not in (None, max_steps) and not any(k.startswith("train.max_") for k in out):
+        out.append(f"steps {saved['max_steps']} -> {max_steps}")
+    return out
+
+
+def exit_status(state: TrainState) -> int:
+    """0, 75 after a preemption signal, 130 after Ctrl-C (see :mod:`harness.exits`)."""
+    return {"preempt": EXIT_PREEMPTED, "interrupt": EXIT_INTERRUPTED}.get(state.stop_signal, EXIT_OK)
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -438,21 +538,6 @@ def _truncate_metrics(path: str, step: int) -> None:
         os.replace(tmp, path)
 
 
-def _start_run_dir(run_dir: str, composed, resolved: dict, overrides: list[str]) -> logging.Handler:
-    """Write ``.hydra/{config,overrides,resolved}.yaml`` and open ``train.log`` (all log lines, per-step ones
-    included); called only after every check passed, so a rejected run leaves an existing run untouched."""
-    hydra_dir = os.path.join(run_dir, ".hydra")
-    os.makedirs(hydra_dir, exist_ok=True)
-    for name, node in (("config", composed), ("overrides", list(overrides)), ("resolved", resolved)):
-        with open(os.path.join(hydra_dir, f"{name}.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(OmegaConf.create(node) if not OmegaConf.is_config(node) else node))
-    handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
-    log.addHandler(handler)
-    step_log.addHandler(handler)
-    return handler
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
@@ -464,22 +549,31 @@ def _hydra_main(cfg) -> None:
 
 
 def run_cli(cfg, run_dir: str, overrides: list[str]) -> int:
-    """:func:`run` with the command line's outcome: 0 done, 75 preempted (checkpointed; rerun to
-    continue), 2 a problem the user can fix (one ``error:`` line on stderr, rank 0 only), 130 Ctrl-C."""
+    """:func:`run` with the command line's outcome (:mod:`harness.exits`): 0 done, 75 preempted
+    (checkpointed; rerun to continue), 130 Ctrl-C (checkpointed), 2 a problem the user can fix
+    (one ``error:`` line on stderr, printed by rank 0 before any rank exits)."""
     try:
-        state = run(cfg, run_dir, overrides)
-        return EXIT_PREEMPTED if state.preempted else 0
+        return exit_status(run(cfg, run_dir, overrides))
     except HarnessError as e:
-        if os.environ.get("RANK", "0") == "0":  # one report per job, not one per rank
-            print(f"error: {e}", file=sys.stderr)
+        announce_error(str(e))
+        report_exit(_rank(), EXIT_USAGE)
         with contextlib.suppress(OSError):
             os.rmdir(run_dir)  # only if the rejected run left it empty
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         latest = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
         print(f"interrupted; newest checkpoint: {latest or 'none'} (rerun with checkpoint.resume=auto to continue)",
               file=sys.stderr)  # fmt: skip
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _rank() -> int:
+    from harness.dist import read_ranks
+
+    try:
+        return read_ranks()[0]
+    except ConfigError:
+        return 0
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -495,9 +589,9 @@ def main() -> None:
         try:
             check_overrides(argv)
         except ConfigError as e:
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            announce_error(str(e))
+            report_exit(_rank(), EXIT_USAGE)
+            sys.exit(EXIT_USAGE)
     _hydra_main()
 
 

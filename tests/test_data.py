@@ -76,6 +76,19 @@ def test_resolve_globs_dirs_lists_and_formats(tmp_path, monkeypatch):
     ):  # HF_HUB_OFFLINE=1: a typo is not tried on the hub
         resolve_corpus("allenai/c4", None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    def unreachable(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr("socket.create_connection", unreachable)
+    with pytest.raises(DataError, match=r"hub \(huggingface.co:443\) cannot be reached .*Name or service"):
+        resolve_corpus("allenai/c4", None)
+
+    class Reachable:
+        def close(self):
+            pass
+
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: Reachable())
     assert resolve_corpus("allenai/c4", None).format == "hub"
 
 

@@ -33,7 +33,9 @@ CASES = {
 
 def _run(nproc: int, run_dir, corpus: str, overrides: list[str]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    )
     cmd = [sys.executable, *launcher, "-m", "harness.train", *SMALL, f"data.path={corpus}",
            "checkpoint.export_hf=false", *overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -79,6 +79,7 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
         if not matched:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
             if _looks_like_hub_name(pattern) and len(patterns) == 1 and not offline:
+                _check_hub_reachable(pattern)
                 return Corpus((pattern,), "hub", hub_name)
             raise DataError(f"data.path: {pattern!r} matches no file (check the path or glob)")
         files += matched
@@ -98,6 +99,32 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
             )
         fmt = formats.pop()
     return Corpus(tuple(files), fmt)
+
+
+def _check_hub_reachable(name: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before ``datasets`` spends half a minute in retries, when ``name`` (``org/name``,
+    no such local file) cannot be a hub dataset: ``org/`` is a local directory (a missing local
+    path), or the hub endpoint (``$HF_ENDPOINT``, default huggingface.co) does not answer a TCP
+    connection within ``timeout_s``.
+
+    Raises:
+        DataError: naming the path and what to check.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.path.isdir(name.split("/")[0]):
+        raise DataError(f"data.path: {name!r} matches no file (check the path or glob)")
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise DataError(
+            f"data.path: {name!r} matches no local file, and the Hugging Face hub ({host}:{port}) cannot be "
+            f"reached to load it as a hub dataset ({e.strerror or e}); check the path, or set HF_HUB_OFFLINE=1 "
+            "to never try the hub"
+        ) from e
 
 
 def _looks_like_hub_name(pattern: str) -> bool:

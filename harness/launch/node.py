@@ -13,8 +13,9 @@ It exists for two reasons:
    own handler: finish the step, checkpoint on every rank, exit 75. SIGTERM is relayed the same way.
 2. **Exit status.** torchrun reports any worker failure as exit status 1, so a preempted run (75)
    would look like a crash. Training processes write their exit status into ``$HARNESS_EXIT_CODE_DIR``
-   (see :func:`report_exit`); when the launcher fails and every status written there is 0 or 75 with
-   at least one 75, the wrapper exits 75, which the batch script turns into ``scontrol requeue``.
+   (``harness.exits.report_exit``); when the launcher fails and every status written there is 0, 2, 75
+   or 130, the wrapper exits with that status (``harness.exits.combine_exit``): 75 becomes
+   ``scontrol requeue`` in the batch script, 2 is a refused config (one ``error:`` line).
 
 Arguments after ``--`` of the form ``${SLURM_NODEID}`` (any ``SLURM_*`` variable, written in single
 quotes in the batch script) are expanded here, on each node, from that node's environment.
@@ -31,8 +32,8 @@ import tempfile
 
 import psutil
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a checkpoint; rerun (requeue) to continue
-EXIT_CODE_DIR_ENV = "HARNESS_EXIT_CODE_DIR"
+from harness.exits import EXIT_CODE_DIR_ENV, combine_exit
+
 TRAIN_MODULE = "harness.train"
 LAUNCHER_MODULES = (
     "torch.distributed.run",
@@ -40,19 +41,6 @@ LAUNCHER_MODULES = (
     "deepspeed.launcher",
 )  # their command lines name it too
 _SLURM_VAR = re.compile(r"\$\{(SLURM_[A-Z0-9_]+)\}")
-
-
-def report_exit(rank: int, code: int) -> None:
-    """Record this training process's exit status for the node wrapper (no-op outside it).
-
-    Written as ``$HARNESS_EXIT_CODE_DIR/rank_<rank>``; called once the outcome is certain (for a
-    preempted run: after the checkpoint is complete), so a launcher that kills the remaining workers
-    after the first one exits cannot lose it.
-    """
-    directory = os.environ.get(EXIT_CODE_DIR_ENV)
-    if directory and os.path.isdir(directory):
-        with open(os.path.join(directory, f"rank_{rank}"), "w") as f:
-            f.write(str(code))
 
 
 def expand_slurm_vars(args: list[str], environ: dict[str, str] | None = None) -> list[str]:
@@ -69,18 +57,6 @@ def expand_slurm_vars(args: list[str], environ: dict[str, str] | None = None) ->
         return environ[m.group(1)]
 
     return [_SLURM_VAR.sub(value, a) for a in args]
-
-
-def combine_exit(launcher_rc: int, worker_codes: list[int]) -> int:
-    """The node's exit status from the launcher's and the workers' reported ones.
-
-    Returns 75 when the launcher failed only because workers stopped for preemption (every reported
-    status is 0 or 75, at least one is 75); otherwise the launcher's status.
-    """
-    if launcher_rc != 0 and worker_codes and EXIT_PREEMPTED in worker_codes:
-        if set(worker_codes) <= {0, EXIT_PREEMPTED}:
-            return EXIT_PREEMPTED
-    return launcher_rc
 
 
 def _training_processes(pid: int) -> list:
@@ -150,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
         signal.signal(signal.SIGUSR1, relay)
         signal.signal(signal.SIGTERM, relay)
+        # Ctrl-C reaches the launcher from the terminal (it forwards it to the workers): keep waiting.
+        signal.signal(signal.SIGINT, lambda *_: None)
         rc = proc.wait()
         if rc < 0:  # killed by a signal: report it the way a shell does
             rc = 128 - rc

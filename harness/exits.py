@@ -1,0 +1,59 @@
+"""Exit statuses of the training command and how a node wrapper combines its workers' statuses.
+
+A tiny leaf module (standard library only) shared by ``harness.train`` and
+``harness.launch.node``, so that no training process imports the launcher.
+
+| status | meaning |
+|---|---|
+| 0   | done (or nothing left to train) |
+| 2   | a problem the user can fix: one ``error:`` line on stderr, nothing built, nothing lost |
+| 75  | stopped by SIGUSR1/SIGTERM after a complete checkpoint (``EX_TEMPFAIL``): rerun / requeue to continue |
+| 130 | stopped by Ctrl-C (SIGINT) after a complete checkpoint; rerun to continue |
+
+torchrun reports any failed worker as status 1 (after its ``ChildFailedError`` report), so
+workers also write their status into ``$HARNESS_EXIT_CODE_DIR`` (:func:`report_exit`), and
+``harness.launch.node`` (used by ``launch/torchrun.sh`` and the Slurm script) turns the
+launcher's 1 back into 2, 75 or 130 (:func:`combine_exit`).
+"""
+
+from __future__ import annotations
+
+import os
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
+EXIT_CODE_DIR_ENV = "HARNESS_EXIT_CODE_DIR"
+
+
+def report_exit(rank: int, code: int) -> None:
+    """Record this training process's exit status for the node wrapper (no-op outside it).
+
+    Written as ``$HARNESS_EXIT_CODE_DIR/rank_<rank>``; called once the outcome is certain (for a
+    preempted run: after the checkpoint is complete), so a launcher that kills the remaining workers
+    after the first one exits cannot lose it.
+    """
+    directory = os.environ.get(EXIT_CODE_DIR_ENV)
+    if directory and os.path.isdir(directory):
+        with open(os.path.join(directory, f"rank_{rank}"), "w") as f:
+            f.write(str(code))
+
+
+def combine_exit(launcher_rc: int, worker_codes: list[int]) -> int:
+    """The node's exit status from the launcher's and the workers' reported ones.
+
+    When the launcher failed and every reported status is 0 or one of 2 / 75 / 130 (at least one
+    of them), that status is returned (2 wins over 130 over 75: a refused config is the cause,
+    the others stopped because of it); a crash (any other status, or none reported) keeps the
+    launcher's status.
+    """
+    if launcher_rc == 0 or not worker_codes:
+        return launcher_rc
+    known = (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED)
+    if not set(worker_codes) <= {EXIT_OK, *known}:
+        return launcher_rc
+    for code in known:
+        if code in worker_codes:
+            return code
+    return launcher_rc
