@@ -2,7 +2,7 @@
 
 For each variant -- eager, ``torch.compile`` per block, fused vs foreach AdamW, activation
 checkpointing on/off, micro-batch 1/2/4 -- it times optimizer steps of the harness's own step
-(``harness.loop.token_loss_sum`` on a ``harness.model.build_model`` model, bf16 autocast, gradient
+(``harness.trainer.token_loss_sum`` on a ``harness.model.build_model`` model, bf16 autocast, gradient
 clipping, AdamW) on random tokens, and reports tokens/s, MFU against the measured bf16 matmul peak
 of this GPU (an 8192^3 matmul loop, measured here) and against the datasheet peak, and peak
 memory; then ``transformers.Trainer`` on the same model and batch for the ratio. Prints a
@@ -71,9 +71,9 @@ def run_variant(mcfg, vocab: int, seq_len: int, micro: int, compile_: bool, fuse
     import torch
 
     from harness.data.loader import MicroBatch
-    from harness.loop import token_loss_sum
     from harness.model import build_model
     from harness.parallel.base import transformer_blocks
+    from harness.trainer import token_loss_sum
 
     torch.manual_seed(0)
     model = build_model(mcfg, vocab, seed=0, eos_token_id=0, device=device)

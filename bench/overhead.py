@@ -45,14 +45,14 @@ def _setup(steps: int):
     from harness.data import build_data
     from harness.data.loader import StepLoader
     from harness.model import build_model, resolve_vocab_size
-    from harness.plan import iteration_plan
+    from harness.schedule import build_schedule
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         composed = compose(config_name="train", overrides=[*OVERRIDES, f"train.max_steps={steps}"])
     cfg = to_object(composed)
     batch = validate(cfg, 1)
     data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, need_val=False)
-    plan, _ = iteration_plan(cfg, batch, len(data.train))
+    plan = build_schedule(cfg, batch, len(data.train)).plan
     loader = StepLoader(data.train, cfg.seed, batch.micro_batch_size)
     steps_mb = []
     for info in plan.steps():

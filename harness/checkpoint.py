@@ -30,11 +30,15 @@ import re
 import shutil
 import zipfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from harness import faults
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, ConfigError
+from harness.faults import Faults
+
+if TYPE_CHECKING:
+    from harness.config import CheckpointConfig
 
 log = logging.getLogger("harness")
 
@@ -56,7 +60,8 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, write: dict | Callable[[str], None], state: dict, keep_last: int,
-                    is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> str:  # fmt: skip
+                    is_main: bool = True, barrier: Callable[[], None] = lambda: None,
+                    faults: Faults | None = None) -> str:
     """Write checkpoint ``step`` atomically; called on every rank of a job.
 
     ``write`` is either ``{name: object}`` (each saved with ``torch.save`` as ``name.pt``) or a
@@ -92,7 +97,7 @@ def save_checkpoint(root: str, step: int, write: dict | Callable[[str], None], s
     barrier()
     if is_main and error is None:
         try:
-            _finish(tmp, final, root, step, state)
+            _finish(tmp, final, root, step, state, faults or Faults())
         except OSError as e:
             error = e
     barrier()
@@ -105,7 +110,7 @@ def save_checkpoint(root: str, step: int, write: dict | Callable[[str], None], s
     return final
 
 
-def _finish(tmp: str, final: str, root: str, step: int, state: dict) -> None:
+def _finish(tmp: str, final: str, root: str, step: int, state: dict, faults: Faults) -> None:
     """Rank 0: state file, fsync everything, manifest last, then rename into place."""
     with open(os.path.join(tmp, STATE), "w") as f:
         json.dump(state, f, indent=2)
@@ -368,3 +373,165 @@ def export_hf(model: torch.nn.Module, tokenizer, path: str, overwrite: bool = Tr
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+# parallel.name of checkpoints written before the format was recorded -> their format
+_LEGACY_FORMATS = {"none": "torch", "ddp": "dcp", "fsdp": "dcp", "deepspeed": "deepspeed"}
+_TITLES = {"deepspeed": "DeepSpeed"}
+
+
+class CheckpointManager:
+    """A run's checkpoints: which one to resume from (checked before any model exists), save
+    (atomic, every rank its part, RNG states, tokenizer, ``keep_last``), and restore.
+
+    ``identity`` holds what a checkpoint must match to be resumed by this run (``model`` shape,
+    ``data`` corpus/tokenizer/seq_len); a mismatch is refused naming the keys.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: str, env, backend, identity: dict, faults: Faults):
+        self.cfg, self.run_dir, self.env, self.backend = cfg, run_dir, env, backend
+        self.identity, self.faults = identity, faults
+        self.root = os.path.join(run_dir, "checkpoints")
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, run_dir: str, env, backend, identity: dict,
+                    faults: Faults | None = None) -> CheckpointManager:
+        return cls(cfg, run_dir, env, backend, identity, faults or Faults())
+
+    # -- choosing the checkpoint to resume from (no model needed) ---------------------------------
+
+    def find_resume(self) -> str | None:
+        """The checkpoint to resume from (or None), checked against this run's model, data and backend.
+
+        ``checkpoint.resume`` is ``auto`` (the newest intact checkpoint of this run, if any), ``never``,
+        a checkpoint directory, or a run directory (its newest checkpoint).
+
+        Raises:
+            ConfigError / CheckpointError: ``never`` over existing checkpoints, a path that is not a
+                complete checkpoint, a damaged one, or one of another model, corpus or backend format.
+        """
+        path = self._resume_path(self.cfg.resume)
+        if path is None:
+            return None
+        scan_pickles(path)  # before anything is unpickled
+        saved = read_state(path)
+        self._check_format(path, saved)
+        self._check_identity(path, saved)
+        return path
+
+    def _resume_path(self, resume: str) -> str | None:
+        if resume == "never":
+            existing = list_checkpoints(self.root)
+            if existing:
+                raise ConfigError(
+                    f"checkpoint.resume=never, but {self.root} already holds checkpoints (up to step "
+                    f"{existing[-1][0]}); set checkpoint.resume=auto to continue that run, or pick a new run_name "
+                    "/ hydra.run.dir"
+                )
+            return None
+        if resume == "auto":
+            path = latest_checkpoint(self.root, check=True)  # a damaged newest one: the previous
+            damaged = checkpoint_dirs(self.root)
+            if path is None and damaged:  # never silently start over on top of a run's history
+                raise CheckpointError(
+                    f"{self.root} holds {len(damaged)} checkpoint(s) (newest {os.path.basename(damaged[-1])}) but "
+                    "none is complete and intact (see the warnings); move them away to start over, or set "
+                    "checkpoint.resume to a good checkpoint"
+                )
+            return path
+        path = os.path.expanduser(resume)
+        if os.path.isdir(os.path.join(path, "checkpoints")):  # a run directory
+            path = latest_checkpoint(os.path.join(path, "checkpoints"), check=True) or path
+        if not is_complete(path):
+            raise CheckpointError(
+                f"checkpoint.resume={resume!r} is not auto, never, or a complete checkpoint directory "
+                "(runs/<run_name>/checkpoints/step_NNNNNNNN, or a run directory)"
+            )
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {path} is damaged ({problem}); choose another checkpoint")
+        return path
+
+    def _check_format(self, path: str, saved: dict) -> None:
+        """The checkpoint's weights format must be the one this backend reads (and, for a backend that
+        cannot reshard, written at this world size)."""
+        was = saved.get("parallel", "none")
+        fmt = saved.get("format", _LEGACY_FORMATS.get(was))
+        name = self.backend.name
+        if fmt != self.backend.checkpoint_format:
+            raise CheckpointError(
+                f"checkpoint {path} was written by parallel={was}, which parallel={name} cannot load ({fmt} "
+                f"format); resume with parallel={was}, or export it (python -m harness.export {path} OUT) and start a "
+                "new run from it"
+            )
+        if not self.backend.reshardable and saved.get("world_size") != self.env.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {_TITLES.get(was, 'parallel=' + was)} at world size "
+                f"{saved.get('world_size')}, and its checkpoints resume only at that world size (now {self.env.world_size}); relaunch with that many "
+                "processes, or export it with python -m harness.export"
+            )
+
+    def _check_identity(self, path: str, saved: dict) -> None:
+        fixes = {"model": "the model config that wrote it",
+                 "data": "the corpus, tokenizer and data.seq_len it was trained on"}
+        for section, now in self.identity.items():
+            before = saved.get(section, {})
+            diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "name"}
+            if diff:
+                shown = ", ".join(f"{section}.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise CheckpointError(
+                    f"checkpoint {path} was written with a different {section} ({shown}); use a new run_name / "
+                    f"hydra.run.dir, or {fixes[section]}"
+                )
+
+    # -- save and restore --------------------------------------------------------------------------
+
+    def save(self, step: int, meta: dict, tokenizer) -> str:
+        """Write checkpoint ``step`` on every rank: the backend's model/optimizer part, this rank's RNG
+        states, the tokenizer (rank 0) and ``meta`` (``trainer_state.json``). Returns its directory."""
+
+        def write(directory: str) -> None:
+            self.backend.save(directory)
+            os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
+            torch.save(rng_state(), os.path.join(directory, "rng", f"rank_{self.env.rank}.pt"))
+            if self.env.is_main:
+                tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+
+        meta = {**meta, "format": self.backend.checkpoint_format, "parallel": self.backend.name,
+                "world_size": self.env.world_size, **self.identity}
+        path = save_checkpoint(self.root, step, write, meta, self.cfg.keep_last, self.env.is_main,
+                               self.backend.barrier, self.faults)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def restore(self, path: str) -> dict:
+        """Load the backend's model/optimizer state and this rank's RNG states; returns ``trainer_state.json``.
+
+        Raises:
+            CheckpointError: the files cannot be loaded (naming the checkpoint and what to do).
+        """
+        meta = read_state(path)
+        try:
+            self.backend.load(path)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise unreadable(path, e) from e
+        rng_path = os.path.join(path, "rng", f"rank_{self.env.rank}.pt")
+        if os.path.isfile(rng_path):  # absent when resuming at a larger world size
+            set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
+        return meta
+
+
+def rng_state() -> dict:
+    """This process's torch (and CUDA) RNG states."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,7 +1,7 @@
 """Exit statuses of the training command and how a node wrapper combines its workers' statuses.
 
 A tiny leaf module (standard library only) shared by ``harness.train`` and
-``harness.launch.node``, so that no training process imports the launcher.
+``harness.cluster.node``, so that no training process imports the launcher.
 
 | status | meaning |
 |---|---|
@@ -12,7 +12,7 @@ A tiny leaf module (standard library only) shared by ``harness.train`` and
 
 torchrun reports any failed worker as status 1 (after its ``ChildFailedError`` report), so
 workers also write their status into ``$HARNESS_EXIT_CODE_DIR`` (:func:`report_exit`), and
-``harness.launch.node`` (used by ``launch/torchrun.sh`` and the Slurm script) turns the
+``harness.cluster.node`` (used by ``launch/torchrun.sh`` and the Slurm script) turns the
 launcher's 1 back into 2, 75 or 130 (:func:`combine_exit`).
 """
 
@@ -57,3 +57,9 @@ def combine_exit(launcher_rc: int, worker_codes: list[int]) -> int:
         if code in worker_codes:
             return code
     return launcher_rc
+
+
+def exit_code(stop_signal: str | None) -> int:
+    """The status of a run that ended normally: 75 after a preemption signal (``"preempt"``), 130
+    after Ctrl-C (``"interrupt"``), else 0."""
+    return {"preempt": EXIT_PREEMPTED, "interrupt": EXIT_INTERRUPTED}.get(stop_signal, EXIT_OK)

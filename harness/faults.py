@@ -1,4 +1,4 @@
-"""Fault injection for the reliability tests, read from ``$HARNESS_FAULT``; inert when it is unset.
+"""Fault injection for the reliability tests, read once from ``$HARNESS_FAULT``; inert when it is unset.
 
 ``HARNESS_FAULT`` is a comma-separated list of ``kind:arg[:rank]``:
 
@@ -17,44 +17,48 @@ from __future__ import annotations
 import errno
 import os
 import time
+from dataclasses import dataclass, field
 
 
-def _faults() -> list[tuple[str, float, int | None]]:
-    out = []
-    for item in filter(None, os.environ.get("HARNESS_FAULT", "").split(",")):
-        kind, arg, *rank = item.split(":")
-        out.append((kind, float(arg), int(rank[0]) if rank else None))
-    return out
+@dataclass(frozen=True)
+class Faults:
+    """The faults of ``$HARNESS_FAULT`` that apply to this rank (parsed once: :meth:`from_env`)."""
 
+    items: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
-def _mine(rank: int | None) -> bool:
-    return rank is None or rank == int(os.environ.get("RANK", "0"))
-
-
-def on_step(step: int) -> None:
-    """Called as optimizer step ``step`` starts."""
-    for kind, arg, rank in _faults():
+    @classmethod
+    def from_env(cls, rank: int | None = None) -> Faults:
+        """Parse ``$HARNESS_FAULT`` for ``rank`` (default ``$RANK``), keeping the faults that target it."""
+        rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if (
-            kind in ("raise", "raise_once")
-            and step == arg
-            and _mine(rank)
-            and (kind == "raise" or first_attempt)
-        ):
-            raise RuntimeError(f"injected fault at step {step}")
-        if kind == "slow" and _mine(rank):
-            time.sleep(arg)
+        items = []
+        for item in filter(None, os.environ.get("HARNESS_FAULT", "").split(",")):
+            kind, arg, *target = item.split(":")
+            if target and int(target[0]) != rank:
+                continue
+            if kind == "raise_once":
+                if not first_attempt:
+                    continue
+                kind = "raise"
+            items.append((kind, float(arg)))
+        return cls(tuple(items))
 
+    def on_step(self, step: int) -> None:
+        """Called as optimizer step ``step`` starts (``raise`` / ``slow``)."""
+        for kind, arg in self.items:
+            if kind == "raise" and step == arg:
+                raise RuntimeError(f"injected fault at step {step}")
+            if kind == "slow":
+                time.sleep(arg)
 
-def nan_loss(step: int) -> bool:
-    """True when the first micro-batch's loss of ``step`` must be NaN on this rank."""
-    return any(k == "nan_loss" and step == a and _mine(r) for k, a, r in _faults())
+    def nan_loss(self, step: int) -> bool:
+        """True when the first micro-batch's loss of ``step`` must be NaN on this rank."""
+        return any(kind == "nan_loss" and step == arg for kind, arg in self.items)
 
-
-def on_checkpoint(step: int) -> None:
-    """Called on rank 0 after a checkpoint's files are written, before its manifest."""
-    for kind, arg, _ in _faults():
-        if kind == "checkpoint_sleep":
-            time.sleep(arg)
-        if kind == "checkpoint_enospc" and step == arg:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def on_checkpoint(self, step: int) -> None:
+        """Called on rank 0 after a checkpoint's files are written, before its manifest."""
+        for kind, arg in self.items:
+            if kind == "checkpoint_sleep":
+                time.sleep(arg)
+            if kind == "checkpoint_enospc" and step == arg:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -118,6 +118,29 @@ def measure_matmul_flops(device: torch.device, n: int = 1024, seconds: float = 0
     return 2.0 * n**3 * iters / (time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """MFU arithmetic: ``mfu = flops_per_token x tokens_per_second / (peak_flops x world_size)``
+    (PaLM, Chowdhery et al. 2022, App. B), with where the peak comes from."""
+
+    flops_per_token: float  # training FLOPs per token (harness.model.model_stats)
+    peak_flops: float  # FLOP/s of one device
+    peak_source: str
+    world_size: int
+
+    @classmethod
+    def from_config(cls, train, device: torch.device, flops_per_token: float, world_size: int) -> Throughput:
+        """``train.peak_flops_per_device`` when set, else :func:`device_peak_flops` of ``device``."""
+        if train.peak_flops_per_device:
+            return cls(flops_per_token, train.peak_flops_per_device, "train.peak_flops_per_device", world_size)
+        peak, source = device_peak_flops(device)
+        return cls(flops_per_token, peak, source, world_size)
+
+    def mfu(self, tokens_per_second: float) -> float:
+        """Model FLOPs utilization (0..1) at ``tokens_per_second`` (all ranks)."""
+        return self.flops_per_token * tokens_per_second / (self.peak_flops * self.world_size)
+
+
 def max_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: CUDA ``max_memory_allocated`` on GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -234,19 +257,28 @@ class ConsoleSink:
         self.bar.close()
 
 
+def wandb_mode(mode: str) -> str:
+    """The wandb mode for ``logging.wandb.mode``: ``auto`` honours ``$WANDB_MODE`` when it is set
+    (wandb's own convention), else online with ``$WANDB_API_KEY``, else offline."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
 class WandbSink:
-    """Logs each record to Weights & Biases; ``mode=auto`` is online with an API key, else offline.
+    """Logs each record to Weights & Biases (``mode`` online or offline, see :func:`wandb_mode`).
 
     The run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues the same wandb run.
     """
 
-    def __init__(
-        self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict
-    ):
+    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict):
         import wandb
 
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         id_path = os.path.join(run_dir, "wandb_id")
         if os.path.isfile(id_path):
             with open(id_path) as f:
@@ -256,7 +288,7 @@ class WandbSink:
             with open(id_path, "w") as f:
                 f.write(run_id)
         self.run = wandb.init(project=project, entity=entity, name=name, dir=run_dir, mode=mode, id=run_id,
-                              resume="allow", config=config, settings=wandb.Settings(silent=True))  # fmt: skip
+                              resume="allow", config=config, settings=wandb.Settings(silent=True))
 
     def write(self, rec: StepMetrics) -> None:
         data = {k: v for k, v in asdict(rec).items() if v is not None and k != "step"}
@@ -272,6 +304,21 @@ class MetricsLogger:
     def __init__(self, sinks: list):
         self.sinks = sinks
 
+    @classmethod
+    def from_config(cls, cfg, run_dir: str, max_steps: int, start_step: int, run_name: str,
+                    config: dict) -> MetricsLogger:
+        """Rank 0's sinks for the ``logging`` section: ``metrics.jsonl`` (cut back to ``start_step``:
+        a resumed run logs the later steps again, identically), the console, and wandb unless its
+        mode resolves to ``disabled`` (then no wandb process starts)."""
+        path = os.path.join(run_dir, "metrics.jsonl")
+        truncate_metrics(path, start_step)
+        sinks = [JsonlSink(path), ConsoleSink(max_steps, start_step, cfg.every, cfg.progress)]
+        mode = wandb_mode(cfg.wandb.mode)
+        if mode != "disabled":
+            w = cfg.wandb
+            sinks.append(WandbSink(mode, w.project, w.entity, w.name or run_name, run_dir, config))
+        return cls(sinks)
+
     def write(self, rec: StepMetrics) -> None:
         for sink in self.sinks:
             sink.write(rec)
@@ -279,3 +326,23 @@ class MetricsLogger:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the lines of steps after ``step`` from ``metrics.jsonl`` (atomically)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)

@@ -19,13 +19,43 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from harness.config import BatchSizes, TrainConfig, check_schedule_fits, compose_checked, to_object, validate
+from harness.config import JobConfig, compose_checked, register_schema, to_object, validate
 from harness.errors import ConfigError, DataError, HarnessError
 from harness.metrics import GPU_SPECS
 from harness.model import model_stats, resolve_vocab_size
-from harness.schedule import BatchRamp, IterationPlan, LRSchedule
+from harness.schedule import IterationPlan, TrainingSchedule, build_schedule
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, "Training Compute-Optimal LLMs", Table 3
+
+
+@dataclass
+class PlanConfig:
+    """``python -m harness.plan`` only: the hardware and assumptions of the cost estimate."""
+
+    gpus: int = 1  # devices the run will use (the world size of the plan)
+    gpu: str = "H100"  # H100 | H200 | A100 | B200 (peak bf16 FLOP/s and memory: harness.metrics.GPU_SPECS)
+    mfu: float = (
+        0.40  # assumed model FLOPs utilization (Megatron-LM reports 41-48% on H100; no GPU run here yet)
+    )
+    format: str = "text"  # text | json
+    png: str | None = None  # schedule plot; None: <run dir>/plan.png; "" for none
+    dataset_tokens: int | None = None  # plan for a corpus of this many tokens without reading data.path
+    exact_max_mb: float = (
+        512.0  # corpora up to this size (file bytes) are tokenized (and cached) for exact counts
+    )
+    sample_mb: float = (
+        64.0  # larger ones: estimate tokens from the first files up to this size (needs tokenizer.path)
+    )
+
+
+@dataclass
+class PlanJobConfig(JobConfig):
+    """A training run plus the assumptions of its plan (``schema/plan``)."""
+
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+register_schema("plan", PlanJobConfig)
 
 
 @dataclass
@@ -64,7 +94,7 @@ class MemoryEstimate:
 
 
 @dataclass
-class Plan:
+class PlanReport:
     """Everything ``harness.plan`` prints (units: tokens, steps, FLOPs, seconds, bytes)."""
 
     dataset: str
@@ -114,21 +144,7 @@ class Plan:
         return d
 
 
-def iteration_plan(
-    cfg: TrainConfig, batch: BatchSizes, num_train_sequences: int
-) -> tuple[IterationPlan, int]:
-    """The trainer's iteration plan and step budget (``train.max_steps``, or the steps of
-    ``train.max_tokens`` with the batch ramp counted step by step). Used by ``harness.train``."""
-    bw = cfg.schedule.batch_warmup
-    ramp = BatchRamp(batch.global_batch_size, batch.micro_batch_size * batch.world_size,
-                     bw.start_global_batch_size, bw.steps, bw.tokens)  # fmt: skip
-    plan = IterationPlan(num_train_sequences, cfg.data.seq_len, ramp, batch.micro_batch_size, batch.world_size,
-                         cfg.train.drop_last)  # fmt: skip
-    max_steps = cfg.train.max_steps or plan.steps_for_tokens(cfg.train.max_tokens)
-    return plan, max_steps
-
-
-def count_dataset_tokens(cfg: TrainConfig) -> tuple[int, bool, str, int | None]:
+def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None]:
     """``(tokens, exact, note, tokenizer vocabulary or None)`` of the whole corpus (training and
     validation parts).
 
@@ -180,15 +196,15 @@ def count_dataset_tokens(cfg: TrainConfig) -> tuple[int, bool, str, int | None]:
     return estimate, False, note, len(tokenizer)
 
 
-def memory_estimate(cfg: TrainConfig, params: int, vocab: int, device_memory: float | None,
+def memory_estimate(cfg: PlanJobConfig, params: int, vocab: int, device_memory: float | None,
                     world_size: int) -> MemoryEstimate:  # fmt: skip
     """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks (see :class:`MemoryEstimate`)."""
     m, par = cfg.model, cfg.parallel
     p = float(params)
     name = par.name
     shards = world_size
-    if name == "fsdp" and par.hsdp_replicate > 1:
-        shards = world_size // par.hsdp_replicate
+    if name == "fsdp" and par.dp_replicate > 1:
+        shards = world_size // par.dp_replicate
     layer = p / max(m.num_layers, 1)
     gathered = 0.0
     if name in ("none", "ddp"):
@@ -205,7 +221,7 @@ def memory_estimate(cfg: TrainConfig, params: int, vocab: int, device_memory: fl
         grads_b = 2 * p / (shards if stage >= 2 else 1)
         opt_b = 12 * p / (shards if stage >= 1 else 1)
         gathered = 2 * layer * 2 if stage >= 3 else 0.0
-    if cfg.parallel.cpu_offload or cfg.parallel.offload_optimizer:
+    if getattr(par, "cpu_offload", False) or getattr(par, "offload_optimizer", False):
         opt_b = 0.0
     s, b, h, L = cfg.data.seq_len, cfg.train.micro_batch_size or 1, m.hidden_size, m.num_layers
     logits = 8.0 * s * b * vocab
@@ -214,17 +230,50 @@ def memory_estimate(cfg: TrainConfig, params: int, vocab: int, device_memory: fl
     return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory)
 
 
-def make_plan(cfg: TrainConfig, world_size: int | None = None,
-              dataset: tuple[int, bool, str, int | None] | None = None) -> Plan:  # fmt: skip
+def make_plan(cfg: PlanJobConfig, world_size: int | None = None,
+              dataset: tuple[int, bool, str, int | None] | None = None) -> PlanReport:
     """Compute the plan for ``cfg`` on ``world_size`` ranks (default ``plan.gpus``).
 
     Raises:
         ConfigError / DataError: the config cannot run at all (bad batch arithmetic, no data).
-            Problems a run would refuse later but a plan can still show (a warmup longer than
-            the run) become warnings instead.
+            What the trainer adjusts (a warmup longer than the run) is a warning, as in the run.
     """
     p = cfg.plan
     gpus = world_size or p.gpus
+    _check_plan_section(p, gpus)
+    batch = validate(cfg, gpus)
+    tokens, exact, note, tok_vocab = dataset or count_dataset_tokens(cfg)
+    train_sequences = _train_sequences(cfg, tokens)
+    sched = build_schedule(cfg, batch, train_sequences)
+    plan, max_steps = sched.plan, sched.max_steps
+    last = _step(plan, max_steps)
+    vocab = resolve_vocab_size(cfg.model, tok_vocab or cfg.tokenizer.train_vocab_size)
+    stats = model_stats(cfg.model, vocab, cfg.data.seq_len)
+    peak, memory_bytes, source = GPU_SPECS[p.gpu]
+    total_flops = stats.flops_per_token * last.tokens_total
+    wall = total_flops / (gpus * peak * p.mfu)
+    ramp = plan.ramp
+    mem = memory_estimate(cfg, stats.params, vocab, memory_bytes, gpus)
+    ac = cfg.parallel.activation_checkpointing
+    return PlanReport(
+        dataset=str(cfg.data.path), dataset_tokens=tokens, dataset_tokens_exact=exact, dataset_note=note,
+        seq_len=cfg.data.seq_len, train_sequences=train_sequences, global_batch_size=batch.global_batch_size,
+        global_batch_tokens=batch.global_batch_size * cfg.data.seq_len, micro_batch_size=batch.micro_batch_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps, world_size=gpus,
+        iterations_per_epoch=plan.iterations_per_epoch(), drop_last=cfg.train.drop_last, max_steps=max_steps,
+        epochs=last.epoch, total_tokens=last.tokens_total, lr_warmup_end_step=sched.config.warmup_steps,
+        batch_warmup_end_step=ramp.end_step() if ramp.tokens is None else _first_full_step(plan, max_steps),
+        decay_end_step=max_steps if cfg.schedule.name != "constant" else 0, model=cfg.model.name,
+        params=stats.params, non_embedding_params=stats.non_embedding_params, flops_per_token=stats.flops_per_token,
+        total_flops=total_flops, tokens_per_param=last.tokens_total / stats.params, gpu=p.gpu, gpus=gpus,
+        peak_flops=peak, peak_source=source, mfu=p.mfu, wall_seconds=wall, gpu_hours=wall * gpus / 3600, memory=mem,
+        activation_checkpointing=ac,
+        warnings=_warnings(cfg, sched, train_sequences, batch.global_batch_size, last.tokens_total / stats.params,
+                           mem.total_checkpointed if ac else mem.total, memory_bytes),
+    )
+
+
+def _check_plan_section(p: PlanConfig, gpus: int) -> None:
     if p.gpu not in GPU_SPECS:
         raise ConfigError(f"plan.gpu={p.gpu!r} is not one of {', '.join(GPU_SPECS)}")
     if not 0 < p.mfu <= 1:
@@ -234,73 +283,49 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None,
     if p.dataset_tokens is not None and p.dataset_tokens < 1:
         raise ConfigError(f"plan.dataset_tokens={p.dataset_tokens} must be >= 1 (or null to count data.path)")
     if p.exact_max_mb < 0 or p.sample_mb <= 0:
-        raise ConfigError(
-            f"plan.exact_max_mb={p.exact_max_mb} must be >= 0 and plan.sample_mb={p.sample_mb} > 0"
-        )
-    batch = validate(cfg, gpus, schedule_fits=False)
-    tokens, exact, note, tok_vocab = dataset or count_dataset_tokens(cfg)
-    n_val = int(tokens * cfg.data.val_fraction) if cfg.eval.every > 0 else 0
+        raise ConfigError(f"plan.exact_max_mb={p.exact_max_mb} must be >= 0 and plan.sample_mb={p.sample_mb} > 0")
+
+
+def _train_sequences(cfg: PlanJobConfig, tokens: int) -> int:
+    """Training sequences of a corpus of ``tokens`` tokens (the validation tail held out as the trainer does)."""
     from harness.data.loader import PackedSequences
 
+    n_val = int(tokens * cfg.data.val_fraction) if cfg.eval.every > 0 else 0
     train_sequences = PackedSequences.count(tokens - n_val, cfg.data.seq_len)
     if train_sequences < 1:
-        raise DataError(
-            f"the corpus ({tokens:,} tokens) holds no sequence of data.seq_len={cfg.data.seq_len}"
-        )
-    warnings: list[str] = []
-    plan, max_steps = iteration_plan(cfg, batch, train_sequences)
-    try:
-        check_schedule_fits(cfg, max_steps)
-    except ConfigError as e:
-        warnings.append(str(e))
-    schedule = LRSchedule(cfg.schedule.name, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps, max_steps,
-                          cfg.schedule.decay_fraction)  # fmt: skip
-    total_tokens, last = 0, None
+        raise DataError(f"the corpus ({tokens:,} tokens) holds no sequence of data.seq_len={cfg.data.seq_len}")
+    return train_sequences
+
+
+def _step(plan: IterationPlan, step: int):
     for info in plan.steps():
-        last = info
-        if info.step == max_steps:
-            break
-    total_tokens = last.tokens_total
-    vocab = resolve_vocab_size(cfg.model, tok_vocab or cfg.tokenizer.train_vocab_size)
-    stats = model_stats(cfg.model, vocab, cfg.data.seq_len)
-    peak, memory_bytes, source = GPU_SPECS[p.gpu]
-    total_flops = stats.flops_per_token * total_tokens
-    wall = total_flops / (gpus * peak * p.mfu)
-    ramp = plan.ramp
-    batch_end = ramp.end_step() if ramp.tokens is None else _first_full_step(plan, max_steps)
-    # A batch ramp whose sizes are not multiples of micro_batch_size x world_size is an error of
-    # validate() above (the trainer's own check), not a warning.
-    if train_sequences < batch.global_batch_size:
-        warnings.append(f"fewer than one step per epoch: {train_sequences} sequences < global batch "
-                        f"{batch.global_batch_size}")  # fmt: skip
-    tpp = total_tokens / stats.params
-    if tpp < 1:
-        warnings.append(f"{tpp:.2f} training tokens per parameter (< 1): the model will barely train")
-    decay_end = max_steps if cfg.schedule.name != "constant" else 0
-    if cfg.schedule.name != "constant" and schedule(max_steps) != cfg.schedule.min_lr:
-        warnings.append(f"the LR schedule does not reach min_lr at max_steps={max_steps}")
-    mem = memory_estimate(cfg, stats.params, vocab, memory_bytes, gpus)
-    limit = mem.total_checkpointed if cfg.parallel.activation_checkpointing else mem.total
-    if limit > memory_bytes:
-        warnings.append(f"estimated {limit / 2**30:.1f} GiB per device exceeds the {p.gpu}'s "
-                        f"{memory_bytes / 2**30:.0f} GiB: lower train.micro_batch_size, shard more "
-                        "(parallel=fsdp / zero_stage=3) or enable activation checkpointing")  # fmt: skip
-    return Plan(
-        dataset=str(cfg.data.path), dataset_tokens=tokens, dataset_tokens_exact=exact, dataset_note=note,
-        seq_len=cfg.data.seq_len, train_sequences=train_sequences, global_batch_size=batch.global_batch_size,
-        global_batch_tokens=batch.global_batch_size * cfg.data.seq_len, micro_batch_size=batch.micro_batch_size,
-        gradient_accumulation_steps=batch.gradient_accumulation_steps, world_size=gpus,
-        iterations_per_epoch=plan.iterations_per_epoch(), drop_last=cfg.train.drop_last, max_steps=max_steps,
-        epochs=last.epoch, total_tokens=total_tokens, lr_warmup_end_step=cfg.schedule.warmup_steps,
-        batch_warmup_end_step=batch_end, decay_end_step=decay_end, model=cfg.model.name, params=stats.params,
-        non_embedding_params=stats.non_embedding_params, flops_per_token=stats.flops_per_token,
-        total_flops=total_flops, tokens_per_param=tpp, gpu=p.gpu, gpus=gpus, peak_flops=peak, peak_source=source,
-        mfu=p.mfu, wall_seconds=wall, gpu_hours=wall * gpus / 3600, memory=mem,
-        activation_checkpointing=cfg.parallel.activation_checkpointing, warnings=warnings,
-    )  # fmt: skip
+        if info.step == step:
+            return info
+    raise AssertionError("unreachable")
 
 
-def _tokenizer_vocab(cfg: TrainConfig) -> int | None:
+def _warnings(cfg: PlanJobConfig, sched: TrainingSchedule, train_sequences: int, global_batch: int,
+              tokens_per_param: float, memory: float, device_memory: float) -> list[str]:
+    """The schedule's shortened warmups (as the trainer logs them) and the plan's own checks.
+
+    A batch ramp whose sizes are not multiples of micro_batch_size x world_size is an error of
+    :func:`validate` (the trainer's own check), not a warning.
+    """
+    out = list(sched.warnings)
+    if train_sequences < global_batch:
+        out.append(f"fewer than one step per epoch: {train_sequences} sequences < global batch {global_batch}")
+    if tokens_per_param < 1:
+        out.append(f"{tokens_per_param:.2f} training tokens per parameter (< 1): the model will barely train")
+    if cfg.schedule.name != "constant" and sched.lr(sched.max_steps) != cfg.schedule.min_lr:
+        out.append(f"the LR schedule does not reach min_lr at max_steps={sched.max_steps}")
+    if memory > device_memory:
+        out.append(f"estimated {memory / 2**30:.1f} GiB per device exceeds the {cfg.plan.gpu}'s "
+                   f"{device_memory / 2**30:.0f} GiB: lower train.micro_batch_size, shard more "
+                   "(parallel=fsdp / zero_stage=3) or enable activation checkpointing")
+    return out
+
+
+def _tokenizer_vocab(cfg: PlanJobConfig) -> int | None:
     if cfg.tokenizer.path:
         from harness.data.tokenizer import load_tokenizer
 
@@ -315,18 +340,16 @@ def _first_full_step(plan: IterationPlan, max_steps: int) -> int:
     raise AssertionError("unreachable")
 
 
-def schedule_series(cfg: TrainConfig, plan_: Plan, max_points: int = 4000) -> dict[str, list]:
+def schedule_series(cfg: PlanJobConfig, plan_: PlanReport, max_points: int = 4000) -> dict[str, list]:
     """Per-step LR, global batch size and cumulative tokens (subsampled to ``max_points``) for the PNG."""
-    batch = validate(cfg, plan_.world_size, schedule_fits=False)
-    it, max_steps = iteration_plan(cfg, batch, plan_.train_sequences)
-    schedule = LRSchedule(cfg.schedule.name, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps, max_steps,
-                          cfg.schedule.decay_fraction)  # fmt: skip
+    sched = build_schedule(cfg, validate(cfg, plan_.world_size), plan_.train_sequences)
+    max_steps = sched.max_steps
     every = max(1, max_steps // max_points)
     out: dict[str, list] = {"step": [], "lr": [], "global_batch_size": [], "tokens_total": []}
-    for info in it.steps():
+    for info in sched.plan.steps():
         if info.step % every == 0 or info.step in (1, max_steps) or info.step <= plan_.batch_warmup_end_step:
             out["step"].append(info.step)
-            out["lr"].append(schedule(info.step))
+            out["lr"].append(sched.lr(info.step))
             out["global_batch_size"].append(info.global_batch_size)
             out["tokens_total"].append(info.tokens_total)
         if info.step >= max_steps:
@@ -369,7 +392,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:,.2f} days"
 
 
-def render_text(pl: Plan) -> str:
+def render_text(pl: PlanReport) -> str:
     """The human-readable plan."""
     gib = 2**30
     m = pl.memory
@@ -425,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        composed = compose_checked(argv)
+        composed = compose_checked(argv, schema="plan")
         run_dir = composed.hydra.run.dir
         with open_dict(composed):
             del composed["hydra"]

@@ -11,14 +11,31 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
-import hydra
-
-from harness.config import CONFIG_DIR, to_object, validate
+from harness.config import JobConfig, compose_checked, register_schema, to_object, validate
 from harness.data import load_token_store
 from harness.errors import ConfigError, HarnessError
 
 log = logging.getLogger("harness")
+
+
+@dataclass
+class PrepareConfig:
+    # python -m harness.prepare_data writes the token store here
+    output_dir: str | None = None
+    # replace an existing token store at output_dir
+    overwrite: bool = False
+
+
+@dataclass
+class PrepareJobConfig(JobConfig):
+    """The corpus and tokenizer sections of a run plus where to write the store (``schema/prepare``)."""
+
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+register_schema("prepare", PrepareJobConfig)
 
 
 def prepare(cfg) -> str:
@@ -53,19 +70,22 @@ def prepare(cfg) -> str:
     return store.path
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _hydra_main(cfg) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry (``harness-prepare-data``): 0 with the store written, 2 with one ``error:`` line."""
+    from omegaconf import open_dict
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        prepare(cfg)
+        composed = compose_checked(argv, schema="prepare")
+        with open_dict(composed):
+            del composed["hydra"]
+        prepare(composed)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    """Console-script entry (``harness-prepare-data``)."""
-    _hydra_main()
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@
     .hydra/            config.yaml, overrides.yaml, resolved.yaml of the latest invocation that
                        trained; an invocation with nothing to train leaves it as it was
     train.log          every log line of every invocation (appended)
+    failures/          rank_<r>.json: each rank's error when a run fails (rank 0 logs the first)
 
 A second process that asks for the lock while a live one holds it gets a :class:`ConfigError`
 naming the holder; a lock file left by a process that died (``flock`` is released with its
@@ -17,12 +18,15 @@ holder) is taken over with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import socket
 import sys
+import time
+import traceback
 
 from omegaconf import OmegaConf
 
@@ -121,3 +125,87 @@ def open_log_file(run_dir: str, *loggers: logging.Logger) -> logging.Handler:
     for logger in loggers:
         logger.addHandler(handler)
     return handler
+
+
+class RunDir:
+    """The run directory as one part: the lock (rank 0, agreed by every rank), ``train.log``, the
+    invocation history, ``.hydra/`` and failure reports. Open it with :meth:`open` once every
+    check has passed; :meth:`close` records the outcome and releases the lock."""
+
+    def __init__(self, path: str, env, lock: RunDirLock | None, log_file: logging.Handler | None):
+        self.path, self.env, self._lock, self._log_file = path, env, lock, log_file
+
+    @classmethod
+    def open(cls, path: str, env, agree, invocation: dict, hydra: tuple | None, loggers: tuple) -> RunDir:
+        """Take the lock on rank 0 (``agree(flag)`` sums a flag over the ranks so that all of them
+        raise together), open ``train.log`` for ``loggers``, record the ``start`` of ``invocation``, and
+        write ``.hydra/`` from ``hydra = (composed, resolved, overrides)`` when it is given.
+
+        Raises:
+            ConfigError: another live process holds the run directory (every rank raises).
+        """
+        lock, error = None, None
+        if env.is_main:
+            try:
+                lock = RunDirLock(path).acquire()
+            except ConfigError as e:
+                error = e
+        if env.world_size > 1 and agree(float(error is not None)) > 0 and error is None:
+            error = ConfigError(f"rank 0 could not lock the run directory {path} (see its error)")
+        if error is not None:
+            raise error
+        log_file = None
+        if env.is_main:
+            log_file = open_log_file(path, *loggers)
+            record_invocation(path, "start", **invocation)
+            if hydra is not None:
+                write_hydra_dir(path, *hydra)
+        return cls(path, env, lock, log_file)
+
+    def close(self, outcome: str, loggers: tuple) -> None:
+        """Record the ``end`` of the invocation, release the lock, detach ``train.log``."""
+        if self._lock is not None:
+            record_invocation(self.path, "end", outcome=outcome)
+            self._lock.release()
+            self._lock = None
+        if self._log_file is not None:
+            for logger in loggers:
+                logger.removeHandler(self._log_file)
+            self._log_file.close()
+            self._log_file = None
+
+    def report_failure(self, e: BaseException, wait_s: float) -> None:
+        """Every rank records its error in ``failures/rank_<r>.json``; rank 0 then logs the first one
+        (by time) once in ``train.log``, so the root cause of a multi-rank failure is in one place
+        (the other ranks usually fail afterwards in a collective with the dead one). Rank 0 waits up
+        to ``wait_s`` for the others' reports; a :class:`HarnessError` of its own is left to the CLI's
+        one ``error:`` line."""
+        from harness.errors import HarnessError
+
+        directory = os.path.join(self.path, "failures")
+        record = {"rank": self.env.rank, "time": time.time(), "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc()}
+        with contextlib.suppress(OSError):
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, f"rank_{self.env.rank}.json"), "w") as f:
+                json.dump(record, f)
+        if not self.env.is_main:
+            return
+        records = _gather_reports(directory, record, self.env.world_size, time.time() + wait_s)
+        first = min(records, key=lambda r: r["time"])
+        if isinstance(e, HarnessError) and first["rank"] == self.env.rank:
+            return
+        log.error("training failed: rank %d raised first: %s\n%s", first["rank"], first["error"], first["traceback"])
+        if first["rank"] != self.env.rank:
+            log.error("rank %d stopped because of it: %s", self.env.rank, " ".join(record["error"].split())[:300])
+
+
+def _gather_reports(directory: str, own: dict, world_size: int, deadline: float) -> list[dict]:
+    records = [own]
+    while world_size > 1 and time.time() < deadline:  # give the others a moment to report theirs
+        with contextlib.suppress(OSError, ValueError):
+            records = [json.load(open(os.path.join(directory, n))) for n in os.listdir(directory)]
+        if len(records) >= world_size:
+            break
+        time.sleep(0.2)
+    return records

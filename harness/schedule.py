@@ -13,9 +13,14 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.config import BatchSizes, BatchWarmupConfig, JobConfig, OptimConfig, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,11 @@ class LRSchedule:
     warmup_steps: int
     max_steps: int
     decay_fraction: float = 0.2
+
+    @classmethod
+    def from_config(cls, schedule: ScheduleConfig, optim: OptimConfig, max_steps: int) -> LRSchedule:
+        """The schedule of the ``schedule`` section peaking at ``optim.lr`` over ``max_steps`` steps."""
+        return cls(schedule.name, optim.lr, schedule.min_lr, schedule.warmup_steps, max_steps, schedule.decay_fraction)
 
     def __call__(self, step: int) -> float:
         """LR (same unit as ``lr``) used by optimizer update number ``step`` (1-based); step 0 -> before any."""
@@ -77,6 +87,15 @@ class BatchRamp:
     start: int | None = None
     steps: int = 0
     tokens: int | None = None
+
+    @classmethod
+    def from_config(cls, warmup: BatchWarmupConfig, batch: BatchSizes) -> BatchRamp:
+        """The ramp of ``schedule.batch_warmup`` to the full batch; ``steps=0`` without ``tokens`` is no ramp."""
+        start = warmup.start_global_batch_size
+        if warmup.steps == 0 and warmup.tokens is None:
+            start = None
+        increment = batch.micro_batch_size * batch.world_size
+        return cls(batch.global_batch_size, increment, start, warmup.steps, warmup.tokens)
 
     @property
     def num_increments(self) -> int:
@@ -223,3 +242,75 @@ class IterationPlan:
             if info.step == max_steps:
                 return info.tokens_total
         raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """Everything a run's step arithmetic needs, as the trainer, ``harness.plan`` and the tests see it.
+
+    Attributes:
+        plan: the optimizer steps over the dataset.
+        max_steps: the budget in optimizer steps (``train.max_steps``, or the steps of ``train.max_tokens``).
+        lr: the LR at each step.
+        config: the ``schedule`` section after :func:`fit_schedule` (warmups no longer than the run).
+        warnings: what :func:`fit_schedule` shortened, as one line each.
+    """
+
+    plan: IterationPlan
+    max_steps: int
+    lr: LRSchedule
+    config: ScheduleConfig
+    warnings: tuple[str, ...] = ()
+
+
+def fit_schedule(schedule: ScheduleConfig, max_steps: int, budget: str) -> tuple[ScheduleConfig, list[str]]:
+    """Shorten warmups that are longer than the run (torchtitan's rule in its LR scheduler), so that a
+    short smoke test runs with the default schedule.
+
+    The LR warmup is cut to ``max_steps`` (for ``wsd``: to the steps before the decay), a step-based
+    batch ramp to ``max_steps``. Returns the fitted section and one warning per change (``budget``
+    names the budget in them, e.g. ``train.max_steps=6``).
+    """
+    warnings, changes = [], {}
+    limit = max_steps
+    if schedule.name == "wsd":
+        limit = max_steps - round(schedule.decay_fraction * max_steps)
+    if schedule.warmup_steps > limit:
+        where = f"{budget}" if limit == max_steps else f"the {limit} steps before the wsd decay of {budget}"
+        warnings.append(f"schedule.warmup_steps={schedule.warmup_steps} > {where}: the LR warmup is shortened to {limit}")
+        changes["warmup_steps"] = limit
+    bw = schedule.batch_warmup
+    if bw.start_global_batch_size is not None and bw.tokens is None and bw.steps > max_steps:
+        warnings.append(f"schedule.batch_warmup.steps={bw.steps} > {budget}: the batch ramp is shortened to {max_steps}")
+        changes["batch_warmup"] = dataclasses.replace(bw, steps=max_steps)
+    return dataclasses.replace(schedule, **changes), warnings
+
+
+def build_schedule(cfg: JobConfig, batch: BatchSizes, num_sequences: int) -> TrainingSchedule:
+    """The run's :class:`TrainingSchedule` for ``num_sequences`` training sequences (one arithmetic
+    for the trainer and ``harness.plan``).
+
+    Raises:
+        ConfigError: a token budget whose batch ramp is still longer than the run after fitting.
+    """
+    from harness.errors import ConfigError
+
+    def plan_with(schedule: ScheduleConfig) -> tuple[IterationPlan, int]:
+        ramp = BatchRamp.from_config(schedule.batch_warmup, batch)
+        plan = IterationPlan(num_sequences, cfg.data.seq_len, ramp, batch.micro_batch_size, batch.world_size,
+                             cfg.train.drop_last)
+        return plan, cfg.train.max_steps or plan.steps_for_tokens(cfg.train.max_tokens)
+
+    plan, max_steps = plan_with(cfg.schedule)
+    t = cfg.train
+    budget = f"train.max_steps={max_steps}" if t.max_tokens is None else f"the {max_steps} steps of train.max_tokens={t.max_tokens}"
+    fitted, warnings = fit_schedule(cfg.schedule, max_steps, budget)
+    if fitted.batch_warmup != cfg.schedule.batch_warmup:
+        plan, max_steps = plan_with(fitted)
+        if t.max_tokens is not None and fitted.batch_warmup.steps > max_steps:
+            raise ConfigError(f"schedule.batch_warmup.steps={cfg.schedule.batch_warmup.steps} is longer than the "
+                              f"{max_steps} steps of train.max_tokens={t.max_tokens}; ramp over "
+                              "schedule.batch_warmup.tokens instead, or lower it")
+        fitted, more = fit_schedule(fitted, max_steps, budget)
+        warnings += more
+    return TrainingSchedule(plan, max_steps, LRSchedule.from_config(fitted, cfg.optim, max_steps), fitted, tuple(warnings))

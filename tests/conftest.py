@@ -61,15 +61,22 @@ def shared_data() -> Path:
     pytest.skip("../shared/data (real corpora and tokenizers) is not available")
 
 
-def compose(*overrides: str):
-    """Compose ``configs/train.yaml`` with overrides, as ``python -m harness.train`` would."""
+SCHEMA_MODULES = {"train": "harness.config", "plan": "harness.plan", "slurm": "harness.cluster.slurm",
+                  "prepare": "harness.prepare_data"}  # fmt: skip
+
+
+def compose(*overrides: str, schema: str = "train"):
+    """Compose ``configs/train.yaml`` with overrides, as ``python -m harness.train`` would (or as the
+    command line whose schema is ``schema`` would: ``plan``, ``slurm``, ``prepare``)."""
+    import importlib
+
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import harness.config  # noqa: F401  (registers the schema and resolvers)
-
+    importlib.import_module(SCHEMA_MODULES[schema])  # registers the schema (and the resolvers)
+    extra = [] if schema == "train" else [f"schema={schema}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name="train", overrides=[*extra, *overrides])
 
 
 def train_small(run_dir, corpus: str, *overrides: str):

@@ -6,17 +6,16 @@ from conftest import compose
 from harness.config import to_object
 from harness.data import IGNORE_INDEX, MicroBatch
 from harness.dist import DistEnv
-from harness.loop import LoopParts, forward_backward, token_loss_sum
 from harness.model import build_model
-from harness.parallel import SingleProcess
+from harness.parallel import ParallelDims, backend_class
+from harness.trainer import forward_backward, token_loss_sum
 
 
-def _parts(model):
-    backend = SingleProcess(DistEnv(0, 0, 1, torch.device("cpu")))
-    backend.setup(model)
-    fields = dict.fromkeys(LoopParts.__dataclass_fields__)
-    fields.update(backend=backend, model=model, autocast_dtype=None)
-    return LoopParts(**fields)
+def _backend(model):
+    cfg = to_object(compose()).parallel
+    backend = backend_class("none")(DistEnv(0, 0, 1, torch.device("cpu")), cfg, ParallelDims(1, 1, 1, 1))
+    backend.parallelize(model)
+    return backend
 
 
 def _batch(seed=0, n=8, seq=16, vocab=256):
@@ -36,7 +35,7 @@ def _grads(micro_batch_size):
     batch = _batch()
     mbs = [MicroBatch(batch.input_ids[i : i + micro_batch_size], batch.labels[i : i + micro_batch_size])
            for i in range(0, 8, micro_batch_size)]  # fmt: skip
-    loss = forward_backward(_parts(model), mbs)
+    loss = forward_backward(_backend(model), model, mbs)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, model, batch
 
 

@@ -13,8 +13,9 @@ import pytest
 from conftest import REPO, SMALL, compose, train_small
 
 import harness.train as harness_train
+import harness.trainer
+from harness.cluster import slurm
 from harness.errors import ConfigError, HarnessError
-from harness.launch import slurm
 
 BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("train.max_stepz=5", "train.max_stepz"),
@@ -34,13 +35,13 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("train.max_steps=0", "train.max_steps=0 must be > 0"),
     ("train.max_steps=null", "set exactly one budget: train.max_steps or train.max_tokens"),
     ("train.max_steps=5 train.max_tokens=1000", "set exactly one budget"),
-    ("schedule.warmup_steps=999", "schedule.warmup_steps=999 > train.max_steps=6"),
+    ("schedule.warmup_steps=-3 schedule.min_lr=-1", "schedule.warmup_steps=-3 must be >= 0; schedule.min_lr=-1.0 must"),
     ("schedule.warmup_steps=-1", "schedule.warmup_steps=-1 must be >= 0"),
     ("schedule.name=linear", "schedule.name='linear' is not one of cosine, constant, wsd"),
     ("schedule.min_lr=-0.1", "schedule.min_lr=-0.1 must be >= 0"),
     ("schedule.min_lr=1.0", "schedule.min_lr=1.0 is larger than optim.lr"),
     ("schedule.batch_warmup.start_global_batch_size=3", "schedule.batch_warmup.start_global_batch_size=3 and"),
-    ("schedule.batch_warmup.steps=999", "schedule.batch_warmup.steps=999 > train.max_steps=6"),
+    ("schedule.batch_warmup.tokens=0 schedule.batch_warmup.steps=0", "schedule.batch_warmup.tokens=0 must be > 0"),
     ("schedule.batch_warmup.start_global_batch_size=16", "start_global_batch_size=16 must be in [1, "),
     ("schedule.name=wsd schedule.decay_fraction=1.5", "schedule.decay_fraction=1.5 must be in [0, 1]"),
     ("optim.lr=0", "optim.lr=0.0 must be > 0"),
@@ -68,8 +69,9 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("checkpoint.every=-1", "checkpoint.every=-1 must be >= 0"),
     ("checkpoint.resume=/nonexistent/ckpt", "checkpoint.resume='/nonexistent/ckpt' is not auto, never, or a complete"),
     ("checkpoint.resume=never", "checkpoint.resume=never, but"),
-    ("parallel.zero_stage=3", "parallel.zero_stage is a deepspeed setting, but parallel.name=none"),
-    ("parallel=deepspeed parallel.reshard_after_forward=false", "parallel.reshard_after_forward is a fsdp setting"),
+    ("parallel.zero_stage=3", "Key 'zero_stage' not in 'NoneParallelConfig'"),
+    ("parallel=deepspeed parallel.reshard_after_forward=false", "Key 'reshard_after_forward' not in 'DeepSpeedConfig'"),
+    ("parallel=fsdp parallel.name=ddp", "parallel.name=ddp does not match the parallel config group"),
     ("parallel=deepspeed parallel.activation_checkpointing=true", "parallel.activation_checkpointing is for ddp/fsdp"),
     ("parallel=deepspeed train.nonfinite=skip", "train.nonfinite=skip is not supported with parallel=deepspeed"),
     ("parallel=deepspeed parallel.ds_config=/nonexistent.json", "parallel.ds_config='/nonexistent.json' is not a"),
@@ -164,7 +166,7 @@ def _attempt(argv, run_dir, capsys, monkeypatch) -> tuple[int, list[str]]:
     def no_model(*a, **k):
         raise AssertionError("a model was built for bad input")
 
-    monkeypatch.setattr(harness_train, "build_model", no_model)
+    monkeypatch.setattr(harness.trainer, "build_model", no_model)
     capsys.readouterr()
     try:
         harness_train.check_overrides(argv)

@@ -48,9 +48,9 @@ def _fingerprint(run_dir):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train.max_stepz=10"], "Key 'max_stepz' not in 'TrainSection'"),
+        (["train.max_stepz=10"], "Key 'max_stepz' not in 'TrainingConfig'"),
         (["train.max_steps=ten"], "Value 'ten' of type 'str' could not be converted to Integer"),
-        (["schedule.warmup_steps=999"], "error: schedule.warmup_steps=999 > train.max_steps=6"),
+        (["train.global_batch_size=7"], "error: train.global_batch_size=7 is not divisible by micro_batch_size=2"),
         (["train.gradient_accumulation_steps=3"], "error: train.global_batch_size=8 != micro_batch_size=2 x gradient_accumulation_steps=3"),
         (["data.seq_len=4096"], "error: data.seq_len=4096 exceeds model.max_position_embeddings=1024"),
         (["data.path=/nonexistent/*.jsonl"], "error: data.path: '/nonexistent/*.jsonl' matches no file"),
@@ -76,7 +76,7 @@ def test_bad_input_fails_before_the_model_and_keeps_the_run(cli_run, tmp_path, s
 
 
 def test_rejected_new_run_leaves_no_directory(tmp_path):
-    proc = harness_train(*SMALL, "schedule.warmup_steps=999", f"hydra.run.dir={tmp_path}/new", check=False)
+    proc = harness_train(*SMALL, "train.global_batch_size=7", f"hydra.run.dir={tmp_path}/new", check=False)
     assert proc.returncode == 2 and not (tmp_path / "new").exists()
 
 

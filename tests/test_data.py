@@ -132,7 +132,7 @@ def test_prepared_store_is_memory_mapped_and_matches_cache(tmp_path, small_corpu
 
     out = tmp_path / "prepared"
     cfg = compose("tokenizer.train_vocab_size=300", "data.seq_len=32", f"data.path={small_corpus}",
-                  f"prepare.output_dir={out}", "data.num_proc=2")  # fmt: skip
+                  f"prepare.output_dir={out}", "data.num_proc=2", schema="prepare")  # fmt: skip
     assert prepare(cfg) == str(out)
     assert json.load(open(out / "meta.json"))["format"] == "harness-tokens-v1"
     tok, store = load_token_store(_cfg(f"data.path={out}").data, _cfg().tokenizer)
@@ -141,7 +141,7 @@ def test_prepared_store_is_memory_mapped_and_matches_cache(tmp_path, small_corpu
     assert np.array_equal(np.asarray(store.tokens), np.asarray(cached.tokens))
     assert store.tokens[-1] == tok.eos_token_id
     with pytest.raises(Exception, match="prepare.output_dir is not set"):
-        prepare(compose(f"data.path={small_corpus}"))
+        prepare(compose(f"data.path={small_corpus}", schema="prepare"))
     with pytest.raises(Exception, match=r"prepare.output_dir='.*prepared' already exists"):
         prepare(cfg)
 

@@ -176,7 +176,7 @@ def test_export_from_sharded_checkpoint_matches_the_run(tmp_path, wikitext, back
     "knobs",
     [
         ["parallel.activation_checkpointing=true", "parallel.reshard_after_forward=false"],
-        ["parallel.hsdp_replicate=2"],
+        ["parallel.dp_replicate=2"],
     ],
     ids=["checkpointing-noreshard", "hsdp"],
 )

@@ -11,10 +11,11 @@ import time
 import pytest
 from conftest import REPO, SMALL, compose, read_metrics
 
-from harness.config import to_object, validate_slurm
+from harness.cluster import node, slurm
+from harness.cluster.slurm_config import validate_slurm
+from harness.config import to_object
 from harness.dist import first_host, read_env
 from harness.errors import ConfigError
-from harness.launch import node, slurm
 
 PY = sys.executable
 
@@ -23,7 +24,7 @@ def _script(
     *overrides, run_dir="/scratch/runs/l8b", workdir="/home/u/harness", python="/opt/venv/bin/python"
 ):
     user = list(overrides)
-    cfg = to_object(compose(*user))
+    cfg = to_object(compose(*user, schema="slurm"))
     return slurm.sbatch_script(cfg, run_dir, user, workdir, python=python).splitlines()
 
 
@@ -60,7 +61,7 @@ def test_4_node_8_gpu_script_line_by_line():
     assert "trap 'relay USR1' USR1" in lines and "trap 'relay TERM' TERM" in lines
     i = next(i for i, line in enumerate(lines) if line.startswith("srun "))
     assert lines[i] == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\"
-    assert lines[i + 1] == "    /opt/venv/bin/python -m harness.launch.node -- \\"
+    assert lines[i + 1] == "    /opt/venv/bin/python -m harness.cluster.node -- \\"
     assert lines[i + 2].split() == [
         "/opt/venv/bin/python", "-m", "torch.distributed.run", "--nnodes=4", "--nproc_per_node=8",
         "--rdzv_backend=c10d", '--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT"', '--rdzv_id="$SLURM_JOB_ID"',
@@ -97,10 +98,10 @@ def test_container_script_mounts_the_run_directory():
     assert lines[i].split()[3:6] == ["--container-image=registry/harness:1.0",
                                      "--container-mounts=/scratch/runs:/scratch/runs",
                                      "--container-workdir=/home/u/harness"]  # fmt: skip
-    assert lines[i + 1].startswith("    python -m harness.launch.node")  # the image's interpreter
+    assert lines[i + 1].startswith("    python -m harness.cluster.node")  # the image's interpreter
     lines = _script("slurm.container_exec=apptainer exec --nv /img/harness.sif", python=None)
     i = next(i for i, line in enumerate(lines) if line.startswith("srun "))
-    assert lines[i + 1] == "    apptainer exec --nv /img/harness.sif python -m harness.launch.node -- \\"
+    assert lines[i + 1] == "    apptainer exec --nv /img/harness.sif python -m harness.cluster.node -- \\"
     assert lines[i + 2].startswith("    python -m torch.distributed.run ")
 
 
@@ -117,7 +118,7 @@ def test_container_script_mounts_the_run_directory():
     ],
 )
 def test_bad_slurm_settings_name_the_key(override, message):
-    cfg = to_object(compose(override))
+    cfg = to_object(compose(override, schema="slurm"))
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         validate_slurm(cfg.slurm, cfg.parallel.name)
 
@@ -132,7 +133,7 @@ def test_launcher_cli_rejects_bad_input_and_writes_nothing(tmp_path):
         "slurm.nodez=2": "slurm.nodez",
     }
     for override, message in cases.items():
-        proc = subprocess.run([PY, "-m", "harness.launch.slurm", "slurm.gpus_per_node=1", override,
+        proc = subprocess.run([PY, "-m", "harness.cluster.slurm", "slurm.gpus_per_node=1", override,
                                f"hydra.run.dir={run_dir}", "slurm.dry_run=true"], cwd=REPO, capture_output=True,
                               text=True)  # fmt: skip
         assert proc.returncode == 2, proc.stderr
@@ -143,7 +144,7 @@ def test_launcher_cli_rejects_bad_input_and_writes_nothing(tmp_path):
 
 def test_launcher_dry_run_writes_the_script(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([PY, "-m", "harness.launch.slurm", "slurm.gpus_per_node=0", "slurm.nproc_per_node=2",
+    proc = subprocess.run([PY, "-m", "harness.cluster.slurm", "slurm.gpus_per_node=0", "slurm.nproc_per_node=2",
                            f"hydra.run.dir={run_dir}", "slurm.dry_run=true"], cwd=REPO, capture_output=True,
                           text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -206,7 +207,7 @@ def test_node_relays_usr1_through_torchrun_and_reports_75(tmp_path, small_corpus
     run_dir = tmp_path / "run"
     args = [*SMALL, f"data.path={small_corpus}", "train.max_steps=400", "checkpoint.every=0", "eval.every=0",
             "parallel=ddp", "checkpoint.export_hf=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    cmd = [PY, "-m", "harness.launch.node", "--", PY, "-m", "torch.distributed.run", "--standalone",
+    cmd = [PY, "-m", "harness.cluster.node", "--", PY, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node=2", "-m", "harness.train", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from harness.config import ParallelConfig
+from harness.config import DeepSpeedConfig
 from harness.errors import ConfigError
 from harness.parallel import comm
 from harness.parallel.deepspeed import deepspeed_config
 
 
 def test_deepspeed_config_is_generated_and_user_config_merged(tmp_path):
-    cfg = ParallelConfig(name="deepspeed", zero_stage=3, offload_optimizer=True)
+    cfg = DeepSpeedConfig(zero_stage=3, offload_optimizer=True)
     ds = deepspeed_config(cfg, micro_batch_size=2, accumulation=4, world_size=8, grad_clip=1.0, cuda=True)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
@@ -24,21 +24,21 @@ def test_deepspeed_config_is_generated_and_user_config_merged(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     for given in (user, str(path)):
-        merged = deepspeed_config(ParallelConfig(name="deepspeed", ds_config=given), 2, 4, 8, 1.0, cuda=False)
+        merged = deepspeed_config(DeepSpeedConfig(ds_config=given), 2, 4, 8, 1.0, cuda=False)
         assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # merged, not replaced
         assert merged["activation_checkpointing"] == {"partition_activations": True}
         assert merged["bf16"] == {"enabled": False}
 
 
 def test_deepspeed_config_conflicts_and_bad_files_are_errors(tmp_path):
-    bad = ParallelConfig(name="deepspeed", ds_config={"train_micro_batch_size_per_gpu": 16})
+    bad = DeepSpeedConfig(ds_config={"train_micro_batch_size_per_gpu": 16})
     with pytest.raises(
         ConfigError, match=r"sets train_micro_batch_size_per_gpu=16, .* set train.micro_batch_size"
     ):
         deepspeed_config(bad, 2, 4, 8, 1.0, cuda=False)
     with pytest.raises(ConfigError, match=r"parallel.ds_config='.*missing.json' is not a readable JSON file"):
         deepspeed_config(
-            ParallelConfig(name="deepspeed", ds_config=str(tmp_path / "missing.json")), 2, 4, 8, 1.0, False
+            DeepSpeedConfig(ds_config=str(tmp_path / "missing.json")), 2, 4, 8, 1.0, False
         )
 
 
@@ -71,7 +71,7 @@ def test_payload_bytes_positional_and_keyword():
 
 
 def test_deepspeed_config_typo_is_an_error():
-    typo = ParallelConfig(name="deepspeed", ds_config={"zero_optimisation": {"stage": 1}})
+    typo = DeepSpeedConfig(ds_config={"zero_optimisation": {"stage": 1}})
     with pytest.raises(
         ConfigError, match=r"unknown key 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"
     ):
@@ -79,8 +79,17 @@ def test_deepspeed_config_typo_is_an_error():
 
 
 def test_checkpoint_format_must_suit_the_backend():
+    from types import SimpleNamespace
+
+    from harness.checkpoint import CheckpointManager
     from harness.errors import CheckpointError
-    from harness.train import _check_format
+    from harness.parallel import backend_class
+
+    def _check_format(path, saved, parallel, world_size):
+        cls = backend_class(parallel)
+        backend = SimpleNamespace(name=parallel, checkpoint_format=cls.checkpoint_format, reshardable=cls.reshardable)
+        env = SimpleNamespace(world_size=world_size)
+        CheckpointManager(None, "run", env, backend, {}, None)._check_format(path, saved)
 
     _check_format("ck", {"parallel": "fsdp", "world_size": 2}, "ddp", 1)  # dcp reshards: fine
     _check_format("ck", {"parallel": "deepspeed", "world_size": 2}, "deepspeed", 2)

@@ -1,18 +1,21 @@
 """harness.plan: the plan's steps and tokens are the trainer's, published runs' iteration counts,
 parameter counts of published models, warnings, the CLI and its PNG."""
 
+import functools
 import json
 import subprocess
 import sys
 
+import conftest
 import pytest
-from conftest import REPO, SMALL, compose, read_metrics, train_small
+from conftest import REPO, SMALL, read_metrics, train_small
 
 from harness.config import to_object
 from harness.model import model_stats
 from harness.plan import make_plan, schedule_series
 
 PY = sys.executable
+compose = functools.partial(conftest.compose, schema="plan")  # the plan command's schema
 
 
 def test_plan_equals_the_trainers_logged_steps_and_tokens(tmp_path, small_corpus):

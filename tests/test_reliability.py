@@ -205,9 +205,10 @@ def test_wandb_key_never_written(tmp_path, small_corpus):
         for n in names:
             with open(os.path.join(dirpath, n), "rb") as f:
                 assert secret.encode() not in f.read(), os.path.join(dirpath, n)
-    from harness.config import to_object, validate_slurm
+    from harness.cluster.slurm_config import validate_slurm
+    from harness.config import to_object
 
-    cfg = to_object(compose("+slurm.env.WANDB_API_KEY=abc"))
+    cfg = to_object(compose("+slurm.env.WANDB_API_KEY=abc", schema="slurm"))
     with pytest.raises(Exception, match="looks like a secret"):
         validate_slurm(cfg.slurm, "none")
 

@@ -75,7 +75,7 @@ def _start_now(job: str) -> None:
 
 
 def _submit(run_dir, corpus: str, partition: str, *extra: str) -> str:
-    proc = subprocess.run([PY, "-m", "harness.launch.slurm", *ARGS, f"data.path={corpus}", f"hydra.run.dir={run_dir}",
+    proc = subprocess.run([PY, "-m", "harness.cluster.slurm", *ARGS, f"data.path={corpus}", f"hydra.run.dir={run_dir}",
                            "slurm.gpus_per_node=0", "slurm.nproc_per_node=2", f"slurm.partition={partition}",
                            "slurm.time=10", *extra], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

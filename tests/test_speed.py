@@ -6,7 +6,7 @@ from conftest import SMALL, compose, read_metrics, train_small
 
 from harness.config import to_object
 from harness.model import build_model
-from harness.parallel.base import prepare_blocks, transformer_blocks
+from harness.parallel.base import apply_activation_checkpointing, transformer_blocks
 
 KEEP = ("step", "loss", "grad_norm", "lr", "tokens_total", "global_batch_size")
 BASE = ["train.max_steps=12", "checkpoint.every=0", "checkpoint.export_hf=false", "model.num_layers=4"]
@@ -34,7 +34,8 @@ def test_prefetching_loader_workers_change_nothing_and_resume(tmp_path, small_co
 
 def test_selective_activation_checkpointing(tmp_path, small_corpus, plain):
     cfg = to_object(compose(*SMALL, "model.num_layers=4"))
-    model = prepare_blocks(build_model(cfg.model, 320, 0), activation_checkpointing=True, every=2)
+    model = build_model(cfg.model, 320, 0)
+    apply_activation_checkpointing(model, every=2)
     assert [b.gradient_checkpointing for b in transformer_blocks(model)] == [True, False, True, False]
     train_small(tmp_path / "ac", small_corpus, *BASE, "parallel.activation_checkpointing=true",
                 "parallel.activation_checkpointing_every=2")  # fmt: skip

@@ -10,8 +10,9 @@ from conftest import SMALL, checkpoints, compose, read_metrics, train_small
 from harness import checkpoint as ckpt
 from harness.config import to_object
 from harness.errors import CheckpointError, ConfigError
-from harness.loop import LoopParts, TrainState, _early_stopping
+from harness.hooks import EvalHook
 from harness.schedule import BatchRamp, LRSchedule
+from harness.trainer import TrainState
 
 REQUIRED = {
     "step", "epoch", "tokens", "tokens_total", "loss", "lr", "grad_norm", "global_batch_size",
@@ -162,12 +163,11 @@ def test_guards_against_another_models_checkpoints(tmp_path, small_corpus):
 
 
 def test_early_stopping_counts_evaluations_without_improvement():
-    fields = dict.fromkeys(LoopParts.__dataclass_fields__)
-    parts = LoopParts(**{**fields, "patience": 2})
+    hook = EvalHook(every=1, patience=2, batches=[])
     state = TrainState()
     stops = []
     for loss in (3.0, 2.5, 2.6, 2.4, 2.45, 2.5):
-        state = _early_stopping(parts, state, loss)
+        hook.update(state, loss)
         stops.append(state.stopped_early)
     assert stops == [False, False, False, False, False, True] and state.best_val_loss == 2.4
 

@@ -13,7 +13,14 @@ import os
 from dataclasses import dataclass
 
 from harness.config import DataConfig, TokenizerConfig
-from harness.data.loader import IGNORE_INDEX, MicroBatch, PackedSequences, StepLoader, validation_batches
+from harness.data.loader import (
+    IGNORE_INDEX,
+    MicroBatch,
+    PackedSequences,
+    StepLoader,
+    build_loader,
+    validation_batches,
+)
 from harness.data.sources import is_prepared_dir, load_corpus, resolve_corpus
 from harness.data.store import FORMAT, TokenStore, open_store, write_store
 from harness.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
@@ -21,7 +28,7 @@ from harness.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX", "DataBundle", "MicroBatch", "PackedSequences", "StepLoader", "TokenStore",
-    "build_data", "load_token_store", "validation_batches",
+    "build_data", "build_loader", "load_token_store", "validation_batches",
 ]  # fmt: skip
 
 

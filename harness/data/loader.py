@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.schedule import StepInfo
+from harness.schedule import IterationPlan, StepInfo
 
 IGNORE_INDEX = -100  # label value excluded from the loss (torch.nn.functional.cross_entropy default)
 
@@ -170,3 +170,16 @@ def validation_batches(sequences: PackedSequences, num_batches: int, micro_batch
         if len(mine):
             out.append(MicroBatch.from_sequences(sequences.get(mine)))
     return out
+
+
+def build_loader(sequences: PackedSequences, seed: int, micro_batch_size: int, rank: int, world_size: int,
+                 workers: int | None, device_type: str, plan: IterationPlan,
+                 max_steps: int) -> StepLoader | PrefetchLoader:
+    """The step loader of this rank; with ``workers`` > 0 (``data.loader_workers``; None: 2 on CUDA,
+    0 on CPU) its next steps are prepared by worker processes (same batches, same order)."""
+    loader = StepLoader(sequences, seed, micro_batch_size, rank, world_size)
+    if workers is None:
+        workers = 2 if device_type == "cuda" else 0
+    if workers == 0:
+        return loader
+    return PrefetchLoader(loader, plan, max_steps, workers, pin_memory=device_type == "cuda")

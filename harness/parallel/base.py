@@ -1,4 +1,11 @@
-"""The one interface every parallelism backend implements; the loop only talks to this."""
+"""The one interface every parallelism backend implements; the trainer only talks to this.
+
+A backend is built from its own config section (``Backend.from_config``) and the mesh
+(:class:`~harness.parallel.dims.ParallelDims`), then ``parallelize`` applies, in torchtitan's
+order: tensor parallelism (reserved) -> activation checkpointing -> ``torch.compile`` per block ->
+the backend's data-parallel wrapping (FSDP2 sharding, DDP, device placement; DeepSpeed's engine
+wraps at ``build_optimizer``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.config import OptimConfig
+from harness.config import BatchSizes, OptimConfig, ParallelConfig
 from harness.dist import DistEnv
+from harness.parallel.dims import ParallelDims
 
 
 @dataclass
@@ -61,40 +69,30 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
-def prepare_blocks(model: torch.nn.Module, activation_checkpointing: bool, every: int = 1,
-                   compile_blocks: bool = False) -> torch.nn.Module:  # fmt: skip
-    """Activation checkpointing and ``torch.compile`` per transformer block, before any sharding.
+def apply_activation_checkpointing(model: torch.nn.Module, every: int = 1) -> None:
+    """Recompute the activations of blocks ``0, every, 2*every, ...`` in backward (non-reentrant
+    ``torch.utils.checkpoint`` through ``transformers``; 1 = all blocks). The rule of torchtitan's
+    layer-selective activation checkpointing and of ``transformers``' ``every_n_layers``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: selective built in
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for i, block in enumerate(transformer_blocks(model)):
+        block.gradient_checkpointing = i % every == 0
 
-    Args:
-        activation_checkpointing: recompute checkpointed blocks' activations in backward
-            (non-reentrant ``torch.utils.checkpoint`` through ``transformers``).
-        every: checkpoint blocks ``0, every, 2*every, ...`` (1 = all blocks; the rule of torchtitan's
-            layer-selective activation checkpointing and of ``transformers``' ``every_n_layers``).
-        compile_blocks: ``nn.Module.compile()`` on each block (torchtitan applies compile per block,
-            after activation checkpointing and before FSDP).
-    Returns:
-        ``model`` (changed in place).
-    """
-    if activation_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: selective built in
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=kwargs, every_n_layers=every
-            )
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            for i, block in enumerate(transformer_blocks(model)):
-                block.gradient_checkpointing = i % every == 0
-    if compile_blocks:
-        for block in transformer_blocks(model):
-            block.compile()
-    return model
+
+def apply_compile(model: torch.nn.Module) -> None:
+    """``nn.Module.compile()`` on each transformer block (torchtitan: per block, after activation
+    checkpointing, before FSDP)."""
+    for block in transformer_blocks(model):
+        block.compile()
 
 
 class Backend(ABC):
     """How a model is placed, synchronized, stepped and checkpointed across processes.
 
-    Lifecycle: ``setup(model)`` -> ``build_optimizer`` (after sharding) -> per step:
+    Lifecycle: ``from_config`` -> ``parallelize(model)`` -> ``build_optimizer`` (after sharding) -> per step:
     ``accumulate(is_last)`` around each micro-batch's forward and ``backward``, then
     ``clip_and_step`` once, ``comm_stats``. ``save``/``load`` write and read the model and
     optimizer state into a checkpoint directory (every rank its own part).
@@ -105,15 +103,42 @@ class Backend(ABC):
     """
 
     name = "base"
+    # What save() writes and load() reads; a checkpoint of another format is refused before the model.
+    checkpoint_format = "torch"
+    # Whether load() reshards a checkpoint written at another world size.
+    reshardable = True
 
-    def __init__(self, env: DistEnv):
+    def __init__(self, env: DistEnv, cfg: ParallelConfig, dims: ParallelDims):
         self.env = env
+        self.cfg = cfg
+        self.dims = dims
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, env: DistEnv, dims: ParallelDims, batch: BatchSizes,
+                    optim: OptimConfig, comm_timing: bool) -> Backend:
+        """This backend for ``cfg`` (its ``parallel`` section) on the mesh ``dims``; distributed
+        backends create the process group here.
+
+        Raises:
+            ConfigError: a setting this backend cannot honour here.
+        """
+        return cls(env, cfg, dims)
+
+    def parallelize(self, model: torch.nn.Module, compile_blocks: bool = False) -> torch.nn.Module:
+        """Apply, in order: (tensor parallelism, reserved) -> activation checkpointing -> compile ->
+        :meth:`wrap`. Returns the module to call forward on."""
+        if self.cfg.activation_checkpointing:
+            apply_activation_checkpointing(model, self.cfg.activation_checkpointing_every)
+        if compile_blocks:
+            apply_compile(model)
+        self.model = self.wrap(model)
+        return self.model
+
     @abstractmethod
-    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Place (and wrap or shard) the model; returns the module to call forward on."""
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Place (and wrap or shard) the model on this rank's device; returns the module to call."""
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
         """The torch optimizer (its ``param_groups`` carry the LR the scheduler sets)."""

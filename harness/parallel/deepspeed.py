@@ -15,10 +15,11 @@ import os
 
 import torch
 
-from harness.config import OptimConfig, ParallelConfig
+from harness.config import BatchSizes, DeepSpeedConfig, OptimConfig
 from harness.dist import DistEnv
 from harness.errors import CheckpointError, ConfigError
 from harness.parallel.base import build_adamw
+from harness.parallel.dims import ParallelDims
 from harness.parallel.distributed import DistributedBackend
 
 DS_TAG = "deepspeed"
@@ -65,7 +66,7 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: ParallelConfig, micro_batch_size: int, accumulation: int, world_size: int,
+def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, accumulation: int, world_size: int,
                      grad_clip: float, cuda: bool) -> dict:  # fmt: skip
     """The DeepSpeed JSON config for this run, with ``parallel.ds_config`` merged over it.
 
@@ -118,28 +119,35 @@ class DeepSpeedBackend(DistributedBackend):
     """A ``deepspeed.DeepSpeedEngine`` around the ``transformers`` model."""
 
     name = "deepspeed"
+    checkpoint_format = "deepspeed"
+    reshardable = False  # DeepSpeed checkpoints resume only at the world size that wrote them
+    cfg: DeepSpeedConfig
 
-    def __init__(self, env: DistEnv, cfg: ParallelConfig, micro_batch_size: int, accumulation: int,
-                 grad_clip: float, comm_timing: bool = True):  # fmt: skip
-        super().__init__(env, cfg, comm_timing)
+    def __init__(self, env: DistEnv, cfg: DeepSpeedConfig, dims: ParallelDims, batch: BatchSizes, grad_clip: float,
+                 comm_timing: bool = True):
+        super().__init__(env, cfg, dims, comm_timing)
         import deepspeed
 
-        self.ds_config = deepspeed_config(cfg, micro_batch_size, accumulation, env.world_size, grad_clip,
-                                          env.device.type == "cuda")  # fmt: skip
+        self.ds_config = deepspeed_config(cfg, batch.micro_batch_size, batch.gradient_accumulation_steps,
+                                          env.world_size, grad_clip, env.device.type == "cuda")
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
         try:
-            from deepspeed.runtime.config import DeepSpeedConfig
+            from deepspeed.runtime.config import DeepSpeedConfig as DSConfig
 
-            DeepSpeedConfig(copy.deepcopy(self.ds_config))
+            DSConfig(copy.deepcopy(self.ds_config))
         except Exception as e:
             raise ConfigError(
                 f"parallel.ds_config: DeepSpeed rejects the merged config: {' '.join(str(e).split())[:300]}"
             ) from e
         self._is_last = True
 
-    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+    @classmethod
+    def from_config(cls, cfg: DeepSpeedConfig, env: DistEnv, dims: ParallelDims, batch: BatchSizes,
+                    optim: OptimConfig, comm_timing: bool) -> DeepSpeedBackend:
+        return cls(env, cfg, dims, batch, optim.grad_clip, comm_timing)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         self.module = model.to(self.env.device)
-        self.model = self.module
         return self.module  # replaced by the engine in build_optimizer
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -160,7 +168,7 @@ class DeepSpeedBackend(DistributedBackend):
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages gradients over data-parallel ranks: scale to keep the sum convention.
-        self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
+        self.engine.backward(loss * self.dims.dp, scale_wrt_gas=False)
         if not self._is_last:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
 

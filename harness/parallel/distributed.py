@@ -14,23 +14,31 @@ import os
 import torch
 import torch.distributed as dist
 
-from harness.config import ParallelConfig
+from harness.config import BatchSizes, FSDPConfig, OptimConfig, ParallelConfig
 from harness.dist import DistEnv, init_distributed, shutdown_distributed
 from harness.errors import CheckpointError, ConfigError
 from harness.parallel import comm
 from harness.parallel.base import Backend, CommStats, transformer_blocks
+from harness.parallel.dims import ParallelDims
 
 DCP_DIR = "dcp"
 
 
 class DistributedBackend(Backend):
-    """Shared by the multi-process backends: process group, comm tracking, collectives."""
+    """Shared by the multi-process backends: process group, comm tracking, collectives, and
+    ``torch.distributed.checkpoint`` (every rank writes its part; loading reshards)."""
 
-    def __init__(self, env: DistEnv, cfg: ParallelConfig, comm_timing: bool = True):
-        super().__init__(env)
-        self.cfg = cfg
+    checkpoint_format = "dcp"
+
+    def __init__(self, env: DistEnv, cfg: ParallelConfig, dims: ParallelDims, comm_timing: bool = True):
+        super().__init__(env, cfg, dims)
         self.tracker = comm.install(cuda_timing=env.device.type == "cuda") if comm_timing else None
         init_distributed(env, cfg.timeout_s)
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, env: DistEnv, dims: ParallelDims, batch: BatchSizes,
+                    optim: OptimConfig, comm_timing: bool) -> DistributedBackend:
+        return cls(env, cfg, dims, comm_timing)
 
     def begin_step(self) -> None:
         if self.tracker is not None:
@@ -100,14 +108,13 @@ class DDPBackend(DistributedBackend):
 
     name = "ddp"
 
-    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = model.to(self.env.device)
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
         self.ddp.register_comm_hook(None, _sum_allreduce_hook)
-        self.model = self.ddp
         return self.ddp
 
     def accumulate(self, is_last: bool):
@@ -129,32 +136,27 @@ class FSDPBackend(DistributedBackend):
     """
 
     name = "fsdp"
+    cfg: FSDPConfig
 
-    def __init__(self, env: DistEnv, cfg: ParallelConfig, comm_timing: bool = True):
+    def __init__(self, env: DistEnv, cfg: FSDPConfig, dims: ParallelDims, comm_timing: bool = True):
         if cfg.cpu_offload and env.device.type != "cuda":
-            raise ConfigError("parallel.cpu_offload=true offloads GPU state to the CPU and needs a GPU; "
-                              "drop it on CPU runs")  # fmt: skip
-        super().__init__(env, cfg, comm_timing)
+            raise ConfigError(
+                "parallel.cpu_offload=true offloads GPU state to the CPU and needs a GPU; drop it on CPU runs"
+            )
+        super().__init__(env, cfg, dims, comm_timing)
 
-    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        c, world = self.cfg, self.env.world_size
-        if c.hsdp_replicate > 1:
-            mesh = init_device_mesh(self.env.device.type, (c.hsdp_replicate, world // c.hsdp_replicate),
-                                    mesh_dim_names=("replicate", "shard"))  # fmt: skip
-        else:
-            mesh = init_device_mesh(self.env.device.type, (world,), mesh_dim_names=("shard",))
+        c = self.cfg
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[c.param_dtype], reduce_dtype=_DTYPES[c.reduce_dtype])
         offload = CPUOffloadPolicy() if c.cpu_offload else OffloadPolicy()
         if not c.cpu_offload:
             model = model.to(self.env.device)
-        kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload}
+        kw = {"mesh": self.dims.fsdp_mesh(self.env.device.type), "mp_policy": mp, "offload_policy": offload}
         for block in transformer_blocks(model):
             fully_shard(block, reshard_after_forward=c.reshard_after_forward, **kw)
         fully_shard(model, reshard_after_forward=c.reshard_after_forward, **kw)
-        self.model = model
         return model
 
     def accumulate(self, is_last: bool):
@@ -162,4 +164,4 @@ class FSDPBackend(DistributedBackend):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.env.world_size).backward()
+        (loss * self.dims.dp).backward()

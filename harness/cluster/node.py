@@ -1,7 +1,7 @@
 """Per-node wrapper that the generated sbatch script runs under ``srun`` around torchrun or the
 deepspeed launcher::
 
-    python -m harness.launch.node -- python -m torch.distributed.run ... -m harness.train ...
+    python -m harness.cluster.node -- python -m torch.distributed.run ... -m harness.train ...
 
 It exists for two reasons:
 
@@ -53,7 +53,7 @@ def expand_slurm_vars(args: list[str], environ: dict[str, str] | None = None) ->
 
     def value(m: re.Match) -> str:
         if m.group(1) not in environ:
-            raise SystemExit(f"error: {m.group(1)} is not set; harness.launch.node runs under srun")
+            raise SystemExit(f"error: {m.group(1)} is not set; harness.cluster.node runs under srun")
         return environ[m.group(1)]
 
     return [_SLURM_VAR.sub(value, a) for a in args]
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         argv = argv[argv.index("--") + 1 :]
     if not argv:
-        print("usage: python -m harness.launch.node -- LAUNCHER ARGS...", file=sys.stderr)
+        print("usage: python -m harness.cluster.node -- LAUNCHER ARGS...", file=sys.stderr)
         return 2
     cmd = expand_slurm_vars(argv)
     with tempfile.TemporaryDirectory(prefix="harness-exit-") as codes_dir:
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                 targets = _training_processes(proc.pid)
             except Exception as e:  # noqa: BLE001  (a signal handler must not kill the wrapper)
                 print(
-                    f"[harness.launch.node] cannot list training processes: {e}", file=sys.stderr, flush=True
+                    f"[harness.cluster.node] cannot list training processes: {e}", file=sys.stderr, flush=True
                 )
                 return
             name = signal.Signals(signum).name
-            print(f"[harness.launch.node] {name}: asking {len(targets)} training processes to checkpoint and stop",
+            print(f"[harness.cluster.node] {name}: asking {len(targets)} training processes to checkpoint and stop",
                   file=sys.stderr, flush=True)  # fmt: skip
             for p in targets:
                 try:

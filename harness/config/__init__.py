@@ -1,0 +1,47 @@
+"""Configuration: the schema (one dataclass per section), its validation and Hydra composition.
+
+- :mod:`harness.config.schema`    the sections of ``configs/train.yaml`` as dataclasses
+- :mod:`harness.config.validate`  each section's checks, then the cross-section ones (:func:`validate`)
+- :mod:`harness.config.compose`   the ConfigStore, resolvers, :func:`compose_checked`, one-line errors
+"""
+
+from harness.config.compose import (
+    CONFIG_DIR,
+    check_run_dir,
+    compose_checked,
+    composition_error,
+    default_cache_dir,
+    register_schema,
+    to_object,
+    unknown_keys,
+)
+from harness.config.schema import (
+    PARALLEL_SCHEMAS,
+    BatchSizes,
+    BatchWarmupConfig,
+    CheckpointConfig,
+    DataConfig,
+    DDPConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    FSDPConfig,
+    JobConfig,
+    LoggingConfig,
+    ModelConfig,
+    NoneParallelConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TokenizerConfig,
+    TrainingConfig,
+    WandbConfig,
+)
+from harness.config.validate import resolve_batch_sizes, validate
+
+__all__ = [
+    "CONFIG_DIR", "PARALLEL_SCHEMAS", "BatchSizes", "BatchWarmupConfig", "CheckpointConfig", "DDPConfig",
+    "DataConfig", "DeepSpeedConfig", "EvalConfig", "FSDPConfig", "JobConfig", "LoggingConfig", "ModelConfig",
+    "NoneParallelConfig", "OptimConfig", "ParallelConfig", "ScheduleConfig", "TokenizerConfig", "TrainingConfig",
+    "WandbConfig", "check_run_dir", "compose_checked", "composition_error", "default_cache_dir", "register_schema",
+    "resolve_batch_sizes", "to_object", "unknown_keys", "validate",
+]

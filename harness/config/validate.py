@@ -1,0 +1,304 @@
+"""Checks that need only the config (no data, no model): each section checks itself, then the
+few checks that involve several sections run in one short ordered function, :func:`validate`.
+
+Every check raises :class:`~harness.errors.ConfigError` whose message names the offending key and
+the fix; the schedule section reports all of its problems in one message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from harness.config.schema import (
+    PARALLEL_SCHEMAS,
+    BatchSizes,
+    CheckpointConfig,
+    DataConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    FSDPConfig,
+    JobConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TokenizerConfig,
+    TrainingConfig,
+)
+from harness.errors import ConfigError
+
+# section -> {key: allowed values}
+CHOICES = {
+    "model": {"arch": ("llama", "gpt2"), "attn_implementation": ("sdpa", "eager", "flash_attention_2")},
+    "data": {"sample_by": ("document", "line", "paragraph"), "format": (None, "text", "json", "parquet")},
+    "optim": {"name": ("adamw",)},
+    "schedule": {"name": ("cosine", "constant", "wsd")},
+    "train": {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
+              "nonfinite": (None, "skip", "abort")},  # fmt: skip
+    "logging": {"progress": ("auto", "on", "off")},
+}
+# section -> keys that must be > 0 (None allowed where the schema allows it)
+POSITIVE = {
+    "model": ("hidden_size", "num_layers", "num_heads", "max_position_embeddings", "vocab_multiple", "rope_theta",
+              "norm_eps", "init_std", "num_kv_heads", "intermediate_size", "vocab_size"),  # fmt: skip
+    "data": ("seq_len", "num_proc"),
+    "tokenizer": ("train_vocab_size",),
+    "optim": ("lr",),
+    "train": ("max_steps", "max_tokens", "stop_at_step", "peak_flops_per_device"),
+    "eval": ("batches", "patience"),
+    "logging": ("every",),
+    "checkpoint": ("keep_last",),
+}
+# keys whose None is allowed (the > 0 message says so)
+NULLABLE = {"model.num_kv_heads", "model.intermediate_size", "model.vocab_size", "train.stop_at_step",
+            "train.peak_flops_per_device", "eval.patience"}
+# section -> keys that must be >= 1
+AT_LEAST_ONE = {"train": ("max_consecutive_skips", "spike_window")}
+# section -> keys that must be >= 0
+NON_NEGATIVE = {
+    "data": ("loader_workers",),
+    "optim": ("weight_decay", "grad_clip", "eps"),
+    "train": ("spike_factor",),
+    "eval": ("every",),
+    "checkpoint": ("every",),
+}
+NON_NEGATIVE_HINTS = {"spike_factor": " (0 disables loss-spike events)", "loader_workers": " (0: load in the training process)"}
+
+
+def check_rules(section: str, node: Any) -> None:
+    """The table-driven checks of one section: choices, > 0, >= 0 and finite floats."""
+    for key, allowed in CHOICES.get(section, {}).items():
+        if getattr(node, key) not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None) + (" (or null)" if None in allowed else "")
+            raise ConfigError(f"{section}.{key}={getattr(node, key)!r} is not one of {shown}")
+    for key in POSITIVE.get(section, ()):
+        value = getattr(node, key)
+        if value is not None and value <= 0:
+            null = " (or null)" if f"{section}.{key}" in NULLABLE else ""
+            raise ConfigError(f"{section}.{key}={value} must be > 0{null}")
+    for key in AT_LEAST_ONE.get(section, ()):
+        if getattr(node, key) < 1:
+            raise ConfigError(f"{section}.{key}={getattr(node, key)} must be >= 1")
+    for key in NON_NEGATIVE.get(section, ()):
+        value = getattr(node, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{section}.{key}={value} must be >= 0{NON_NEGATIVE_HINTS.get(key, '')}")
+    bad = _nonfinite_float(node, f"{section}.")
+    if bad:
+        raise ConfigError(f"{bad[0]}={bad[1]} must be a finite number")
+
+
+def _nonfinite_float(node: Any, prefix: str) -> tuple[str, float] | None:
+    """The first float field (dotted key, value) that is NaN or infinite."""
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{prefix}{f.name}", v
+        if dataclasses.is_dataclass(v):
+            found = _nonfinite_float(v, f"{prefix}{f.name}.")
+            if found:
+                return found
+    return None
+
+
+def check_model(m: ModelConfig) -> None:
+    check_rules("model", m)
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+
+
+def check_data(d: DataConfig) -> None:
+    check_rules("data", d)
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+
+
+def check_tokenizer(t: TokenizerConfig) -> None:
+    check_rules("tokenizer", t)
+    if t.train_vocab_size < 257:
+        raise ConfigError(
+            f"tokenizer.train_vocab_size={t.train_vocab_size} must be >= 257 (256 byte symbols + <|endoftext|>)"
+        )
+
+
+def check_optim(o: OptimConfig) -> None:
+    check_rules("optim", o)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+
+
+def check_schedule(s: ScheduleConfig) -> None:
+    """All of the schedule's own problems in one message (ramp sizes are checked in :func:`validate`)."""
+    check_rules("schedule", s)
+    bw = s.batch_warmup
+    problems = [f"schedule.{k}={v} must be >= 0" for k, v in
+                (("warmup_steps", s.warmup_steps), ("min_lr", s.min_lr), ("batch_warmup.steps", bw.steps)) if v < 0]  # fmt: skip
+    if not 0.0 <= s.decay_fraction <= 1.0:
+        problems.append(f"schedule.decay_fraction={s.decay_fraction} must be in [0, 1]")
+    if bw.tokens is not None and bw.tokens <= 0:
+        problems.append(f"schedule.batch_warmup.tokens={bw.tokens} must be > 0 (or null)")
+    if bw.tokens is not None and bw.steps:
+        problems.append(f"schedule.batch_warmup.tokens={bw.tokens} and schedule.batch_warmup.steps={bw.steps} are "
+                        "both set; give one ramp length (schedule.batch_warmup.steps=0 to ramp over tokens)")  # fmt: skip
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def check_training(t: TrainingConfig) -> None:
+    check_rules("train", t)
+    if (t.max_steps is None) == (t.max_tokens is None):
+        raise ConfigError(
+            "set exactly one budget: train.max_steps or train.max_tokens "
+            f"(got max_steps={t.max_steps}, max_tokens={t.max_tokens}; with max_tokens add train.max_steps=null)"
+        )
+    for key, limit in (("max_steps", 10**9), ("max_tokens", 10**16)):
+        value = getattr(t, key)
+        if value is not None and value > limit:
+            raise ConfigError(f"train.{key}={value} is beyond {limit:.0e}; is a digit too many?")
+
+
+def check_parallel(p: ParallelConfig) -> None:
+    """The keys every backend has, then the chosen backend's own (``BACKEND_CHECKS``)."""
+    schema = PARALLEL_SCHEMAS.get(p.name)
+    if schema is None:
+        raise ConfigError(f"parallel.name={p.name!r} is not one of {', '.join(PARALLEL_SCHEMAS)}")
+    if type(p) is not schema:
+        raise ConfigError(f"parallel.name={p.name} does not match the parallel config group; choose the backend "
+                          f"with parallel={p.name}, not parallel.name")  # fmt: skip
+    if p.timeout_s <= 0:
+        raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0")
+    if p.activation_checkpointing_every < 1:
+        raise ConfigError(f"parallel.activation_checkpointing_every={p.activation_checkpointing_every} must be "
+                          ">= 1 (1: every block; k: every k-th block)")  # fmt: skip
+    if p.tp != 1:
+        raise ConfigError(f"parallel.tp={p.tp}: tensor parallelism is not supported yet (the mesh reserves tp=1)")
+    BACKEND_CHECKS.get(type(p), lambda _: None)(p)
+
+
+def _check_fsdp(p: FSDPConfig) -> None:
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(p, key) not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"parallel.{key}={getattr(p, key)!r} is not one of float32, bfloat16 (or null)")
+    if p.dp_replicate < 1:
+        raise ConfigError(f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
+
+
+def _check_deepspeed(p: DeepSpeedConfig) -> None:
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not one of 0, 1, 2, 3")
+    if p.offload_param and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_param needs parallel.zero_stage=3 (got {p.zero_stage})")
+    if p.activation_checkpointing:
+        raise ConfigError("parallel.activation_checkpointing is for ddp/fsdp/none; with deepspeed use its own "
+                          "activation_checkpointing section in parallel.ds_config")  # fmt: skip
+
+
+BACKEND_CHECKS = {FSDPConfig: _check_fsdp, DeepSpeedConfig: _check_deepspeed}
+
+
+def check_eval(e: EvalConfig) -> None:
+    check_rules("eval", e)
+
+
+def check_logging(g: LoggingConfig) -> None:
+    check_rules("logging", g)
+    if g.wandb.mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(f"logging.wandb.mode={g.wandb.mode!r} is not one of auto, online, offline, disabled")
+
+
+def check_checkpoint(c: CheckpointConfig) -> None:
+    check_rules("checkpoint", c)
+
+
+SECTION_CHECKS = {
+    "model": check_model, "data": check_data, "tokenizer": check_tokenizer, "optim": check_optim,
+    "schedule": check_schedule, "train": check_training, "eval": check_eval, "parallel": check_parallel,
+    "logging": check_logging, "checkpoint": check_checkpoint,
+}  # fmt: skip
+
+
+def resolve_batch_sizes(train: TrainingConfig, world_size: int) -> BatchSizes:
+    """Derive the missing one of global/micro/accumulation from the two given.
+
+    Raises:
+        ConfigError: fewer than two given, a non-positive value, or values whose product does not
+            match (the message shows the arithmetic).
+    """
+    g, m, k = train.global_batch_size, train.micro_batch_size, train.gradient_accumulation_steps
+    for key, v in (("global_batch_size", g), ("micro_batch_size", m), ("gradient_accumulation_steps", k)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"train.{key}={v} must be a positive integer")
+    if sum(v is not None for v in (g, m, k)) < 2:
+        raise ConfigError(
+            "set two of train.global_batch_size, train.micro_batch_size, train.gradient_accumulation_steps "
+            f"(got global={g}, micro={m}, accumulation={k})"
+        )
+    w = world_size
+    if g is None:
+        g = m * k * w
+    elif m is None:
+        if g % (k * w):
+            raise ConfigError(f"train.global_batch_size={g} is not divisible by gradient_accumulation_steps={k} x "
+                              f"world_size={w} = {k * w}; change one of them")  # fmt: skip
+        m = g // (k * w)
+    elif k is None:
+        if g % (m * w):
+            raise ConfigError(f"train.global_batch_size={g} is not divisible by micro_batch_size={m} x world_size="
+                              f"{w} = {m * w}; change one of them or set train.gradient_accumulation_steps")  # fmt: skip
+        k = g // (m * w)
+    elif g != m * k * w:
+        raise ConfigError(f"train.global_batch_size={g} != micro_batch_size={m} x gradient_accumulation_steps={k} x "
+                          f"world_size={w} = {m * k * w}; set one of them to null to derive it")  # fmt: skip
+    return BatchSizes(g, m, k, w)
+
+
+def check_batch_ramp(schedule: ScheduleConfig, batch: BatchSizes) -> None:
+    """The ramp's start must fit the full batch in whole micro-batches per rank."""
+    bw = schedule.batch_warmup
+    start, full = bw.start_global_batch_size, batch.global_batch_size
+    if start is None or (bw.steps == 0 and bw.tokens is None):
+        return  # no ramp
+    inc = batch.micro_batch_size * batch.world_size
+    if not 0 < start <= full:
+        raise ConfigError(f"schedule.batch_warmup.start_global_batch_size={start} must be in "
+                          f"[1, train.global_batch_size={full}]")  # fmt: skip
+    if start % inc or (full - start) % inc:
+        raise ConfigError(f"schedule.batch_warmup.start_global_batch_size={start} and train.global_batch_size="
+                          f"{full} must both be multiples of micro_batch_size x world_size = {inc}")  # fmt: skip
+
+
+def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
+    """Check everything that can be checked from the config alone (no data, no model): the top-level
+    keys, each section, then the checks across sections, in this order.
+
+    Returns:
+        The full-size :class:`BatchSizes` at ``world_size`` processes.
+    Raises:
+        ConfigError: naming the first offending key and the fix.
+    """
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)")
+    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/' (it names runs/<run_name>)")
+    for section, check in SECTION_CHECKS.items():
+        check(getattr(cfg, section))
+    if cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+                          f"{cfg.model.max_position_embeddings}; lower data.seq_len or raise "
+                          "model.max_position_embeddings")  # fmt: skip
+    if cfg.schedule.min_lr > cfg.optim.lr:
+        raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr} is larger than optim.lr={cfg.optim.lr}")
+    if cfg.train.nonfinite == "skip" and cfg.parallel.name == "deepspeed":
+        raise ConfigError("train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
+                          "engine.step()); use train.nonfinite=abort or leave it null")  # fmt: skip
+    from harness.parallel.dims import ParallelDims  # the mesh: its degrees must multiply to world_size
+
+    ParallelDims.from_config(cfg.parallel, world_size)
+    batch = resolve_batch_sizes(cfg.train, world_size)
+    check_batch_ramp(cfg.schedule, batch)
+    return batch

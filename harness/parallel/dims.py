@@ -1,0 +1,81 @@
+"""The named device mesh every backend is applied over (after torchtitan's ``ParallelDims``).
+
+One object, built once from the ``parallel`` section and the world size, says how the ranks are
+laid out: ``dp_replicate x dp_shard x tp`` (outermost to innermost, so ``tp`` stays inside a node).
+Data parallelism spans ``dp_replicate x dp_shard``: DDP replicates over all ranks, FSDP2 shards
+over ``dp_shard`` (and HSDP replicates over ``dp_replicate``), ZeRO shards over all ranks.
+``tp`` is reserved at 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.config import ParallelConfig
+from harness.errors import ConfigError
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of the mesh dimensions (ranks); their product is the world size.
+
+    Raises (on construction):
+        ConfigError: a degree below 1, or degrees whose product is not ``world_size``.
+    """
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    world_size: int
+    _mesh: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in MESH_DIMS:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel mesh: {name}={getattr(self, name)} must be >= 1")
+        if self.dp_replicate * self.dp_shard * self.tp != self.world_size:
+            raise ConfigError(
+                f"parallel mesh: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                f"{self.dp_replicate * self.dp_shard * self.tp} != world_size={self.world_size}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        """The layout the chosen backend uses at ``world_size`` ranks.
+
+        Raises:
+            ConfigError: ``parallel.dp_replicate`` (FSDP) or ``parallel.tp`` does not divide the world size.
+        """
+        tp = cfg.tp
+        if world_size % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide world_size={world_size}")
+        dp = world_size // tp
+        if cfg.name == "ddp":
+            return cls(dp, 1, tp, world_size)
+        replicate = getattr(cfg, "dp_replicate", 1)
+        if dp % replicate:
+            raise ConfigError(
+                f"parallel.dp_replicate={replicate} must divide world_size={world_size} (replicas x shards)"
+            )
+        return cls(replicate, dp // replicate, tp, world_size)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: they see different micro-batches (``dp_replicate x dp_shard``)."""
+        return self.dp_replicate * self.dp_shard
+
+    def mesh(self, device_type: str):
+        """The ``DeviceMesh`` with dims ``(dp_replicate, dp_shard, tp)`` (built once; collective)."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = tuple(getattr(self, name) for name in MESH_DIMS)
+            self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        return self._mesh
+
+    def fsdp_mesh(self, device_type: str):
+        """The mesh FSDP2 shards over: ``dp_shard``, or ``(dp_replicate, dp_shard)`` for HSDP."""
+        mesh = self.mesh(device_type)
+        return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]

@@ -1,0 +1,497 @@
+"""The Trainer: owns every part of a run and runs its optimizer steps.
+
+One iteration = one optimizer step over K accumulated micro-batches, in five steps:
+
+1. sample    this rank's micro-batches of the planned step (sizes from the batch ramp)
+2. forward   per micro-batch: summed token cross-entropy / target tokens of the whole step
+3. backward  per micro-batch; gradients synchronized only on the last one
+4. update    clip by global norm, optimizer step, LR scheduler step, zero grads -- once
+5. log       the step's StepMetrics record; then the hooks (evaluation, metrics sinks, stop
+             requests, checkpoint cadence, ...) in ``on_step_end``
+
+:meth:`Trainer.from_config` checks everything that can be checked without a model first (config,
+data, iteration plan, the checkpoint to resume from), then takes the run directory and builds the
+model: bad input fails fast and leaves an existing run as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from harness import checkpoint as ckpt
+from harness.config import BatchSizes, JobConfig, check_run_dir, to_object, validate
+from harness.data import IGNORE_INDEX, DataBundle, MicroBatch, build_data, build_loader
+from harness.data.tokenizer import tokenizer_fingerprint
+from harness.dist import DistEnv, read_env
+from harness.errors import CheckpointError, NonFiniteError
+from harness.exits import exit_code, report_exit
+from harness.faults import Faults
+from harness.hooks import Hook, default_hooks
+from harness.metrics import MetricsLogger, StepMetrics, StepTimer, Throughput, max_memory_bytes, step_log
+from harness.model import build_model, model_stats, resolve_vocab_size
+from harness.parallel import Backend, ParallelDims, build_backend
+from harness.rundir import RunDir
+from harness.schedule import DataPosition, StepInfo, TrainingSchedule, build_schedule
+
+log = logging.getLogger("harness")
+LOGGERS = (log, step_log)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore to continue the same run (besides model/optimizer/RNG)."""
+
+    step: int = 0  # completed optimizer steps
+    tokens_total: int = 0
+    position: DataPosition = field(default_factory=DataPosition)  # data position before the next step
+    best_val_loss: float = math.inf
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    skipped_steps: int = 0  # steps whose update was skipped (train.nonfinite=skip)
+    consecutive_skips: int = 0
+    # this invocation ended on SIGUSR1/SIGTERM ("preempt") or SIGINT ("interrupt"); not saved
+    stop_signal: str | None = None
+
+    @property
+    def preempted(self) -> bool:
+        return self.stop_signal == "preempt"
+
+    def to_dict(self) -> dict:
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
+        return {"step": self.step, "tokens_total": self.tokens_total, "epoch": self.position.epoch,
+                "offset": self.position.offset, "best_val_loss": best, "evals_since_best": self.evals_since_best,
+                "stopped_early": self.stopped_early, "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        best = d.get("best_val_loss")
+        return cls(d["step"], d["tokens_total"], DataPosition(d["epoch"], d["offset"]),
+                   math.inf if best is None else float(best), d.get("evals_since_best", 0),
+                   d.get("stopped_early", False), d.get("skipped_steps", 0), d.get("consecutive_skips", 0))
+
+
+def token_loss_sum(model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over ``mb``'s target tokens, in fp32 (0-d tensor).
+
+    Positions whose label is ``IGNORE_INDEX`` contribute nothing.
+    """
+    ctx = torch.autocast(mb.input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        logits = model(input_ids=mb.input_ids).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def forward_backward(backend: Backend, model: torch.nn.Module, micro_batches: list[MicroBatch],
+                     autocast_dtype: torch.dtype | None = None, nan_loss: bool = False) -> torch.Tensor:
+    """Accumulate the gradient of the step's token-mean loss; returns that loss (0-d, detached).
+
+    Every micro-batch's summed loss is divided by the number of target tokens in the whole step
+    (all micro-batches, all ranks), so K micro-batches of B give exactly the gradient of one batch
+    of K*B -- not a mean of per-micro-batch means. ``nan_loss`` (fault injection) makes the first
+    micro-batch's loss NaN.
+    """
+    num_targets = backend.all_reduce_sum(torch.stack([mb.num_targets() for mb in micro_batches]).sum())
+    total = torch.zeros((), device=micro_batches[0].input_ids.device)
+    for i, mb in enumerate(micro_batches):
+        with backend.accumulate(is_last=i == len(micro_batches) - 1):
+            loss = token_loss_sum(model, mb, autocast_dtype) / num_targets
+            if i == 0 and nan_loss:
+                loss = loss * float("nan")
+            backend.backward(loss)
+        total += loss.detach()
+    return backend.all_reduce_sum(total)
+
+
+class _Checked(NamedTuple):
+    """What :meth:`Trainer.from_config` knows before any model exists."""
+
+    batch: BatchSizes
+    backend: Backend
+    data: DataBundle
+    vocab_size: int
+    schedule: TrainingSchedule
+    checkpoints: ckpt.CheckpointManager
+    resume_from: str | None
+    resume_state: dict | None
+
+
+class Trainer:
+    """Owns the backend (model, optimizer), scheduler, data and loader, checkpoint manager, run
+    directory, metrics, hooks and :class:`TrainState`; :meth:`train` runs :meth:`train_step` until
+    the budget. Use as a context manager (``with Trainer.from_config(...) as t: t.train()``): on exit
+    the outcome is recorded and the run directory released."""
+
+    def __init__(self, cfg: JobConfig, env: DistEnv, checked: _Checked, run: RunDir, resolved: dict):
+        self.cfg, self.env, self.run, self.resolved = cfg, env, run, resolved
+        self.backend, self.data, self.checkpoints = checked.backend, checked.data, checked.checkpoints
+        self.schedule, self.plan, self.max_steps = checked.schedule, checked.schedule.plan, checked.schedule.max_steps
+        self.faults = Faults.from_env(env.rank)
+        self.checkpoints.faults = self.faults
+        self.state = TrainState()
+        self.stop_reason: str | None = None
+        self.trained = False  # whether this invocation has steps to run
+        self.timer = StepTimer(env.device)
+        self.autocast_dtype = _autocast_dtype(cfg.train.dtype, env.device)
+        self.vocab_size = checked.vocab_size
+        self._build_model(checked.vocab_size)
+        if checked.resume_from:
+            self.load_state_dict(self.checkpoints.restore(checked.resume_from))
+            log.info("resumed from %s at step %d (%s tokens)", checked.resume_from, self.state.step,
+                     f"{self.state.tokens_total:,}")
+            self._warn_changed_settings(checked.resume_state)
+        self.trained = not self.done
+        self.loader = build_loader(self.data.train, cfg.seed, checked.batch.micro_batch_size, env.rank,
+                                   env.world_size, cfg.data.loader_workers, env.device.type, self.plan, self.max_steps)
+        metrics = None
+        if env.is_main and self.trained:
+            metrics = MetricsLogger.from_config(cfg.logging, run.path, self.max_steps, self.state.step,
+                                                cfg.run_name, resolved)
+        self.hooks: list[Hook] = default_hooks(cfg, env, self.faults, self.data.val,
+                                               checked.batch.micro_batch_size, metrics)
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, composed, run_dir: str, overrides: list[str] | tuple = ()) -> Trainer:
+        """Check, take the run directory, build: the one way a run is put together.
+
+        ``composed`` is the composed config (a DictConfig, or a :class:`JobConfig`).
+
+        Raises:
+            HarnessError: a config, data or checkpoint problem (before any model exists whenever it can
+                be seen from the config, the data or the checkpoint metadata), or a run directory held
+                by another live process.
+        """
+        if isinstance(composed, JobConfig):
+            composed = OmegaConf.structured(composed)
+        resolved = OmegaConf.to_container(composed, resolve=True)
+        cfg = to_object(composed)
+        check_run_dir(run_dir)
+        env = read_env(cfg.train.device)
+        log.setLevel(logging.INFO if env.is_main else logging.WARNING)  # rank 0 logs; the others only warn
+        if env.device.type == "cpu":  # DeepSpeed, when a library imports it, would warn about the CPU
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        checked = cls._check(cfg, env, run_dir)
+        trains = _resume_step(checked) < checked.schedule.max_steps and not (checked.resume_state or {}).get(
+            "stopped_early")
+        invocation = {"overrides": list(overrides), "world_size": env.world_size, "parallel": cfg.parallel.name,
+                      "resume_from": checked.resume_from, "start_step": _resume_step(checked),
+                      "max_steps": checked.schedule.max_steps, "trains": trains, "config": resolved}
+        hydra = (composed, resolved, list(overrides)) if trains else None
+        agree = lambda flag: checked.backend.all_reduce_sum(torch.tensor(flag, device=env.device)).item()  # noqa: E731
+        run = RunDir.open(run_dir, env, agree, invocation, hydra, LOGGERS)
+        if env.is_main:
+            _log_plan(cfg, env, checked)
+        try:
+            return cls(cfg, env, checked, run, resolved)
+        except BaseException as e:
+            run.report_failure(e, min(10.0, cfg.parallel.timeout_s))
+            run.close(_outcome_of(e), LOGGERS)
+            raise
+
+    @staticmethod
+    def _check(cfg: JobConfig, env: DistEnv, run_dir: str) -> _Checked:
+        """Everything before a model: config, backend (process group, mesh), data, plan, resume point."""
+        batch = validate(cfg, env.world_size)
+        dims = ParallelDims.from_config(cfg.parallel, env.world_size)
+        backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
+        data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, need_val=cfg.eval.every > 0)
+        vocab_size = resolve_vocab_size(cfg.model, len(data.tokenizer))
+        schedule = build_schedule(cfg, batch, len(data.train))
+        identity = {
+            "model": {**asdict(cfg.model), "vocab_size": vocab_size, "name": None},
+            "data": {"tokens": data.store.num_tokens, "tokenizer": tokenizer_fingerprint(data.tokenizer),
+                     "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction},
+        }
+        checkpoints = ckpt.CheckpointManager.from_config(cfg.checkpoint, run_dir, env, backend, identity)
+        resume_from = checkpoints.find_resume()
+        resume_state = ckpt.read_state(resume_from) if resume_from else None
+        return _Checked(batch, backend, data, vocab_size, schedule, checkpoints, resume_from, resume_state)
+
+    def _build_model(self, vocab_size: int) -> None:
+        """The model, parallelized over the mesh (TP -> AC -> compile -> FSDP/DDP), the optimizer after
+        sharding, the LR scheduler, and the MFU arithmetic."""
+        cfg, env = self.cfg, self.env
+        model = build_model(cfg.model, vocab_size, cfg.seed, self.data.tokenizer.eos_token_id)
+        self.backend.parallelize(model, cfg.train.compile)
+        self.optimizer = self.backend.build_optimizer(cfg.optim)  # DeepSpeed wraps the model here
+        self.model = self.backend.model
+        lr = self.schedule.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: lr.torch_lambda(i))
+        stats = model_stats(cfg.model, vocab_size, cfg.data.seq_len)
+        self.throughput = Throughput.from_config(cfg.train, env.device, stats.flops_per_token, env.world_size)
+        if env.is_main:
+            log.info("model: %s (%s), %s parameters (%s non-embedding), vocab %d, %.3g FLOPs/token; peak %.3g "
+                     "FLOP/s (%s)", cfg.model.name, cfg.model.arch, f"{stats.params:,}",
+                     f"{stats.non_embedding_params:,}", vocab_size, stats.flops_per_token,
+                     self.throughput.peak_flops, self.throughput.peak_source)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True once the budget is reached, early stopping triggered, or a stop was requested."""
+        s = self.state
+        return s.step >= self.max_steps or s.stopped_early or self.stop_reason is not None
+
+    def request_stop(self, reason: str) -> None:
+        """End this invocation after the current step (the checkpoint hook saves it)."""
+        self.stop_reason = reason
+
+    def train(self) -> TrainState:
+        """Run optimizer steps from the current state until :attr:`done`; returns the state."""
+        if self.done:
+            log.warning("nothing to train: the checkpoint is at step %d and the budget is %d steps%s; the run "
+                        "directory is left as it was", self.state.step, self.max_steps,
+                        " (stopped early)" if self.state.stopped_early else "")
+        self._started = time.perf_counter()
+        self.model.train()
+        try:
+            self._call("on_train_start")
+            for info in self.plan.steps(self.state.step, self.state.position, self.state.tokens_total):
+                if self.done:
+                    break
+                self._call("on_step_start", info)
+                self._call("on_step_end", self.train_step(info))
+            self._call("on_train_end")
+        finally:
+            for hook in self.hooks:
+                hook.close()
+        return self.state
+
+    def train_step(self, info: StepInfo) -> StepMetrics:
+        """One optimizer step: sample, forward + backward over the micro-batches, update, log."""
+        self.timer.start()
+        self.backend.begin_step()
+        micro_batches = self.sample(info)  # 1. sample
+        self.timer.mark("data")
+        loss = self.forward_backward(micro_batches, info.step)  # 2. forward + 3. backward
+        self.timer.mark("forward_backward")
+        grad_norm, stepped, lr = self.update(info.step, loss)  # 4. update
+        self.timer.mark("optimizer")
+        return self.log_step(info, loss, grad_norm, lr, stepped)  # 5. log
+
+    def sample(self, info: StepInfo) -> list[MicroBatch]:
+        """This rank's micro-batches of step ``info``, on the device."""
+        return [mb.to(self.env.device, non_blocking=True) for mb in self.loader.micro_batches(info)]
+
+    def forward_backward(self, micro_batches: list[MicroBatch], step: int) -> torch.Tensor:
+        """The step's token-mean loss (0-d); gradients accumulated (see :func:`forward_backward`)."""
+        return forward_backward(self.backend, self.model, micro_batches, self.autocast_dtype,
+                                self.faults.nan_loss(step))
+
+    def update(self, step: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool, float]:
+        """Clip by the global norm, step the optimizer (skipped on every rank alike when the loss or the
+        norm is not finite), step the LR scheduler. Returns ``(grad norm, stepped, LR used)``."""
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm, stepped = self.backend.clip_and_step(self.cfg.optim.grad_clip, loss)
+        if not stepped:
+            self._nonfinite(step, loss, grad_norm)
+        self.scheduler.step()
+        return grad_norm, stepped, lr
+
+    def log_step(self, info: StepInfo, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                 stepped: bool) -> StepMetrics:
+        """Advance :attr:`state` to the end of step ``info`` and return the step's record."""
+        s = self.state
+        s.step, s.tokens_total = info.step, info.tokens_total
+        s.position = info.end_position(self.plan.num_sequences)
+        if stepped:
+            s.consecutive_skips = 0
+        t = self.timer.durations()
+        comm = self.backend.comm_stats()
+        tokens_per_second = info.tokens / t["total"]
+        return StepMetrics(
+            step=info.step, epoch=info.epoch, tokens=info.tokens, tokens_total=info.tokens_total, loss=loss.item(),
+            lr=lr, grad_norm=grad_norm.item(), global_batch_size=info.global_batch_size,
+            gradient_accumulation_steps=info.gradient_accumulation_steps, step_time_s=t["total"], data_s=t["data"],
+            forward_backward_s=t["forward_backward"], optimizer_s=t["optimizer"], comm_s=comm.comm_s,
+            comm_exposed_s=comm.comm_exposed_s, comm_bytes=comm.comm_bytes, comm_busbw_gbps=comm.busbw_gbps,
+            comm_bytes_by_op=comm.bytes_by_op, tokens_per_second=tokens_per_second,
+            mfu=self.throughput.mfu(tokens_per_second), max_memory_bytes=max_memory_bytes(self.env.device),
+            elapsed_s=time.perf_counter() - self._started, skipped_steps=s.skipped_steps,
+            events=None if stepped else ["skipped_nonfinite"],
+        )
+
+    def _nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """A step whose loss or gradient norm is not finite: count it as skipped, or abort (nothing saved)."""
+        policy = self.cfg.train.nonfinite or ("abort" if self.backend.name == "deepspeed" else "skip")
+        what = f"step {step}: non-finite loss {loss.item():.4g} / grad norm {grad_norm.item():.4g}"
+        if policy == "abort":
+            raise NonFiniteError(f"{what}; train.nonfinite=abort: stopping without saving (rerun with "
+                                 "checkpoint.resume=auto to continue from the newest checkpoint, or set "
+                                 "train.nonfinite=skip)")
+        s = self.state
+        s.skipped_steps += 1
+        s.consecutive_skips += 1
+        log.warning("%s: update skipped (%d skipped so far)", what, s.skipped_steps)
+        limit = self.cfg.train.max_consecutive_skips
+        if s.consecutive_skips >= limit:
+            raise NonFiniteError(f"{what}; {s.consecutive_skips} steps in a row were non-finite "
+                                 f"(train.max_consecutive_skips={limit}): stopping without saving; lower optim.lr "
+                                 "or check the data, then rerun with checkpoint.resume=auto")
+
+    def _call(self, event: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[MicroBatch]) -> float:
+        """Token-mean loss (nats) over this rank's validation micro-batches and every other rank's."""
+        self.model.eval()
+        device = self.env.device
+        loss_sum = torch.zeros((), device=device)
+        targets = torch.zeros((), device=device, dtype=torch.long)
+        for mb in batches:
+            mb = mb.to(device)
+            loss_sum += token_loss_sum(self.model, mb, self.autocast_dtype)
+            targets += mb.num_targets()
+        self.model.train()
+        loss_sum = self.backend.all_reduce_sum(loss_sum)
+        targets = self.backend.all_reduce_sum(targets)
+        return (loss_sum / targets.clamp(min=1)).item()
+
+    # -- state, checkpoints, export --------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """``trainer_state.json``: the position (step, tokens, data, early stopping), the LR scheduler,
+        the budget and the resolved config (the model and optimizer are the backend's files)."""
+        return {**self.state.to_dict(), "max_steps": self.max_steps, "scheduler": self.scheduler.state_dict(),
+                "config": self.resolved}
+
+    def load_state_dict(self, meta: dict) -> None:
+        """Restore the position from ``meta``; the hyperparameters come from this config.
+
+        The LR of every later step is this config's schedule at that step, and ``optim.lr`` /
+        ``weight_decay`` / ``betas`` / ``eps`` replace the saved ones in the param groups.
+        """
+        self.state = TrainState.from_dict(meta)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        optim, groups = self.cfg.optim, self.optimizer.param_groups
+        # LambdaLR computes base_lr * lambda(last_epoch); base_lr (saved) must be this config's optim.lr.
+        self.scheduler.base_lrs = [optim.lr for _ in groups]
+        lrs = [base * self.schedule.lr.torch_lambda(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        for i, (group, lr) in enumerate(zip(groups, lrs)):
+            group.update(lr=lr, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+            group["weight_decay"] = optim.weight_decay if i == 0 else 0.0  # build_adamw: [decay, no_decay]
+        self.scheduler._last_lr = lrs
+
+    def save_checkpoint(self) -> str:
+        """A complete checkpoint of the current step (every rank)."""
+        return self.checkpoints.save(self.state.step, self.state_dict(), self.data.tokenizer)
+
+    def export_hf(self) -> str | None:
+        """Gather the full model (collective under sharding) and save it in HF format into ``<run>/hf``
+        on rank 0 (returns the path there, None elsewhere)."""
+        full = self.backend.full_state_dict()
+        if not self.env.is_main:
+            return None
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        model = build_model(self.cfg.model, self.vocab_size, self.cfg.seed,
+                            self.data.tokenizer.eos_token_id, device="meta")
+        model.load_state_dict(full, assign=True, strict=False)
+        model.tie_weights()
+        missing = [n for n, t in model.named_parameters() if t.is_meta]
+        if missing:
+            raise CheckpointError(f"the gathered state dict lacks {missing[:3]}; cannot export")
+        path = ckpt.export_hf(model, self.data.tokenizer, os.path.join(self.run.path, "hf"))
+        log.info("exported Hugging Face model and tokenizer to %s", path)
+        return path
+
+    def _warn_changed_settings(self, saved: dict) -> None:
+        changed = changed_schedule_keys(saved, self.resolved, self.max_steps)
+        if changed and not self.done and self.env.is_main:
+            nxt = self.state.step + 1
+            log.warning("resuming with changed optimizer/schedule settings (%s): the new config's schedule applies "
+                        "from step %d on (LR at step %d: %.4g)", ", ".join(changed), nxt, nxt, self.schedule.lr(nxt))
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            report_exit(self.env.rank, exit_code(self.state.stop_signal))  # before any rank exits
+            self.run.close(self.outcome(), LOGGERS)
+            self.backend.close()
+            return
+        if isinstance(exc, Exception):
+            self.run.report_failure(exc, min(10.0, self.cfg.parallel.timeout_s))
+        self.run.close(_outcome_of(exc), LOGGERS)
+
+    def outcome(self) -> str:
+        """``done``, ``stopped`` (train.stop_at_step), ``preempt`` or ``interrupt``."""
+        if self.state.stop_signal:
+            return self.state.stop_signal
+        return "done" if self.state.step >= self.max_steps or self.state.stopped_early else "stopped"
+
+
+def _outcome_of(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted at once (second Ctrl-C)"
+    return f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _resume_step(checked: _Checked) -> int:
+    return checked.resume_state["step"] if checked.resume_state else 0
+
+
+def _log_plan(cfg: JobConfig, env: DistEnv, c: _Checked) -> None:
+    """The ``data:`` and ``plan:`` lines (the plan's tokens counted from the resume point) and the
+    schedule's shortened warmups."""
+    store, plan, st = c.data.store, c.schedule.plan, c.resume_state
+    tokens = plan.total_tokens(c.schedule.max_steps)
+    if st:
+        tokens = plan.total_tokens(c.schedule.max_steps, st["step"], DataPosition(st["epoch"], st["offset"]),
+                                   st["tokens_total"])
+    log.info("data: %s: %s tokens -> %d train sequences of %d (+1) tokens, %d validation",
+             store.meta.get("source", store.path), f"{store.num_tokens:,}", len(c.data.train), cfg.data.seq_len,
+             len(c.data.val) if c.data.val else 0)
+    b = c.batch
+    log.info("plan: %d steps, global batch %d (micro %d x accumulation %d x world %d), %d iterations/epoch, %s "
+             "tokens in total", c.schedule.max_steps, b.global_batch_size, b.micro_batch_size,
+             b.gradient_accumulation_steps, env.world_size, plan.iterations_per_epoch(), f"{tokens:,}")
+    for warning in c.schedule.warnings:
+        log.warning("%s", warning)
+
+
+SCHEDULE_KEYS = ("optim.", "schedule.", "train.max_steps", "train.max_tokens")
+
+
+def changed_schedule_keys(saved: dict, resolved: dict, max_steps: int) -> list[str]:
+    """``key old -> new`` for every optimizer / schedule / budget key of the checkpoint's config that
+    this config changes (the budget also as a step count)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    before, now = flat(saved.get("config")), flat(resolved)
+    keys = sorted(k for k in before.keys() | now.keys() if k.startswith(SCHEDULE_KEYS))
+    out = [f"{k} {before.get(k)} -> {now.get(k)}" for k in keys if before.get(k) != now.get(k)]
+    if saved.get("max_steps") not in (None, max_steps) and not any(k.startswith("train.max_") for k in out):
+        out.append(f"steps {saved['max_steps']} -> {max_steps}")
+    return out
+
+
+def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None

@@ -1,0 +1,142 @@
+"""The README's commands, run as written (with a short budget), so the README cannot drift.
+
+Every command line of every ```bash block is in :data:`COMMANDS`: either run here (placeholder
+paths replaced by real files, a short budget and a temporary run directory appended) or skipped
+with the reason (GPU nodes, clusters, Docker). A command added to the README without an entry
+here fails :func:`test_every_readme_command_is_covered`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+from conftest import REPO
+
+README = REPO / "README.md"
+SHORT = ["train.max_steps=3", "schedule.batch_warmup.steps=2", "eval.every=0", "logging.wandb.mode=disabled"]
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
+        "model.intermediate_size=128", "data.seq_len=64"]
+
+# command prefix (as in the README) -> ("run", extra overrides) or ("skip", reason)
+COMMANDS = {
+    "make train": ("run", [*SHORT]),
+    "make test": ("skip", "the suite itself"),
+    ".venv/bin/python -m harness.train run_name=wikitext": ("run", [*SHORT, *TINY]),
+    ".venv/bin/python -m harness.train run_name=c4": ("run", [*SHORT, *TINY, "train.global_batch_size=8",
+                                                              "train.micro_batch_size=2"]),
+    ".venv/bin/python -m harness.train run_name=lines": ("run", [*SHORT, *TINY, "data.seq_len=8",
+                                                                 "train.global_batch_size=8", "train.micro_batch_size=2",
+                                                                 "schedule.batch_warmup.start_global_batch_size=4"]),
+    ".venv/bin/python -m harness.prepare_data": ("run", ["data.num_proc=2"]),
+    ".venv/bin/python -m harness.train data.path=/data/c4_tok": ("run", [*SHORT, *TINY, "train.global_batch_size=8",
+                                                                         "train.micro_batch_size=2"]),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=ddp": ("run", [*SHORT, *TINY]),
+    ".venv/bin/torchrun --standalone --nproc_per_node 8": ("skip", "8 processes of llama_1b: a GPU node"),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=deepspeed": ("run", [*SHORT, *TINY]),
+    ".venv/bin/deepspeed --num_gpus 2": ("run", [*SHORT, *TINY]),
+    ".venv/bin/python -m harness.export": ("run", []),
+    ".venv/bin/python -m harness.plan model=llama3_8b": ("run", []),
+    ".venv/bin/python -m harness.train train.max_steps=10 schedule.batch_warmup.steps=4 eval.every=5": (
+        "run", ["logging.wandb.mode=disabled"]),
+    "NPROC=8 launch/torchrun.sh": ("skip", "8 processes of llama_1b: a GPU node (launch/torchrun.sh: test_run_integrity)"),
+    "NPROC=8 launch/deepspeed.sh": ("skip", "8 processes of llama_1b: a GPU node"),
+    "NNODES=4": ("skip", "four nodes"),
+    ".venv/bin/python -m harness.cluster.slurm model=llama3_8b": ("run", ["slurm.dry_run=true"]),
+    ".venv/bin/python -m harness.train -m optim.lr=1e-3,3e-4 parallel=fsdp hydra/launcher=submitit_slurm": (
+        "skip", "an h100 Slurm partition (submitit sweeps: tests/test_slurm.py)"),
+    "docker build": ("skip", "no Docker builds on the CI machines (the Dockerfile is linted in test_launch)"),
+    "docker run": ("skip", "needs the image and GPUs"),
+    ".venv/bin/python -m harness.cluster.slurm slurm.container_image": ("run", ["slurm.dry_run=true"]),
+}
+
+
+def readme_commands() -> list[str]:
+    """Every command of the README's bash blocks, continuation lines joined, comments dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                out.append(" ".join(line.split()))
+    return out
+
+
+def entry(command: str):
+    matches = [k for k in COMMANDS if command.startswith(k)]
+    return COMMANDS[max(matches, key=len)] if matches else None
+
+
+def test_every_readme_command_is_covered():
+    missing = [c for c in readme_commands() if entry(c) is None]
+    assert not missing, f"README commands without an entry in tests/test_readme.py: {missing}"
+
+
+def _substitutions(tmp, shared) -> dict[str, str]:
+    (tmp / "a.txt").write_text("".join(f"line {i} of a, some words here\n" for i in range(400)))
+    (tmp / "b.txt").write_text("".join(f"line {i} of b, other words there\n" for i in range(400)))
+    return {
+        "DIR/valid.jsonl": str(shared / "wikitext2" / "valid.jsonl"),
+        "DIR/gpt2": str(shared / "tokenizers" / "gpt2"),
+        "DIR/c4/": str(shared / "c4_sample") + "/",
+        "DIR/llama_tokenizer": str(shared / "tokenizers" / "mistral_v1_spm"),
+        "/data/c4/": str(shared / "c4_sample") + "/",
+        "/data/tok": str(shared / "tokenizers" / "mistral_v1_spm"),
+        "/data/c4_tok": str(tmp / "c4_tok"),
+        "[a.txt,b.txt]": f"[{tmp}/a.txt,{tmp}/b.txt]",
+        "/scratch": str(tmp / "scratch"),
+    }
+
+
+def _run(command: str, extra: list[str], tmp, subs: dict, index: int, checkpoint: list):
+    for old, new in subs.items():
+        command = command.replace(old, new)
+    if checkpoint:
+        command = command.replace("runs/default/checkpoints/step_00000200", checkpoint[0])
+    command = command.replace(" exported/", f" {tmp}/exported/")
+    run_dir = tmp / f"run{index}"
+    args = shlex.split(command)
+    trains = "harness.train" in command
+    if args[0] == "make":
+        args += [f"ARGS={' '.join([*extra, f'hydra.run.dir={run_dir}'])}"]
+    elif "harness.plan" in command:
+        args += [*extra, f"plan.png={tmp}/plan.png"]
+    elif "harness.cluster.slurm" in command and "hydra.run.dir=" in command:
+        args += extra
+    elif "harness.export" not in command:
+        args += [*extra, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    if trains or args[0] == "make":
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = int(re.findall(r"train\.max_steps=(\d+)", " ".join(args))[-1])
+        assert [r["step"] for r in records] == list(range(1, steps + 1)), command
+        checkpoint[:] = [str(sorted((run_dir / "checkpoints").iterdir())[-1])]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_readme_commands_run_as_written(tmp_path, shared_data):
+    subs = _substitutions(tmp_path, shared_data)
+    checkpoint: list[str] = []
+    ran = []
+    for i, command in enumerate(readme_commands()):
+        kind, extra = entry(command)
+        if kind == "skip":
+            continue
+        proc = _run(command, extra, tmp_path, subs, i, checkpoint)
+        ran.append(command)
+        if "harness.plan model=llama3_8b" in command:
+            assert "max_steps          238,982 optimizer steps" in proc.stdout
+        if "harness.export" in command:
+            assert (tmp_path / "exported" / "config.json").is_file()
+        if "harness.cluster.slurm" in command:
+            assert "slurm.dry_run=true: not submitted" in proc.stdout
+    assert len(ran) >= 14
