@@ -46,7 +46,8 @@ def main() -> None:
     print(f"{'plain':<22} {plain[0] * 1e6:>9.1f} {plain[1] * 1e6:>14.1f}")
     print(f"{'with accounting':<22} {wrapped[0] * 1e6:>9.1f} {wrapped[1] * 1e6:>14.1f}")
     print(
-        f"{'cost per collective':<22} {(wrapped[0] - plain[0]) * 1e6:>9.1f} {(wrapped[1] - plain[1]) * 1e6:>14.1f}"
+        f"{'cost per collective':<22} {(wrapped[0] - plain[0]) * 1e6:>9.1f} "
+        f"{(wrapped[1] - plain[1]) * 1e6:>14.1f}"
     )
     dist.destroy_process_group()
 

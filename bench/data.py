@@ -1,7 +1,8 @@
 """Data pipeline throughput (CPU): tokenize-and-pack with the ``datasets`` map on 1 and 2 processes,
 cold (empty cache) and cached, and the share of step time the trainer waits for data.
 
-    .venv/bin/python bench/data.py [--corpus stdlib|wikitext2] [--tokenizer PATH] [--steps 30] [--json bench/data.json]
+    .venv/bin/python bench/data.py [--corpus stdlib|wikitext2] [--tokenizer PATH] [--steps 30] [--json
+    bench/data.json]
 
 Cold: a fresh cache directory, so ``datasets`` reads the files into Arrow, tokenizes with
 ``Dataset.map`` on ``data.num_proc`` processes and the token store is written (what the first run
@@ -40,8 +41,16 @@ def tokenize(corpus_args: list[str], tokenizer: str, num_proc: int, cache: str) 
     from harness.config import to_object
     from harness.data import load_token_store
 
-    cfg = to_object(_cfg([*corpus_args, f"tokenizer.path={tokenizer}", f"data.num_proc={num_proc}",
-                          f"data.cache_dir={cache}"]))  # fmt: skip
+    cfg = to_object(
+        _cfg(
+            [
+                *corpus_args,
+                f"tokenizer.path={tokenizer}",
+                f"data.num_proc={num_proc}",
+                f"data.cache_dir={cache}",
+            ]
+        )
+    )
     t0 = time.perf_counter()
     _, store = load_token_store(cfg.data, cfg.tokenizer)
     return time.perf_counter() - t0, store.num_tokens
@@ -58,9 +67,17 @@ def corpus_bytes(corpus_args: list[str]) -> int:
 def data_wait(steps: int) -> tuple[float, float]:
     from harness.train import run
 
-    cfg = _cfg([f"train.max_steps={steps}", "eval.every=0", "checkpoint.every=0", "checkpoint.export_hf=false",
-                "schedule.batch_warmup.start_global_batch_size=null",
-                "logging.wandb.mode=disabled", "logging.progress=off"])  # fmt: skip
+    cfg = _cfg(
+        [
+            f"train.max_steps={steps}",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "checkpoint.export_hf=false",
+            "schedule.batch_warmup.start_global_batch_size=null",
+            "logging.wandb.mode=disabled",
+            "logging.progress=off",
+        ]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         run(cfg, tmp)
         recs = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
@@ -91,17 +108,30 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
         for kind, times in (("cold", cold), ("cached", cached)):
             t = statistics.median(times)
-            rows.append({"num_proc": num_proc, "kind": kind, "seconds": t, "mb_per_s": size / 2**20 / t,
-                         "tokens_per_s": tokens / t, "tokens": tokens, "bytes": size})  # fmt: skip
+            rows.append(
+                {
+                    "num_proc": num_proc,
+                    "kind": kind,
+                    "seconds": t,
+                    "mb_per_s": size / 2**20 / t,
+                    "tokens_per_s": tokens / t,
+                    "tokens": tokens,
+                    "bytes": size,
+                }
+            )
     print(f"corpus {args.corpus}: {size / 2**20:.2f} MB, {rows[0]['tokens']:,} tokens (GPT-2 tokenizer)\n")
     print("| processes | cache | seconds | MB/s | tokens/s |\n|---:|---|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['num_proc']} | {r['kind']} | {r['seconds']:.3f} | {r['mb_per_s']:.2f} | {r['tokens_per_s']:,.0f} |"
+            f"| {r['num_proc']} | {r['kind']} | {r['seconds']:.3f} | {r['mb_per_s']:.2f} | "
+            f"{r['tokens_per_s']:,.0f} |"
         )
     share, wait = data_wait(args.steps)
-    print(f"\ntrainer waiting for data (default run, {args.steps} steps, cached store): median {share:.3%} of step "
-          f"time ({wait * 1e3:.2f} ms per step); goal < 2%")  # fmt: skip
+    print(
+        f"\ntrainer waiting for data (default run, {args.steps} steps, cached store): median {share:.3%} of "
+        "step "
+        f"time ({wait * 1e3:.2f} ms per step); goal < 2%"
+    )
     with open(REPO / args.json, "w") as f:
         json.dump(
             {"corpus": args.corpus, "rows": rows, "data_wait_share": share, "data_wait_s": wait}, f, indent=1

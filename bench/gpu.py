@@ -65,8 +65,18 @@ def measure_bf16_peak(device) -> float:
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
-def run_variant(mcfg, vocab: int, seq_len: int, micro: int, compile_: bool, fused: bool, ckpt: bool, steps: int,
-                warmup: int, device) -> dict:  # fmt: skip
+def run_variant(
+    mcfg,
+    vocab: int,
+    seq_len: int,
+    micro: int,
+    compile_: bool,
+    fused: bool,
+    ckpt: bool,
+    steps: int,
+    warmup: int,
+    device,
+) -> dict:
     """Time ``steps`` optimizer steps of one micro-batch each; returns tokens/s and peak memory (bytes)."""
     import torch
 
@@ -129,12 +139,24 @@ def run_trainer(mcfg, vocab: int, seq_len: int, micro: int, steps: int, warmup: 
             return {"input_ids": x, "labels": x}
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=micro, max_steps=steps, bf16=device.type
-                                 == "cuda", use_cpu=device.type != "cuda", save_strategy="no", report_to=[],
-                                 logging_steps=1000, disable_tqdm=True, optim="adamw_torch_fused"
-                                 if device.type == "cuda" else "adamw_torch")  # fmt: skip
-        Trainer(model=build_model(mcfg, vocab, seed=0, eos_token_id=0), args=args, train_dataset=Rand(),
-                callbacks=[Clock()]).train()  # fmt: skip
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=micro,
+            max_steps=steps,
+            bf16=device.type == "cuda",
+            use_cpu=device.type != "cuda",
+            save_strategy="no",
+            report_to=[],
+            logging_steps=1000,
+            disable_tqdm=True,
+            optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        )
+        Trainer(
+            model=build_model(mcfg, vocab, seed=0, eos_token_id=0),
+            args=args,
+            train_dataset=Rand(),
+            callbacks=[Clock()],
+        ).train()
     return micro * seq_len * (len(ends) - warmup) / (ends[-1] - ends[warmup - 1])
 
 
@@ -178,29 +200,47 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         tps = r["tokens_per_second"]
-        r.update(variant=vname, micro_batch_size=micro,
-                 mfu_measured_peak=tps * flops_per_token / measured if tps and measured else None,
-                 mfu_datasheet=tps * flops_per_token / datasheet if tps and datasheet else None)  # fmt: skip
+        r.update(
+            variant=vname,
+            micro_batch_size=micro,
+            mfu_measured_peak=tps * flops_per_token / measured if tps and measured else None,
+            mfu_datasheet=tps * flops_per_token / datasheet if tps and datasheet else None,
+        )
         rows.append(r)
         print(json.dumps(r), flush=True)
     trainer = run_trainer(mcfg, args.vocab, args.seq_len, 2, args.steps, args.warmup, device)
     eager2 = next((r["tokens_per_second"] for r in rows if r["variant"] == "eager mb2"), None)
-    print(f"\n{name}: bf16 matmul peak measured {measured / 1e12 if measured else float('nan'):.0f} TFLOP/s, "
-          f"datasheet {datasheet / 1e12 if datasheet else float('nan'):.0f}; model {args.model} "
-          f"({model_stats(mcfg, args.vocab, args.seq_len).params / 1e9:.2f}B), seq {args.seq_len}\n")  # fmt: skip
     print(
-        "| variant | tokens/s | MFU (measured peak) | MFU (datasheet) | peak memory GiB |\n|---|---:|---:|---:|---:|"
+        f"\n{name}: bf16 matmul peak measured {measured / 1e12 if measured else float('nan'):.0f} TFLOP/s, "
+        f"datasheet {datasheet / 1e12 if datasheet else float('nan'):.0f}; model {args.model} "
+        f"({model_stats(mcfg, args.vocab, args.seq_len).params / 1e9:.2f}B), seq {args.seq_len}\n"
+    )
+    print(
+        "| variant | tokens/s | MFU (measured peak) | MFU (datasheet) | peak memory GiB "
+        "|\n|---|---:|---:|---:|---:|"
     )
     for r in rows:
         t = r["tokens_per_second"]
-        print(f"| {r['variant']} | {t or 0:,.0f} | {r['mfu_measured_peak'] or 0:.1%} | {r['mfu_datasheet'] or 0:.1%} | "
-              f"{(r['max_memory_bytes'] or 0) / 2**30:.1f} |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {t or 0:,.0f} | {r['mfu_measured_peak'] or 0:.1%} | "
+            f"{r['mfu_datasheet'] or 0:.1%} | "
+            f"{(r['max_memory_bytes'] or 0) / 2**30:.1f} |"
+        )
     print(f"| transformers.Trainer mb2 | {trainer:,.0f} | | | |")
     ratio = eager2 / trainer if eager2 else None
     print(f"\nharness step (eager mb2) / Trainer (mb2) = {ratio or float('nan'):.2f}")
-    out = {"device": name, "measured_peak_flops": measured, "datasheet_peak_flops": datasheet, "model": args.model,
-           "seq_len": args.seq_len, "flops_per_token": flops_per_token, "rows": rows, "trainer_tokens_per_second":
-           trainer, "ratio_vs_trainer": ratio, "torch": torch.__version__}  # fmt: skip
+    out = {
+        "device": name,
+        "measured_peak_flops": measured,
+        "datasheet_peak_flops": datasheet,
+        "model": args.model,
+        "seq_len": args.seq_len,
+        "flops_per_token": flops_per_token,
+        "rows": rows,
+        "trainer_tokens_per_second": trainer,
+        "ratio_vs_trainer": ratio,
+        "torch": torch.__version__,
+    }
     if not args.dry_run:
         with open(REPO / args.json, "w") as f:
             json.dump(out, f, indent=1)

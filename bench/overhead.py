@@ -8,7 +8,12 @@ cosine schedule, one process. Each variant runs in a fresh subprocess; the round
 wall time between the end of step ``warmup`` and the end of the last step (everything between
 steps counted: logging, metrics, callbacks).
 
-    .venv/bin/python bench/overhead.py [--steps 30] [--warmup 5] [--rounds 3] [--json bench/overhead.json]
+    .venv/bin/python bench/overhead.py [--steps 30] [--warmup 5] [--rounds 5] [--load 0]
+                                       [--json bench/overhead.json]
+
+``--load N`` runs N busy-looping processes beside the rounds (a contended host: on 2 cores,
+``--load 1`` takes one core away from every variant alike). The table gives each variant's median,
+its spread (min-max) and the harness/bare ratio of each round (the two ran back to back).
 
 Variants:
   harness  ``harness.train.run`` with metrics.jsonl, console lines, comm timing and MFU on (wandb off)
@@ -30,10 +35,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-OVERRIDES = ["train.global_batch_size=16", "train.micro_batch_size=4",
-             "schedule.batch_warmup.start_global_batch_size=null", "eval.every=0", "checkpoint.every=0",
-             "checkpoint.export_hf=false", "logging.wandb.mode=disabled", "logging.progress=off",
-             "schedule.warmup_steps=5"]  # fmt: skip
+OVERRIDES = [
+    "train.global_batch_size=16",
+    "train.micro_batch_size=4",
+    "schedule.batch_warmup.start_global_batch_size=null",
+    "eval.every=0",
+    "checkpoint.every=0",
+    "checkpoint.export_hf=false",
+    "logging.wandb.mode=disabled",
+    "logging.progress=off",
+    "schedule.warmup_steps=5",
+]
 
 
 def _setup(steps: int):
@@ -89,8 +101,13 @@ def variant_bare(steps: int, warmup: int) -> float:
     _, cfg, steps_mb, build = _setup(steps)
     model = build()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay, foreach=True)  # fmt: skip
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        foreach=True,
+    )
     ends, tokens = [], []
     for mbs in steps_mb:
         opt.zero_grad(set_to_none=True)
@@ -132,12 +149,25 @@ def variant_trainer(steps: int, warmup: int) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=4, gradient_accumulation_steps=4, max_steps=steps,
-            learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.betas[0],
-            adam_beta2=cfg.optim.betas[1], max_grad_norm=cfg.optim.grad_clip, lr_scheduler_type="cosine",
-            warmup_steps=5, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
-            dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed,
-        )  # fmt: skip
+            output_dir=tmp,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=4,
+            max_steps=steps,
+            learning_rate=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            adam_beta1=cfg.optim.betas[0],
+            adam_beta2=cfg.optim.betas[1],
+            max_grad_norm=cfg.optim.grad_clip,
+            lr_scheduler_type="cosine",
+            warmup_steps=5,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=cfg.seed,
+        )
         trainer = Trainer(model=build(), args=targs, train_dataset=Windows(), callbacks=[Clock()])
         trainer.train()
     per_step = 16 * cfg.data.seq_len
@@ -152,7 +182,8 @@ def main() -> None:
     ap.add_argument("--variant", choices=sorted(VARIANTS), help="run one variant in this process (internal)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--load", type=int, default=0, help="busy-looping processes beside the rounds")
     ap.add_argument("--json", default="bench/overhead.json")
     args = ap.parse_args()
     if args.variant:
@@ -167,6 +198,16 @@ def main() -> None:
         return
     results: dict[str, list[float]] = {v: [] for v in VARIANTS}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    try:
+        _rounds(args, results, env)
+    finally:
+        for p in load:
+            p.kill()
+    _report(args, results)
+
+
+def _rounds(args, results: dict[str, list[float]], env: dict) -> None:
     for r in range(args.rounds):
         for v in VARIANTS:  # interleaved: harness bare trainer, harness bare trainer, ...
             out = subprocess.run(
@@ -189,19 +230,43 @@ def main() -> None:
             tps = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_second"]
             results[v].append(tps)
             print(f"round {r + 1} {v:8s} {tps:9,.0f} tokens/s", flush=True)
+
+
+def _report(args, results: dict[str, list[float]]) -> None:
     med = {v: statistics.median(x) for v, x in results.items()}
-    print("\n| variant | median tokens/s | runs |\n|---|---:|---|")
+    print(
+        f"\n(load: {args.load} busy processes)\n"
+        "| variant | median tokens/s | min-max | runs |\n|---|---:|---|---|"
+    )
     for v in VARIANTS:
-        print(f"| {v} | {med[v]:,.0f} | {', '.join(f'{x:,.0f}' for x in results[v])} |")
+        x = results[v]
+        print(f"| {v} | {med[v]:,.0f} | {min(x):,.0f}-{max(x):,.0f} | {', '.join(f'{t:,.0f}' for t in x)} |")
+    per_round = [h / b for h, b in zip(results["harness"], results["bare"])]
+    print("harness/bare per round: " + ", ".join(f"{r:.3f}" for r in per_round))
     ratios = {
         "harness/bare": med["harness"] / med["bare"],
         "harness/trainer": med["harness"] / med["trainer"],
     }
-    print(f"\nharness/bare = {ratios['harness/bare']:.3f} (goal >= 0.97); "
-          f"harness/Trainer = {ratios['harness/trainer']:.3f} (goal >= 1.2)")  # fmt: skip
+    print(
+        f"\nharness/bare = {ratios['harness/bare']:.3f} (goal >= 0.97); "
+        f"harness/Trainer = {ratios['harness/trainer']:.3f} (goal >= 1.2)"
+    )
     with open(REPO / args.json, "w") as f:
-        json.dump({"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "tokens_per_second": results,
-                   "median": med, "ratios": ratios, "torch": __import__("torch").__version__}, f, indent=1)  # fmt: skip
+        json.dump(
+            {
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "rounds": args.rounds,
+                "load": args.load,
+                "harness_over_bare_per_round": per_round,
+                "tokens_per_second": results,
+                "median": med,
+                "ratios": ratios,
+                "torch": __import__("torch").__version__,
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

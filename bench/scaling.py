@@ -21,9 +21,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON = ["train.global_batch_size=16", "train.micro_batch_size=4", "schedule.batch_warmup.start_global_batch_size=null",
-          "eval.every=0", "checkpoint.every=0", "checkpoint.export_hf=false", "logging.wandb.mode=disabled",
-          "logging.progress=off", "schedule.warmup_steps=2"]  # fmt: skip
+COMMON = [
+    "train.global_batch_size=16",
+    "train.micro_batch_size=4",
+    "schedule.batch_warmup.start_global_batch_size=null",
+    "eval.every=0",
+    "checkpoint.every=0",
+    "checkpoint.export_hf=false",
+    "logging.wandb.mode=disabled",
+    "logging.progress=off",
+    "schedule.warmup_steps=2",
+]
 VARIANTS = {
     "none (1 process, 2 threads)": (1, ["parallel=none"], "2"),
     "ddp (2 processes)": (2, ["parallel=ddp"], "1"),
@@ -34,8 +42,19 @@ VARIANTS = {
 
 
 def run(nproc: int, args: list[str], threads: str, steps: int, out: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "harness.train", *COMMON, *args, f"train.max_steps={steps}", f"hydra.run.dir={out}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "harness.train",
+        *COMMON,
+        *args,
+        f"train.max_steps={steps}",
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     return [json.loads(line) for line in open(out / "metrics.jsonl")][2:]
@@ -57,16 +76,25 @@ def main() -> None:
     base = statistics.median(r["tokens_per_second"] for r in recs[next(iter(VARIANTS))])
     for name, rs in recs.items():
         tps = statistics.median(r["tokens_per_second"] for r in rs)
-        rows.append({"variant": name, "tokens_per_second": tps, "vs_one_process": tps / base,
-                     "step_time_s": statistics.median(r["step_time_s"] for r in rs),
-                     "comm_s": statistics.median(r["comm_s"] for r in rs),
-                     "comm_share": statistics.median(r["comm_s"] / r["step_time_s"] for r in rs),
-                     "comm_mb": statistics.median(r["comm_bytes"] for r in rs) / 1e6})  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "tokens_per_second": tps,
+                "vs_one_process": tps / base,
+                "step_time_s": statistics.median(r["step_time_s"] for r in rs),
+                "comm_s": statistics.median(r["comm_s"] for r in rs),
+                "comm_share": statistics.median(r["comm_s"] / r["step_time_s"] for r in rs),
+                "comm_mb": statistics.median(r["comm_bytes"] for r in rs) / 1e6,
+            }
+        )
     print("\n| variant | tokens/s | vs 1 process | step s | comm s | comm share | comm MB/step/rank |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['tokens_per_second']:,.0f} | {r['vs_one_process']:.2f} | {r['step_time_s']:.3f} | "
-              f"{r['comm_s']:.3f} | {r['comm_share']:.1%} | {r['comm_mb']:.1f} |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['tokens_per_second']:,.0f} | {r['vs_one_process']:.2f} | "
+            f"{r['step_time_s']:.3f} | "
+            f"{r['comm_s']:.3f} | {r['comm_share']:.1%} | {r['comm_mb']:.1f} |"
+        )
     with open(REPO / args.json, "w") as f:
         json.dump({"steps": args.steps, "reps": args.reps, "rows": rows}, f, indent=1)
 

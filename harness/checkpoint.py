@@ -59,9 +59,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str, step: int, write: dict | Callable[[str], None], state: dict, keep_last: int,
-                    is_main: bool = True, barrier: Callable[[], None] = lambda: None,
-                    faults: Faults | None = None) -> str:
+def save_checkpoint(
+    root: str,
+    step: int,
+    write: dict | Callable[[str], None],
+    state: dict,
+    keep_last: int,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    faults: Faults | None = None,
+) -> str:
     """Write checkpoint ``step`` atomically; called on every rank of a job.
 
     ``write`` is either ``{name: object}`` (each saved with ``torch.save`` as ``name.pt``) or a
@@ -154,7 +161,8 @@ def _manifest_files(path: str) -> dict[str, dict]:
 
 
 def is_complete(path: str) -> bool:
-    """True when ``path`` has a manifest and every file it lists has the listed size (cheap; see :func:`verify`)."""
+    """True when ``path`` has a manifest and every file it lists has the listed size (cheap; see
+    :func:`verify`)."""
     try:
         return all(
             os.path.getsize(os.path.join(path, n)) == v["size"] for n, v in _manifest_files(path).items()
@@ -186,14 +194,20 @@ def verify(path: str) -> str | None:
 
 # Globals that checkpoint pickles may name (torch's weights-only set covers our own files).
 _DCP_GLOBALS = {
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("collections", "OrderedDict"),
-}  # fmt: skip
+}
 _DEEPSPEED_GLOBALS = {
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
-}  # fmt: skip
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -224,16 +238,23 @@ def scan_pickles(path: str) -> None:
                     with open(full, "rb") as f:
                         _MetadataUnpickler(f).load()
                 elif name.endswith(".pt") or zipfile.is_zipfile(full) and name.endswith((".pth", ".bin")):
-                    bad = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(full)
-                           if g not in _DEEPSPEED_GLOBALS]  # fmt: skip
+                    bad = [
+                        g
+                        for g in torch.serialization.get_unsafe_globals_in_checkpoint(full)
+                        if g not in _DEEPSPEED_GLOBALS
+                    ]
                     if bad:
                         raise pickle.UnpicklingError(f"refusing global {bad[0]}")
             except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
                 detail = " ".join(str(e).split())[:160]
-                what = ("holds pickled objects other than tensors and plain data" if "refusing global" in detail
-                        else "is not a readable checkpoint file")  # fmt: skip
+                what = (
+                    "holds pickled objects other than tensors and plain data"
+                    if "refusing global" in detail
+                    else "is not a readable checkpoint file"
+                )
                 raise CheckpointError(
-                    f"checkpoint {path}: {os.path.relpath(full, path)} {what} ({detail}); it is never loaded. "
+                    f"checkpoint {path}: {os.path.relpath(full, path)} {what} ({detail}); it is never "
+                    "loaded. "
                     "Delete it or set checkpoint.resume to another checkpoint"
                 ) from e
 
@@ -394,8 +415,9 @@ class CheckpointManager:
         self.root = os.path.join(run_dir, "checkpoints")
 
     @classmethod
-    def from_config(cls, cfg: CheckpointConfig, run_dir: str, env, backend, identity: dict,
-                    faults: Faults | None = None) -> CheckpointManager:
+    def from_config(
+        cls, cfg: CheckpointConfig, run_dir: str, env, backend, identity: dict, faults: Faults | None = None
+    ) -> CheckpointManager:
         return cls(cfg, run_dir, env, backend, identity, faults or Faults())
 
     # -- choosing the checkpoint to resume from (no model needed) ---------------------------------
@@ -425,7 +447,8 @@ class CheckpointManager:
             if existing:
                 raise ConfigError(
                     f"checkpoint.resume=never, but {self.root} already holds checkpoints (up to step "
-                    f"{existing[-1][0]}); set checkpoint.resume=auto to continue that run, or pick a new run_name "
+                    f"{existing[-1][0]}); set checkpoint.resume=auto to continue that run, or pick a new "
+                    "run_name "
                     "/ hydra.run.dir"
                 )
             return None
@@ -434,7 +457,8 @@ class CheckpointManager:
             damaged = checkpoint_dirs(self.root)
             if path is None and damaged:  # never silently start over on top of a run's history
                 raise CheckpointError(
-                    f"{self.root} holds {len(damaged)} checkpoint(s) (newest {os.path.basename(damaged[-1])}) but "
+                    f"{self.root} holds {len(damaged)} checkpoint(s) (newest "
+                    f"{os.path.basename(damaged[-1])}) but "
                     "none is complete and intact (see the warnings); move them away to start over, or set "
                     "checkpoint.resume to a good checkpoint"
                 )
@@ -449,7 +473,9 @@ class CheckpointManager:
             )
         problem = verify(path)
         if problem:
-            raise CheckpointError(f"checkpoint.resume: {path} is damaged ({problem}); choose another checkpoint")
+            raise CheckpointError(
+                f"checkpoint.resume: {path} is damaged ({problem}); choose another checkpoint"
+            )
         return path
 
     def _check_format(self, path: str, saved: dict) -> None:
@@ -461,26 +487,33 @@ class CheckpointManager:
         if fmt != self.backend.checkpoint_format:
             raise CheckpointError(
                 f"checkpoint {path} was written by parallel={was}, which parallel={name} cannot load ({fmt} "
-                f"format); resume with parallel={was}, or export it (python -m harness.export {path} OUT) and start a "
+                f"format); resume with parallel={was}, or export it (python -m harness.export {path} OUT) "
+                "and start a "
                 "new run from it"
             )
         if not self.backend.reshardable and saved.get("world_size") != self.env.world_size:
             raise CheckpointError(
                 f"checkpoint {path} was written by {_TITLES.get(was, 'parallel=' + was)} at world size "
-                f"{saved.get('world_size')}, and its checkpoints resume only at that world size (now {self.env.world_size}); relaunch with that many "
+                f"{saved.get('world_size')}, and its checkpoints resume only at that world size (now "
+                f"{self.env.world_size}); relaunch with that many "
                 "processes, or export it with python -m harness.export"
             )
 
     def _check_identity(self, path: str, saved: dict) -> None:
-        fixes = {"model": "the model config that wrote it",
-                 "data": "the corpus, tokenizer and data.seq_len it was trained on"}
+        fixes = {
+            "model": "the model config that wrote it",
+            "data": "the corpus, tokenizer and data.seq_len it was trained on",
+        }
         for section, now in self.identity.items():
             before = saved.get(section, {})
             diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "name"}
             if diff:
-                shown = ", ".join(f"{section}.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+                shown = ", ".join(
+                    f"{section}.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items())
+                )
                 raise CheckpointError(
-                    f"checkpoint {path} was written with a different {section} ({shown}); use a new run_name / "
+                    f"checkpoint {path} was written with a different {section} ({shown}); use a new run_name "
+                    "/ "
                     f"hydra.run.dir, or {fixes[section]}"
                 )
 
@@ -497,15 +530,29 @@ class CheckpointManager:
             if self.env.is_main:
                 tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
 
-        meta = {**meta, "format": self.backend.checkpoint_format, "parallel": self.backend.name,
-                "world_size": self.env.world_size, **self.identity}
-        path = save_checkpoint(self.root, step, write, meta, self.cfg.keep_last, self.env.is_main,
-                               self.backend.barrier, self.faults)
+        meta = {
+            **meta,
+            "format": self.backend.checkpoint_format,
+            "parallel": self.backend.name,
+            "world_size": self.env.world_size,
+            **self.identity,
+        }
+        path = save_checkpoint(
+            self.root,
+            step,
+            write,
+            meta,
+            self.cfg.keep_last,
+            self.env.is_main,
+            self.backend.barrier,
+            self.faults,
+        )
         log.info("checkpoint: %s", path)
         return path
 
     def restore(self, path: str) -> dict:
-        """Load the backend's model/optimizer state and this rank's RNG states; returns ``trainer_state.json``.
+        """Load the backend's model/optimizer state and this rank's RNG states; returns
+        ``trainer_state.json``.
 
         Raises:
             CheckpointError: the files cannot be loaded (naming the checkpoint and what to do).

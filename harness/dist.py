@@ -123,8 +123,9 @@ def _job_store(timeout_s: float):
     try:
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                  timeout=timeout)  # fmt: skip
+            agent = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+            )
             return dist.PrefixStore(f"harness/attempt_{attempt}", agent)
         if dist.is_initialized():
             return dist.distributed_c10d._get_default_store()
@@ -221,14 +222,20 @@ def init_distributed(env: DistEnv, timeout_s: float) -> None:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise ConfigError(
-                    f"WORLD_SIZE={env.world_size} but {name} is not set: launch with torchrun, deepspeed or srun"
+                    f"WORLD_SIZE={env.world_size} but {name} is not set: launch with torchrun, deepspeed or "
+                    "srun"
                 )
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun keeps its store across elastic restarts (--max-restarts); with the previous
             # attempt's keys still there gloo would connect to dead ranks, so each attempt gets a prefix.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
-                                  is_master=False, timeout=timeout)  # fmt: skip
+            agent = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                env.world_size,
+                is_master=False,
+                timeout=timeout,
+            )
             store = dist.PrefixStore(f"harness/attempt_{attempt}", agent)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
 

@@ -7,7 +7,7 @@ A tiny leaf module (standard library only) shared by ``harness.train`` and
 |---|---|
 | 0   | done (or nothing left to train) |
 | 2   | a problem the user can fix: one ``error:`` line on stderr, nothing built, nothing lost |
-| 75  | stopped by SIGUSR1/SIGTERM after a complete checkpoint (``EX_TEMPFAIL``): rerun / requeue to continue |
+| 75  | stopped by SIGUSR1/SIGTERM after a complete checkpoint (``EX_TEMPFAIL``): requeue |
 | 130 | stopped by Ctrl-C (SIGINT) after a complete checkpoint; rerun to continue |
 
 torchrun reports any failed worker as status 1 (after its ``ChildFailedError`` report), so

@@ -14,7 +14,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import tqdm
 
+# No tqdm monitor thread in training processes (it only repairs bars that stall for 10 s).
+tqdm.tqdm.monitor_interval = 0
 log = logging.getLogger("harness")
 step_log = logging.getLogger(
     "harness.steps"
@@ -132,7 +135,9 @@ class Throughput:
     def from_config(cls, train, device: torch.device, flops_per_token: float, world_size: int) -> Throughput:
         """``train.peak_flops_per_device`` when set, else :func:`device_peak_flops` of ``device``."""
         if train.peak_flops_per_device:
-            return cls(flops_per_token, train.peak_flops_per_device, "train.peak_flops_per_device", world_size)
+            return cls(
+                flops_per_token, train.peak_flops_per_device, "train.peak_flops_per_device", world_size
+            )
         peak, source = device_peak_flops(device)
         return cls(flops_per_token, peak, source, world_size)
 
@@ -211,10 +216,13 @@ def format_line(rec: StepMetrics, max_steps: int) -> str:
     """Compact console form of a record."""
     val = f" | val {rec.val_loss:.4f}" if rec.val_loss is not None else ""
     return (
-        f"step {rec.step}/{max_steps} | loss {rec.loss:.4f}{val} | lr {rec.lr:.2e} | gnorm {rec.grad_norm:.3f} | "
-        f"batch {rec.global_batch_size}x{rec.gradient_accumulation_steps}acc | tok {rec.tokens:,} ({rec.tokens_total:,}) | "
+        f"step {rec.step}/{max_steps} | loss {rec.loss:.4f}{val} | lr {rec.lr:.2e} | gnorm "
+        f"{rec.grad_norm:.3f} | "
+        f"batch {rec.global_batch_size}x{rec.gradient_accumulation_steps}acc | tok {rec.tokens:,} "
+        f"({rec.tokens_total:,}) | "
         f"{rec.tokens_per_second:,.0f} tok/s | mfu {100 * rec.mfu:.1f}% | {rec.step_time_s:.3f}s "
-        f"(data {rec.data_s:.3f} fwd/bwd {rec.forward_backward_s:.3f} opt {rec.optimizer_s:.3f} comm {rec.comm_s:.3f})"
+        f"(data {rec.data_s:.3f} fwd/bwd {rec.forward_backward_s:.3f} opt {rec.optimizer_s:.3f} comm "
+        f"{rec.comm_s:.3f})"
     )
 
 
@@ -276,7 +284,9 @@ class WandbSink:
     The run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues the same wandb run.
     """
 
-    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict):
+    def __init__(
+        self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict
+    ):
         import wandb
 
         id_path = os.path.join(run_dir, "wandb_id")
@@ -287,8 +297,17 @@ class WandbSink:
             run_id = secrets.token_hex(6)
             with open(id_path, "w") as f:
                 f.write(run_id)
-        self.run = wandb.init(project=project, entity=entity, name=name, dir=run_dir, mode=mode, id=run_id,
-                              resume="allow", config=config, settings=wandb.Settings(silent=True))
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=name,
+            dir=run_dir,
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            config=config,
+            settings=wandb.Settings(silent=True),
+        )
 
     def write(self, rec: StepMetrics) -> None:
         data = {k: v for k, v in asdict(rec).items() if v is not None and k != "step"}
@@ -305,8 +324,9 @@ class MetricsLogger:
         self.sinks = sinks
 
     @classmethod
-    def from_config(cls, cfg, run_dir: str, max_steps: int, start_step: int, run_name: str,
-                    config: dict) -> MetricsLogger:
+    def from_config(
+        cls, cfg, run_dir: str, max_steps: int, start_step: int, run_name: str, config: dict
+    ) -> MetricsLogger:
         """Rank 0's sinks for the ``logging`` section: ``metrics.jsonl`` (cut back to ``start_step``:
         a resumed run logs the later steps again, identically), the console, and wandb unless its
         mode resolves to ``disabled`` (then no wandb process starts)."""

@@ -82,8 +82,13 @@ def hf_config(model: ModelConfig, vocab_size: int, eos_token_id: int | None = No
     return cfg
 
 
-def build_model(model: ModelConfig, vocab_size: int, seed: int, eos_token_id: int | None = None,
-                device: torch.device | str = "cpu") -> torch.nn.Module:  # fmt: skip
+def build_model(
+    model: ModelConfig,
+    vocab_size: int,
+    seed: int,
+    eos_token_id: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
     """A randomly initialised ``AutoModelForCausalLM`` of the given shape (fp32 weights).
 
     The init is seeded with ``seed`` so every run (and rank) starts from the same weights.

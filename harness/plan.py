@@ -32,20 +32,22 @@ CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, "Training Compute-Op
 class PlanConfig:
     """``python -m harness.plan`` only: the hardware and assumptions of the cost estimate."""
 
-    gpus: int = 1  # devices the run will use (the world size of the plan)
-    gpu: str = "H100"  # H100 | H200 | A100 | B200 (peak bf16 FLOP/s and memory: harness.metrics.GPU_SPECS)
-    mfu: float = (
-        0.40  # assumed model FLOPs utilization (Megatron-LM reports 41-48% on H100; no GPU run here yet)
-    )
-    format: str = "text"  # text | json
-    png: str | None = None  # schedule plot; None: <run dir>/plan.png; "" for none
-    dataset_tokens: int | None = None  # plan for a corpus of this many tokens without reading data.path
-    exact_max_mb: float = (
-        512.0  # corpora up to this size (file bytes) are tokenized (and cached) for exact counts
-    )
-    sample_mb: float = (
-        64.0  # larger ones: estimate tokens from the first files up to this size (needs tokenizer.path)
-    )
+    # devices the run will use (the world size of the plan)
+    gpus: int = 1
+    # H100 | H200 | A100 | B200 (peak bf16 FLOP/s and memory: harness.metrics.GPU_SPECS)
+    gpu: str = "H100"
+    # assumed model FLOPs utilization (Megatron-LM reports 41-48% on H100; no GPU run here yet)
+    mfu: float = 0.40
+    # text | json
+    format: str = "text"
+    # schedule plot; None: <run dir>/plan.png; "" for none
+    png: str | None = None
+    # plan for a corpus of this many tokens without reading data.path
+    dataset_tokens: int | None = None
+    # corpora up to this size (file bytes) are tokenized (and cached) for exact counts
+    exact_max_mb: float = 512.0
+    # larger ones: estimate tokens from the first files up to this size (needs tokenizer.path)
+    sample_mb: float = 64.0
 
 
 @dataclass
@@ -79,7 +81,8 @@ class MemoryEstimate:
     params: float
     grads: float
     optimizer: float
-    gathered: float  # transient unsharded parameters (FSDP/ZeRO-3: about two blocks in flight)
+    # transient unsharded parameters (FSDP/ZeRO-3: about two blocks in flight)
+    gathered: float
     activations: float
     activations_checkpointed: float
     device_memory: float | None
@@ -133,7 +136,8 @@ class PlanReport:
     activation_checkpointing: bool = False
     warnings: list[str] = field(default_factory=list)
     flops_formula: str = (
-        "6 * N_matmul + 12 * n_layers * hidden_size * seq_len per token (PaLM, Chowdhery et al. 2022, App. B; "
+        "6 * N_matmul + 12 * n_layers * hidden_size * seq_len per token (PaLM, Chowdhery et al. 2022, App. "
+        "B; "
         "Kaplan et al. 2020, Table 1)"
     )
 
@@ -165,8 +169,10 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
         return open_store(cfg.data.path).num_tokens, True, "prepared token store", len(tok)
     corpus = resolve_corpus(cfg.data.path, cfg.data.format, cfg.data.hub_name)
     if corpus.format == "hub":
-        raise DataError(f"data.path={cfg.data.path!r} is a hub dataset: set plan.dataset_tokens to plan without "
-                        "downloading it")  # fmt: skip
+        raise DataError(
+            f"data.path={cfg.data.path!r} is a hub dataset: set plan.dataset_tokens to plan without "
+            "downloading it"
+        )
     total_bytes = sum(os.path.getsize(f) for f in corpus.files)
     if total_bytes <= p.exact_max_mb * 2**20:
         tok, store = load_token_store(cfg.data, cfg.tokenizer)  # the trainer's cache: exact
@@ -174,8 +180,10 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
         return store.num_tokens, True, note, len(tok)
     if not cfg.tokenizer.path:
         raise DataError(
-            f"data.path holds {total_bytes / 2**30:.1f} GB, more than plan.exact_max_mb={p.exact_max_mb}, and "
-            "tokenizer.path is null (a BPE trained on the whole corpus): set tokenizer.path to estimate from a "
+            f"data.path holds {total_bytes / 2**30:.1f} GB, more than plan.exact_max_mb={p.exact_max_mb}, "
+            "and "
+            "tokenizer.path is null (a BPE trained on the whole corpus): set tokenizer.path to estimate from "
+            "a "
             "sample, plan.dataset_tokens to give the count, or raise plan.exact_max_mb"
         )
     tokenizer = load_tokenizer(cfg.tokenizer.path)
@@ -188,16 +196,22 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
     sub = type(corpus)(tuple(sample), corpus.format, corpus.hub_name)
     ds, column = load_corpus(sub, cfg.data.text_field, cfg.data.sample_by, cfg.data.split, cfg.data.cache_dir)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    sample_tokens = sum(len(ids) + len(eos) for b in ds.iter(batch_size=1000)
-                        for ids in tokenizer(b[column], add_special_tokens=False)["input_ids"])  # fmt: skip
+    sample_tokens = sum(
+        len(ids) + len(eos)
+        for b in ds.iter(batch_size=1000)
+        for ids in tokenizer(b[column], add_special_tokens=False)["input_ids"]
+    )
     estimate = round(sample_tokens * total_bytes / sample_bytes)
-    note = (f"estimated from {len(sample)} of {len(corpus.files)} files ({sample_bytes / 2**20:.0f} MB, "
-            f"{sample_tokens / sample_bytes:.3f} tokens per file byte)")  # fmt: skip
+    note = (
+        f"estimated from {len(sample)} of {len(corpus.files)} files ({sample_bytes / 2**20:.0f} MB, "
+        f"{sample_tokens / sample_bytes:.3f} tokens per file byte)"
+    )
     return estimate, False, note, len(tokenizer)
 
 
-def memory_estimate(cfg: PlanJobConfig, params: int, vocab: int, device_memory: float | None,
-                    world_size: int) -> MemoryEstimate:  # fmt: skip
+def memory_estimate(
+    cfg: PlanJobConfig, params: int, vocab: int, device_memory: float | None, world_size: int
+) -> MemoryEstimate:
     """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks (see :class:`MemoryEstimate`)."""
     m, par = cfg.model, cfg.parallel
     p = float(params)
@@ -230,8 +244,11 @@ def memory_estimate(cfg: PlanJobConfig, params: int, vocab: int, device_memory: 
     return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory)
 
 
-def make_plan(cfg: PlanJobConfig, world_size: int | None = None,
-              dataset: tuple[int, bool, str, int | None] | None = None) -> PlanReport:
+def make_plan(
+    cfg: PlanJobConfig,
+    world_size: int | None = None,
+    dataset: tuple[int, bool, str, int | None] | None = None,
+) -> PlanReport:
     """Compute the plan for ``cfg`` on ``world_size`` ranks (default ``plan.gpus``).
 
     Raises:
@@ -256,20 +273,49 @@ def make_plan(cfg: PlanJobConfig, world_size: int | None = None,
     mem = memory_estimate(cfg, stats.params, vocab, memory_bytes, gpus)
     ac = cfg.parallel.activation_checkpointing
     return PlanReport(
-        dataset=str(cfg.data.path), dataset_tokens=tokens, dataset_tokens_exact=exact, dataset_note=note,
-        seq_len=cfg.data.seq_len, train_sequences=train_sequences, global_batch_size=batch.global_batch_size,
-        global_batch_tokens=batch.global_batch_size * cfg.data.seq_len, micro_batch_size=batch.micro_batch_size,
-        gradient_accumulation_steps=batch.gradient_accumulation_steps, world_size=gpus,
-        iterations_per_epoch=plan.iterations_per_epoch(), drop_last=cfg.train.drop_last, max_steps=max_steps,
-        epochs=last.epoch, total_tokens=last.tokens_total, lr_warmup_end_step=sched.config.warmup_steps,
+        dataset=str(cfg.data.path),
+        dataset_tokens=tokens,
+        dataset_tokens_exact=exact,
+        dataset_note=note,
+        seq_len=cfg.data.seq_len,
+        train_sequences=train_sequences,
+        global_batch_size=batch.global_batch_size,
+        global_batch_tokens=batch.global_batch_size * cfg.data.seq_len,
+        micro_batch_size=batch.micro_batch_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps,
+        world_size=gpus,
+        iterations_per_epoch=plan.iterations_per_epoch(),
+        drop_last=cfg.train.drop_last,
+        max_steps=max_steps,
+        epochs=last.epoch,
+        total_tokens=last.tokens_total,
+        lr_warmup_end_step=sched.config.warmup_steps,
         batch_warmup_end_step=ramp.end_step() if ramp.tokens is None else _first_full_step(plan, max_steps),
-        decay_end_step=max_steps if cfg.schedule.name != "constant" else 0, model=cfg.model.name,
-        params=stats.params, non_embedding_params=stats.non_embedding_params, flops_per_token=stats.flops_per_token,
-        total_flops=total_flops, tokens_per_param=last.tokens_total / stats.params, gpu=p.gpu, gpus=gpus,
-        peak_flops=peak, peak_source=source, mfu=p.mfu, wall_seconds=wall, gpu_hours=wall * gpus / 3600, memory=mem,
+        decay_end_step=max_steps if cfg.schedule.name != "constant" else 0,
+        model=cfg.model.name,
+        params=stats.params,
+        non_embedding_params=stats.non_embedding_params,
+        flops_per_token=stats.flops_per_token,
+        total_flops=total_flops,
+        tokens_per_param=last.tokens_total / stats.params,
+        gpu=p.gpu,
+        gpus=gpus,
+        peak_flops=peak,
+        peak_source=source,
+        mfu=p.mfu,
+        wall_seconds=wall,
+        gpu_hours=wall * gpus / 3600,
+        memory=mem,
         activation_checkpointing=ac,
-        warnings=_warnings(cfg, sched, train_sequences, batch.global_batch_size, last.tokens_total / stats.params,
-                           mem.total_checkpointed if ac else mem.total, memory_bytes),
+        warnings=_warnings(
+            cfg,
+            sched,
+            train_sequences,
+            batch.global_batch_size,
+            last.tokens_total / stats.params,
+            mem.total_checkpointed if ac else mem.total,
+            memory_bytes,
+        ),
     )
 
 
@@ -283,17 +329,22 @@ def _check_plan_section(p: PlanConfig, gpus: int) -> None:
     if p.dataset_tokens is not None and p.dataset_tokens < 1:
         raise ConfigError(f"plan.dataset_tokens={p.dataset_tokens} must be >= 1 (or null to count data.path)")
     if p.exact_max_mb < 0 or p.sample_mb <= 0:
-        raise ConfigError(f"plan.exact_max_mb={p.exact_max_mb} must be >= 0 and plan.sample_mb={p.sample_mb} > 0")
+        raise ConfigError(
+            f"plan.exact_max_mb={p.exact_max_mb} must be >= 0 and plan.sample_mb={p.sample_mb} > 0"
+        )
 
 
 def _train_sequences(cfg: PlanJobConfig, tokens: int) -> int:
-    """Training sequences of a corpus of ``tokens`` tokens (the validation tail held out as the trainer does)."""
+    """Training sequences of a corpus of ``tokens`` tokens (the validation tail held out as the trainer
+    does)."""
     from harness.data.loader import PackedSequences
 
     n_val = int(tokens * cfg.data.val_fraction) if cfg.eval.every > 0 else 0
     train_sequences = PackedSequences.count(tokens - n_val, cfg.data.seq_len)
     if train_sequences < 1:
-        raise DataError(f"the corpus ({tokens:,} tokens) holds no sequence of data.seq_len={cfg.data.seq_len}")
+        raise DataError(
+            f"the corpus ({tokens:,} tokens) holds no sequence of data.seq_len={cfg.data.seq_len}"
+        )
     return train_sequences
 
 
@@ -304,8 +355,15 @@ def _step(plan: IterationPlan, step: int):
     raise AssertionError("unreachable")
 
 
-def _warnings(cfg: PlanJobConfig, sched: TrainingSchedule, train_sequences: int, global_batch: int,
-              tokens_per_param: float, memory: float, device_memory: float) -> list[str]:
+def _warnings(
+    cfg: PlanJobConfig,
+    sched: TrainingSchedule,
+    train_sequences: int,
+    global_batch: int,
+    tokens_per_param: float,
+    memory: float,
+    device_memory: float,
+) -> list[str]:
     """The schedule's shortened warmups (as the trainer logs them) and the plan's own checks.
 
     A batch ramp whose sizes are not multiples of micro_batch_size x world_size is an error of
@@ -313,15 +371,19 @@ def _warnings(cfg: PlanJobConfig, sched: TrainingSchedule, train_sequences: int,
     """
     out = list(sched.warnings)
     if train_sequences < global_batch:
-        out.append(f"fewer than one step per epoch: {train_sequences} sequences < global batch {global_batch}")
+        out.append(
+            f"fewer than one step per epoch: {train_sequences} sequences < global batch {global_batch}"
+        )
     if tokens_per_param < 1:
         out.append(f"{tokens_per_param:.2f} training tokens per parameter (< 1): the model will barely train")
     if cfg.schedule.name != "constant" and sched.lr(sched.max_steps) != cfg.schedule.min_lr:
         out.append(f"the LR schedule does not reach min_lr at max_steps={sched.max_steps}")
     if memory > device_memory:
-        out.append(f"estimated {memory / 2**30:.1f} GiB per device exceeds the {cfg.plan.gpu}'s "
-                   f"{device_memory / 2**30:.0f} GiB: lower train.micro_batch_size, shard more "
-                   "(parallel=fsdp / zero_stage=3) or enable activation checkpointing")
+        out.append(
+            f"estimated {memory / 2**30:.1f} GiB per device exceeds the {cfg.plan.gpu}'s "
+            f"{device_memory / 2**30:.0f} GiB: lower train.micro_batch_size, shard more "
+            "(parallel=fsdp / zero_stage=3) or enable activation checkpointing"
+        )
     return out
 
 
@@ -365,8 +427,11 @@ def plot_schedule(series: dict[str, list], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
-    for ax, key, label in zip(axes, ("lr", "global_batch_size", "tokens_total"),
-                              ("learning rate", "global batch (sequences)", "cumulative tokens")):  # fmt: skip
+    for ax, key, label in zip(
+        axes,
+        ("lr", "global_batch_size", "tokens_total"),
+        ("learning rate", "global batch (sequences)", "cumulative tokens"),
+    ):
         ax.plot(series["step"], series[key], lw=1.5)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -405,7 +470,8 @@ def render_text(pl: PlanReport) -> str:
         f"dataset tokens     {pl.dataset_tokens:,} ({exact}{pl.dataset_note})",
         f"seq_len            {pl.seq_len} -> {pl.train_sequences:,} training sequences",
         f"global batch       {pl.global_batch_size} sequences = {pl.global_batch_tokens:,} tokens "
-        f"(micro {pl.micro_batch_size} x accumulation {pl.gradient_accumulation_steps} x world {pl.world_size})",
+        f"(micro {pl.micro_batch_size} x accumulation {pl.gradient_accumulation_steps} x world "
+        f"{pl.world_size})",
         f"iterations/epoch   {pl.iterations_per_epoch:,} ({'floor, drop_last' if pl.drop_last else 'ceil'})",
         f"max_steps          {pl.max_steps:,} optimizer steps = {pl.epochs:.3f} epochs",
         f"training tokens    {pl.total_tokens:,} ({_si(pl.total_tokens)}; batch ramp counted step by step)",
@@ -413,7 +479,8 @@ def render_text(pl: PlanReport) -> str:
         f"{pl.batch_warmup_end_step:,}; LR decay ends at step {pl.decay_end_step:,}",
         "",
         "== Model ==",
-        f"model              {pl.model}: {pl.params:,} parameters ({pl.non_embedding_params:,} non-embedding)",
+        f"model              {pl.model}: {pl.params:,} parameters ({pl.non_embedding_params:,} "
+        "non-embedding)",
         f"FLOPs per token    {pl.flops_per_token:.4g} = {pl.flops_formula}",
         f"training FLOPs     {pl.total_flops:.4g}",
         f"tokens/parameter   {pl.tokens_per_param:.2f} (compute-optimal ~{CHINCHILLA_TOKENS_PER_PARAM:.0f}, "
@@ -429,9 +496,11 @@ def render_text(pl: PlanReport) -> str:
         f"gradients          {m.grads / gib:8.2f} GiB",
         f"optimizer states   {m.optimizer / gib:8.2f} GiB",
         f"gathered params    {m.gathered / gib:8.2f} GiB",
-        f"activations        {m.activations / gib:8.2f} GiB (micro-batch {pl.micro_batch_size} x {pl.seq_len}); "
+        f"activations        {m.activations / gib:8.2f} GiB (micro-batch {pl.micro_batch_size} x "
+        f"{pl.seq_len}); "
         f"{m.activations_checkpointed / gib:.2f} GiB with activation checkpointing",
-        f"total              {(m.total_checkpointed if pl.activation_checkpointing else m.total) / gib:8.2f} GiB "
+        f"total              {(m.total_checkpointed if pl.activation_checkpointing else m.total) / gib:8.2f} "
+        "GiB "
         f"(activation checkpointing {'on' if pl.activation_checkpointing else 'off'}; "
         f"{(m.total if pl.activation_checkpointing else m.total_checkpointed) / gib:.2f} GiB with it "
         f"{'off' if pl.activation_checkpointing else 'on'})"
@@ -443,7 +512,8 @@ def render_text(pl: PlanReport) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.plan [overrides]``: exit 0 with the plan, 2 with one ``error:`` line on bad input."""
+    """``python -m harness.plan [overrides]``: exit 0 with the plan, 2 with one ``error:`` line on bad
+    input."""
     from omegaconf import open_dict
 
     argv = sys.argv[1:] if argv is None else argv
@@ -460,11 +530,16 @@ def main(argv: list[str] | None = None) -> int:
         if png:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-                plot_schedule(schedule_series(cfg, pl), png, f"{cfg.run_name}: {pl.model}, {pl.max_steps:,} steps, "
-                              f"{_si(pl.total_tokens)} tokens")  # fmt: skip
+                plot_schedule(
+                    schedule_series(cfg, pl),
+                    png,
+                    f"{cfg.run_name}: {pl.model}, {pl.max_steps:,} steps, {_si(pl.total_tokens)} tokens",
+                )
             except OSError as e:
-                raise ConfigError(f"plan.png={png!r}: cannot write it ({e.strerror or e}); choose another path "
-                                  "or plan.png= for none") from e  # fmt: skip
+                raise ConfigError(
+                    f"plan.png={png!r}: cannot write it ({e.strerror or e}); choose another path "
+                    "or plan.png= for none"
+                ) from e
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,7 +49,8 @@ def prepare(cfg) -> str:
     out = cfg.prepare.output_dir
     if not out:
         raise ConfigError(
-            "prepare.output_dir is not set: give the directory to write, e.g. prepare.output_dir=data/my_corpus"
+            "prepare.output_dir is not set: give the directory to write, e.g. "
+            "prepare.output_dir=data/my_corpus"
         )
     target = os.path.abspath(os.path.expanduser(out))
     if (
@@ -58,20 +59,28 @@ def prepare(cfg) -> str:
         and not cfg.prepare.overwrite
     ):
         raise ConfigError(
-            f"prepare.output_dir={out!r} already exists and is not an empty directory; choose a new directory "
+            f"prepare.output_dir={out!r} already exists and is not an empty directory; choose a new "
+            "directory "
             "(or add prepare.overwrite=true to replace a token store)"
         )
     start = time.perf_counter()
     _, store = load_token_store(cfg.data, cfg.tokenizer, output_dir=target)
     seconds = time.perf_counter() - start
-    log.info("prepared %s tokens in %d documents into %s (%.1f s, %s tokens/s); train with data.path=%s",
-             f"{store.num_tokens:,}", store.meta["num_documents"], store.path, seconds,
-             f"{store.num_tokens / seconds:,.0f}", store.path)  # fmt: skip
+    log.info(
+        "prepared %s tokens in %d documents into %s (%.1f s, %s tokens/s); train with data.path=%s",
+        f"{store.num_tokens:,}",
+        store.meta["num_documents"],
+        store.path,
+        seconds,
+        f"{store.num_tokens / seconds:,.0f}",
+        store.path,
+    )
     return store.path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry (``harness-prepare-data``): 0 with the store written, 2 with one ``error:`` line."""
+    """Console-script entry (``harness-prepare-data``): 0 with the store written, 2 with one ``error:``
+    line."""
     from omegaconf import open_dict
 
     argv = sys.argv[1:] if argv is None else argv

@@ -284,8 +284,16 @@ def _plot_loss(runs: dict[str, list[dict]], path: str) -> None:
             ax.plot(xs, ys, color=_color(i), lw=1.2, alpha=0.8, label=_label(name, names, "train"))
             xs, ys = _series(recs, x_key, "val_loss")
             if xs:
-                ax.plot(xs, ys, color=_color(i), lw=1.8, ls="--", marker="o", ms=5,
-                        label=_label(name, names, "validation"))  # fmt: skip
+                ax.plot(
+                    xs,
+                    ys,
+                    color=_color(i),
+                    lw=1.8,
+                    ls="--",
+                    marker="o",
+                    ms=5,
+                    label=_label(name, names, "validation"),
+                )
     axes[0].set_xlabel("optimizer step")
     axes[1].set_xlabel("tokens seen (tokens)")
     axes[1].xaxis.set_major_formatter(EngFormatter(sep=" "))
@@ -302,8 +310,13 @@ def _plot_lr_batch(runs: dict[str, list[dict]], path: str) -> None:
     fig, axes = _new_figure(2, _title("Learning rate and batch size", names))
     for i, (name, recs) in enumerate(runs.items()):
         axes[0].plot(*_series(recs, "step", "lr"), color=_color(i), lw=1.5, label=_label(name, names))
-        axes[1].step(*_series(recs, "step", "global_batch_size"), where="post", color=_color(i), lw=1.5,
-                     label=_label(name, names))  # fmt: skip
+        axes[1].step(
+            *_series(recs, "step", "global_batch_size"),
+            where="post",
+            color=_color(i),
+            lw=1.5,
+            label=_label(name, names),
+        )
     axes[0].set_ylabel("learning rate")
     axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes[0].set_ylim(bottom=0)
@@ -321,10 +334,12 @@ def _plot_throughput(runs: dict[str, list[dict]], path: str) -> None:
     names = list(runs)
     fig, axes = _new_figure(2, _title("Throughput", names))
     for i, (name, recs) in enumerate(runs.items()):
-        axes[0].plot(*_series(recs, "step", "tokens_per_second"), color=_color(i), lw=1.2,
-                     label=_label(name, names))  # fmt: skip
-        axes[1].plot(*_series(recs, "step", "mfu", scale=100.0), color=_color(i), lw=1.2,
-                     label=_label(name, names))  # fmt: skip
+        axes[0].plot(
+            *_series(recs, "step", "tokens_per_second"), color=_color(i), lw=1.2, label=_label(name, names)
+        )
+        axes[1].plot(
+            *_series(recs, "step", "mfu", scale=100.0), color=_color(i), lw=1.2, label=_label(name, names)
+        )
     axes[0].set_ylabel("throughput (tokens/s, all ranks)")
     axes[0].yaxis.set_major_formatter(EngFormatter(sep=" "))
     axes[1].set_ylabel("MFU (% of peak FLOP/s)")
@@ -350,8 +365,9 @@ def _time_parts(recs: Sequence[dict]):
 
 def _plot_time_breakdown(runs: dict[str, list[dict]], path: str) -> None:
     names = list(runs)
-    fig, axes = _new_figure(len(runs), _title("Time per step", names), sharex=False,
-                            height_per_row=4.0 if len(runs) == 1 else 3.0)  # fmt: skip
+    fig, axes = _new_figure(
+        len(runs), _title("Time per step", names), sharex=False, height_per_row=4.0 if len(runs) == 1 else 3.0
+    )
     labels = ("data loading", "forward + backward (excl. exposed comm)", "exposed communication", "optimizer")
     colors = ("#8c8c8c", "#4c72b0", "#dd4444", "#55a868")
     for ax, (name, recs) in zip(axes, runs.items()):
@@ -368,8 +384,15 @@ def _plot_time_breakdown(runs: dict[str, list[dict]], path: str) -> None:
                 bottom += vals[0]
         else:
             ax.stackplot(steps, *stacks, labels=labels, colors=colors, alpha=0.85, step="mid")
-        ax.plot(steps, comm, color="black", lw=1.3, ls="-", drawstyle="steps-mid",
-                label="communication (total, overlaps compute)")  # fmt: skip
+        ax.plot(
+            steps,
+            comm,
+            color="black",
+            lw=1.3,
+            ls="-",
+            drawstyle="steps-mid",
+            label="communication (total, overlaps compute)",
+        )
         totals = [sum(s[j] for s in stacks) for j in range(len(steps))]
         _clip_first_outlier(ax, steps, totals, comm)
         ax.set_ylabel("time per step (s)")
@@ -391,9 +414,14 @@ def _clip_first_outlier(ax, steps: list, totals: list[float], comm: list[float])
     top = max(max(totals[1:]), max(comm[1:]))
     if median > 0 and totals[0] > 3 * median and totals[0] > 1.3 * top:
         ax.set_ylim(0, top * 1.35)
-        ax.annotate(f"step {steps[0]:g}: {totals[0]:.3g} s (off scale)", xy=(0.01, 0.97),
-                    xycoords="axes fraction", va="top", fontsize=8,
-                    bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85})  # fmt: skip
+        ax.annotate(
+            f"step {steps[0]:g}: {totals[0]:.3g} s (off scale)",
+            xy=(0.01, 0.97),
+            xycoords="axes fraction",
+            va="top",
+            fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85},
+        )
     else:
         ax.set_ylim(bottom=0)
 
@@ -403,8 +431,12 @@ def _plot_memory(runs: dict[str, list[dict]], path: str) -> None:
     fig, axes = _new_figure(1, _title("Peak memory", names), height_per_row=4.5)
     ax = axes[0]
     for i, (name, recs) in enumerate(runs.items()):
-        ax.plot(*_series(recs, "step", "max_memory_bytes", scale=1 / GIB), color=_color(i), lw=1.5,
-                label=_label(name, names))  # fmt: skip
+        ax.plot(
+            *_series(recs, "step", "max_memory_bytes", scale=1 / GIB),
+            color=_color(i),
+            lw=1.5,
+            label=_label(name, names),
+        )
     ax.set_ylabel("peak memory (GiB)\nCUDA max allocated; on CPU, peak RSS")
     ax.set_xlabel("optimizer step")
     ax.set_ylim(bottom=0)
@@ -456,9 +488,13 @@ ROWS = (
     ("mean_tokens_per_second", "throughput (tokens/s)", "tokens / step time, step 1 excluded"),
     ("wall_tokens_per_second", "wall throughput (tokens/s)", "total tokens / wall time"),
     ("comm_share", "communication share", "sum comm_s / sum step_time_s (overlaps compute)"),
-    ("exposed_comm_share", "exposed communication share", "sum comm_exposed_s / sum step_time_s, measured steps"),
+    (
+        "exposed_comm_share",
+        "exposed communication share",
+        "sum comm_exposed_s / sum step_time_s, measured steps",
+    ),
     ("peak_memory_bytes", "peak memory", "largest max_memory_bytes"),
-)  # fmt: skip
+)
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -603,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="output directory (default: RUN_DIR/report for one run, <common parent>/report-compare for several)",
+        help="output directory (default: RUN_DIR/report for one run, <common parent>/report-compare for "
+        "several)",
     )
     args = parser.parse_args(argv)
     try:

@@ -60,14 +60,21 @@ class RunDirLock:
             holder = _read_holder(fd)
             os.close(fd)
             raise ConfigError(
-                f"run directory {os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on host "
-                f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it to end, or choose "
+                f"run directory {os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on "
+                "host "
+                f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it to end, or "
+                "choose "
                 "another run_name / hydra.run.dir"
             ) from None
         stale = _read_holder(fd)
         if stale.get("pid") and (stale.get("pid"), stale.get("host")) != (os.getpid(), socket.gethostname()):
-            log.warning("taking over the lock of %s left by pid %s on host %s (since %s), which is gone",
-                        self.path, stale.get("pid"), stale.get("host"), stale.get("since"))  # fmt: skip
+            log.warning(
+                "taking over the lock of %s left by pid %s on host %s (since %s), which is gone",
+                self.path,
+                stale.get("pid"),
+                stale.get("host"),
+                stale.get("since"),
+            )
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
@@ -183,8 +190,12 @@ class RunDir:
         from harness.errors import HarnessError
 
         directory = os.path.join(self.path, "failures")
-        record = {"rank": self.env.rank, "time": time.time(), "error": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc()}
+        record = {
+            "rank": self.env.rank,
+            "time": time.time(),
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+        }
         with contextlib.suppress(OSError):
             os.makedirs(directory, exist_ok=True)
             with open(os.path.join(directory, f"rank_{self.env.rank}.json"), "w") as f:
@@ -195,9 +206,13 @@ class RunDir:
         first = min(records, key=lambda r: r["time"])
         if isinstance(e, HarnessError) and first["rank"] == self.env.rank:
             return
-        log.error("training failed: rank %d raised first: %s\n%s", first["rank"], first["error"], first["traceback"])
+        log.error(
+            "training failed: rank %d raised first: %s\n%s", first["rank"], first["error"], first["traceback"]
+        )
         if first["rank"] != self.env.rank:
-            log.error("rank %d stopped because of it: %s", self.env.rank, " ".join(record["error"].split())[:300])
+            log.error(
+                "rank %d stopped because of it: %s", self.env.rank, " ".join(record["error"].split())[:300]
+            )
 
 
 def _gather_reports(directory: str, own: dict, world_size: int, deadline: float) -> list[dict]:

@@ -45,10 +45,17 @@ class LRSchedule:
     @classmethod
     def from_config(cls, schedule: ScheduleConfig, optim: OptimConfig, max_steps: int) -> LRSchedule:
         """The schedule of the ``schedule`` section peaking at ``optim.lr`` over ``max_steps`` steps."""
-        return cls(schedule.name, optim.lr, schedule.min_lr, schedule.warmup_steps, max_steps, schedule.decay_fraction)
+        return cls(
+            schedule.name,
+            optim.lr,
+            schedule.min_lr,
+            schedule.warmup_steps,
+            max_steps,
+            schedule.decay_fraction,
+        )
 
     def __call__(self, step: int) -> float:
-        """LR (same unit as ``lr``) used by optimizer update number ``step`` (1-based); step 0 -> before any."""
+        """LR (unit of ``lr``) of optimizer update ``step`` (1-based); step 0: before any update."""
         if self.warmup_steps > 0 and step <= self.warmup_steps:
             return self.lr * step / self.warmup_steps
         if self.name == "constant":
@@ -90,7 +97,7 @@ class BatchRamp:
 
     @classmethod
     def from_config(cls, warmup: BatchWarmupConfig, batch: BatchSizes) -> BatchRamp:
-        """The ramp of ``schedule.batch_warmup`` to the full batch; ``steps=0`` without ``tokens`` is no ramp."""
+        """The ramp of ``schedule.batch_warmup``; ``steps=0`` without ``tokens`` is no ramp."""
         start = warmup.start_global_batch_size
         if warmup.steps == 0 and warmup.tokens is None:
             start = None
@@ -277,11 +284,15 @@ def fit_schedule(schedule: ScheduleConfig, max_steps: int, budget: str) -> tuple
         limit = max_steps - round(schedule.decay_fraction * max_steps)
     if schedule.warmup_steps > limit:
         where = f"{budget}" if limit == max_steps else f"the {limit} steps before the wsd decay of {budget}"
-        warnings.append(f"schedule.warmup_steps={schedule.warmup_steps} > {where}: the LR warmup is shortened to {limit}")
+        warnings.append(
+            f"schedule.warmup_steps={schedule.warmup_steps} > {where}: the LR warmup is shortened to {limit}"
+        )
         changes["warmup_steps"] = limit
     bw = schedule.batch_warmup
     if bw.start_global_batch_size is not None and bw.tokens is None and bw.steps > max_steps:
-        warnings.append(f"schedule.batch_warmup.steps={bw.steps} > {budget}: the batch ramp is shortened to {max_steps}")
+        warnings.append(
+            f"schedule.batch_warmup.steps={bw.steps} > {budget}: the batch ramp is shortened to {max_steps}"
+        )
         changes["batch_warmup"] = dataclasses.replace(bw, steps=max_steps)
     return dataclasses.replace(schedule, **changes), warnings
 
@@ -297,20 +308,34 @@ def build_schedule(cfg: JobConfig, batch: BatchSizes, num_sequences: int) -> Tra
 
     def plan_with(schedule: ScheduleConfig) -> tuple[IterationPlan, int]:
         ramp = BatchRamp.from_config(schedule.batch_warmup, batch)
-        plan = IterationPlan(num_sequences, cfg.data.seq_len, ramp, batch.micro_batch_size, batch.world_size,
-                             cfg.train.drop_last)
+        plan = IterationPlan(
+            num_sequences,
+            cfg.data.seq_len,
+            ramp,
+            batch.micro_batch_size,
+            batch.world_size,
+            cfg.train.drop_last,
+        )
         return plan, cfg.train.max_steps or plan.steps_for_tokens(cfg.train.max_tokens)
 
     plan, max_steps = plan_with(cfg.schedule)
     t = cfg.train
-    budget = f"train.max_steps={max_steps}" if t.max_tokens is None else f"the {max_steps} steps of train.max_tokens={t.max_tokens}"
+    budget = (
+        f"train.max_steps={max_steps}"
+        if t.max_tokens is None
+        else f"the {max_steps} steps of train.max_tokens={t.max_tokens}"
+    )
     fitted, warnings = fit_schedule(cfg.schedule, max_steps, budget)
     if fitted.batch_warmup != cfg.schedule.batch_warmup:
         plan, max_steps = plan_with(fitted)
         if t.max_tokens is not None and fitted.batch_warmup.steps > max_steps:
-            raise ConfigError(f"schedule.batch_warmup.steps={cfg.schedule.batch_warmup.steps} is longer than the "
-                              f"{max_steps} steps of train.max_tokens={t.max_tokens}; ramp over "
-                              "schedule.batch_warmup.tokens instead, or lower it")
+            raise ConfigError(
+                f"schedule.batch_warmup.steps={cfg.schedule.batch_warmup.steps} is longer than the "
+                f"{max_steps} steps of train.max_tokens={t.max_tokens}; ramp over "
+                "schedule.batch_warmup.tokens instead, or lower it"
+            )
         fitted, more = fit_schedule(fitted, max_steps, budget)
         warnings += more
-    return TrainingSchedule(plan, max_steps, LRSchedule.from_config(fitted, cfg.optim, max_steps), fitted, tuple(warnings))
+    return TrainingSchedule(
+        plan, max_steps, LRSchedule.from_config(fitted, cfg.optim, max_steps), fitted, tuple(warnings)
+    )

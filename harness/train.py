@@ -51,7 +51,8 @@ def run_cli(cfg, run_dir: str, overrides: list[str]) -> int:
     except KeyboardInterrupt:
         latest = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
         print(
-            f"interrupted; newest checkpoint: {latest or 'none'} (rerun with checkpoint.resume=auto to continue)",
+            f"interrupted; newest checkpoint: {latest or 'none'} (rerun with checkpoint.resume=auto to "
+            "continue)",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -84,7 +85,8 @@ def _hydra_main(cfg) -> None:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Raise :class:`ConfigError` (one line) when Hydra cannot compose ``overrides`` (see ``compose_checked``)."""
+    """Raise :class:`ConfigError` (one line) when Hydra cannot compose ``overrides`` (see
+    ``compose_checked``)."""
     compose_checked(overrides)
 
 

@@ -68,33 +68,59 @@ class TrainState:
 
     def to_dict(self) -> dict:
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        return {"step": self.step, "tokens_total": self.tokens_total, "epoch": self.position.epoch,
-                "offset": self.position.offset, "best_val_loss": best, "evals_since_best": self.evals_since_best,
-                "stopped_early": self.stopped_early, "skipped_steps": self.skipped_steps,
-                "consecutive_skips": self.consecutive_skips}
+        return {
+            "step": self.step,
+            "tokens_total": self.tokens_total,
+            "epoch": self.position.epoch,
+            "offset": self.position.offset,
+            "best_val_loss": best,
+            "evals_since_best": self.evals_since_best,
+            "stopped_early": self.stopped_early,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
         best = d.get("best_val_loss")
-        return cls(d["step"], d["tokens_total"], DataPosition(d["epoch"], d["offset"]),
-                   math.inf if best is None else float(best), d.get("evals_since_best", 0),
-                   d.get("stopped_early", False), d.get("skipped_steps", 0), d.get("consecutive_skips", 0))
+        return cls(
+            d["step"],
+            d["tokens_total"],
+            DataPosition(d["epoch"], d["offset"]),
+            math.inf if best is None else float(best),
+            d.get("evals_since_best", 0),
+            d.get("stopped_early", False),
+            d.get("skipped_steps", 0),
+            d.get("consecutive_skips", 0),
+        )
 
 
-def token_loss_sum(model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def token_loss_sum(
+    model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over ``mb``'s target tokens, in fp32 (0-d tensor).
 
     Positions whose label is ``IGNORE_INDEX`` contribute nothing.
     """
-    ctx = torch.autocast(mb.input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    ctx = (
+        torch.autocast(mb.input_ids.device.type, dtype=autocast_dtype)
+        if autocast_dtype
+        else contextlib.nullcontext()
+    )
     with ctx:
         logits = model(input_ids=mb.input_ids).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
-def forward_backward(backend: Backend, model: torch.nn.Module, micro_batches: list[MicroBatch],
-                     autocast_dtype: torch.dtype | None = None, nan_loss: bool = False) -> torch.Tensor:
+def forward_backward(
+    backend: Backend,
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    autocast_dtype: torch.dtype | None = None,
+    nan_loss: bool = False,
+) -> torch.Tensor:
     """Accumulate the gradient of the step's token-mean loss; returns that loss (0-d, detached).
 
     Every micro-batch's summed loss is divided by the number of target tokens in the whole step
@@ -136,7 +162,11 @@ class Trainer:
     def __init__(self, cfg: JobConfig, env: DistEnv, checked: _Checked, run: RunDir, resolved: dict):
         self.cfg, self.env, self.run, self.resolved = cfg, env, run, resolved
         self.backend, self.data, self.checkpoints = checked.backend, checked.data, checked.checkpoints
-        self.schedule, self.plan, self.max_steps = checked.schedule, checked.schedule.plan, checked.schedule.max_steps
+        self.schedule, self.plan, self.max_steps = (
+            checked.schedule,
+            checked.schedule.plan,
+            checked.schedule.max_steps,
+        )
         self.faults = Faults.from_env(env.rank)
         self.checkpoints.faults = self.faults
         self.state = TrainState()
@@ -148,18 +178,33 @@ class Trainer:
         self._build_model(checked.vocab_size)
         if checked.resume_from:
             self.load_state_dict(self.checkpoints.restore(checked.resume_from))
-            log.info("resumed from %s at step %d (%s tokens)", checked.resume_from, self.state.step,
-                     f"{self.state.tokens_total:,}")
+            log.info(
+                "resumed from %s at step %d (%s tokens)",
+                checked.resume_from,
+                self.state.step,
+                f"{self.state.tokens_total:,}",
+            )
             self._warn_changed_settings(checked.resume_state)
         self.trained = not self.done
-        self.loader = build_loader(self.data.train, cfg.seed, checked.batch.micro_batch_size, env.rank,
-                                   env.world_size, cfg.data.loader_workers, env.device.type, self.plan, self.max_steps)
+        self.loader = build_loader(
+            self.data.train,
+            cfg.seed,
+            checked.batch.micro_batch_size,
+            env.rank,
+            env.world_size,
+            cfg.data.loader_workers,
+            env.device.type,
+            self.plan,
+            self.max_steps,
+        )
         metrics = None
         if env.is_main and self.trained:
-            metrics = MetricsLogger.from_config(cfg.logging, run.path, self.max_steps, self.state.step,
-                                                cfg.run_name, resolved)
-        self.hooks: list[Hook] = default_hooks(cfg, env, self.faults, self.data.val,
-                                               checked.batch.micro_batch_size, metrics)
+            metrics = MetricsLogger.from_config(
+                cfg.logging, run.path, self.max_steps, self.state.step, cfg.run_name, resolved
+            )
+        self.hooks: list[Hook] = default_hooks(
+            cfg, env, self.faults, self.data.val, checked.batch.micro_batch_size, metrics
+        )
 
     # -- construction --------------------------------------------------------------------------
 
@@ -185,10 +230,18 @@ class Trainer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         checked = cls._check(cfg, env, run_dir)
         trains = _resume_step(checked) < checked.schedule.max_steps and not (checked.resume_state or {}).get(
-            "stopped_early")
-        invocation = {"overrides": list(overrides), "world_size": env.world_size, "parallel": cfg.parallel.name,
-                      "resume_from": checked.resume_from, "start_step": _resume_step(checked),
-                      "max_steps": checked.schedule.max_steps, "trains": trains, "config": resolved}
+            "stopped_early"
+        )
+        invocation = {
+            "overrides": list(overrides),
+            "world_size": env.world_size,
+            "parallel": cfg.parallel.name,
+            "resume_from": checked.resume_from,
+            "start_step": _resume_step(checked),
+            "max_steps": checked.schedule.max_steps,
+            "trains": trains,
+            "config": resolved,
+        }
         hydra = (composed, resolved, list(overrides)) if trains else None
         agree = lambda flag: checked.backend.all_reduce_sum(torch.tensor(flag, device=env.device)).item()  # noqa: E731
         run = RunDir.open(run_dir, env, agree, invocation, hydra, LOGGERS)
@@ -212,8 +265,12 @@ class Trainer:
         schedule = build_schedule(cfg, batch, len(data.train))
         identity = {
             "model": {**asdict(cfg.model), "vocab_size": vocab_size, "name": None},
-            "data": {"tokens": data.store.num_tokens, "tokenizer": tokenizer_fingerprint(data.tokenizer),
-                     "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction},
+            "data": {
+                "tokens": data.store.num_tokens,
+                "tokenizer": tokenizer_fingerprint(data.tokenizer),
+                "seq_len": cfg.data.seq_len,
+                "val_fraction": cfg.data.val_fraction,
+            },
         }
         checkpoints = ckpt.CheckpointManager.from_config(cfg.checkpoint, run_dir, env, backend, identity)
         resume_from = checkpoints.find_resume()
@@ -233,10 +290,18 @@ class Trainer:
         stats = model_stats(cfg.model, vocab_size, cfg.data.seq_len)
         self.throughput = Throughput.from_config(cfg.train, env.device, stats.flops_per_token, env.world_size)
         if env.is_main:
-            log.info("model: %s (%s), %s parameters (%s non-embedding), vocab %d, %.3g FLOPs/token; peak %.3g "
-                     "FLOP/s (%s)", cfg.model.name, cfg.model.arch, f"{stats.params:,}",
-                     f"{stats.non_embedding_params:,}", vocab_size, stats.flops_per_token,
-                     self.throughput.peak_flops, self.throughput.peak_source)
+            log.info(
+                "model: %s (%s), %s parameters (%s non-embedding), vocab %d, %.3g FLOPs/token; peak %.3g "
+                "FLOP/s (%s)",
+                cfg.model.name,
+                cfg.model.arch,
+                f"{stats.params:,}",
+                f"{stats.non_embedding_params:,}",
+                vocab_size,
+                stats.flops_per_token,
+                self.throughput.peak_flops,
+                self.throughput.peak_source,
+            )
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -253,9 +318,13 @@ class Trainer:
     def train(self) -> TrainState:
         """Run optimizer steps from the current state until :attr:`done`; returns the state."""
         if self.done:
-            log.warning("nothing to train: the checkpoint is at step %d and the budget is %d steps%s; the run "
-                        "directory is left as it was", self.state.step, self.max_steps,
-                        " (stopped early)" if self.state.stopped_early else "")
+            log.warning(
+                "nothing to train: the checkpoint is at step %d and the budget is %d steps%s; the run "
+                "directory is left as it was",
+                self.state.step,
+                self.max_steps,
+                " (stopped early)" if self.state.stopped_early else "",
+            )
         self._started = time.perf_counter()
         self.model.train()
         try:
@@ -289,8 +358,9 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[MicroBatch], step: int) -> torch.Tensor:
         """The step's token-mean loss (0-d); gradients accumulated (see :func:`forward_backward`)."""
-        return forward_backward(self.backend, self.model, micro_batches, self.autocast_dtype,
-                                self.faults.nan_loss(step))
+        return forward_backward(
+            self.backend, self.model, micro_batches, self.autocast_dtype, self.faults.nan_loss(step)
+        )
 
     def update(self, step: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool, float]:
         """Clip by the global norm, step the optimizer (skipped on every rank alike when the loss or the
@@ -302,8 +372,9 @@ class Trainer:
         self.scheduler.step()
         return grad_norm, stepped, lr
 
-    def log_step(self, info: StepInfo, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-                 stepped: bool) -> StepMetrics:
+    def log_step(
+        self, info: StepInfo, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, stepped: bool
+    ) -> StepMetrics:
         """Advance :attr:`state` to the end of step ``info`` and return the step's record."""
         s = self.state
         s.step, s.tokens_total = info.step, info.tokens_total
@@ -314,14 +385,29 @@ class Trainer:
         comm = self.backend.comm_stats()
         tokens_per_second = info.tokens / t["total"]
         return StepMetrics(
-            step=info.step, epoch=info.epoch, tokens=info.tokens, tokens_total=info.tokens_total, loss=loss.item(),
-            lr=lr, grad_norm=grad_norm.item(), global_batch_size=info.global_batch_size,
-            gradient_accumulation_steps=info.gradient_accumulation_steps, step_time_s=t["total"], data_s=t["data"],
-            forward_backward_s=t["forward_backward"], optimizer_s=t["optimizer"], comm_s=comm.comm_s,
-            comm_exposed_s=comm.comm_exposed_s, comm_bytes=comm.comm_bytes, comm_busbw_gbps=comm.busbw_gbps,
-            comm_bytes_by_op=comm.bytes_by_op, tokens_per_second=tokens_per_second,
-            mfu=self.throughput.mfu(tokens_per_second), max_memory_bytes=max_memory_bytes(self.env.device),
-            elapsed_s=time.perf_counter() - self._started, skipped_steps=s.skipped_steps,
+            step=info.step,
+            epoch=info.epoch,
+            tokens=info.tokens,
+            tokens_total=info.tokens_total,
+            loss=loss.item(),
+            lr=lr,
+            grad_norm=grad_norm.item(),
+            global_batch_size=info.global_batch_size,
+            gradient_accumulation_steps=info.gradient_accumulation_steps,
+            step_time_s=t["total"],
+            data_s=t["data"],
+            forward_backward_s=t["forward_backward"],
+            optimizer_s=t["optimizer"],
+            comm_s=comm.comm_s,
+            comm_exposed_s=comm.comm_exposed_s,
+            comm_bytes=comm.comm_bytes,
+            comm_busbw_gbps=comm.busbw_gbps,
+            comm_bytes_by_op=comm.bytes_by_op,
+            tokens_per_second=tokens_per_second,
+            mfu=self.throughput.mfu(tokens_per_second),
+            max_memory_bytes=max_memory_bytes(self.env.device),
+            elapsed_s=time.perf_counter() - self._started,
+            skipped_steps=s.skipped_steps,
             events=None if stepped else ["skipped_nonfinite"],
         )
 
@@ -330,18 +416,22 @@ class Trainer:
         policy = self.cfg.train.nonfinite or ("abort" if self.backend.name == "deepspeed" else "skip")
         what = f"step {step}: non-finite loss {loss.item():.4g} / grad norm {grad_norm.item():.4g}"
         if policy == "abort":
-            raise NonFiniteError(f"{what}; train.nonfinite=abort: stopping without saving (rerun with "
-                                 "checkpoint.resume=auto to continue from the newest checkpoint, or set "
-                                 "train.nonfinite=skip)")
+            raise NonFiniteError(
+                f"{what}; train.nonfinite=abort: stopping without saving (rerun with "
+                "checkpoint.resume=auto to continue from the newest checkpoint, or set "
+                "train.nonfinite=skip)"
+            )
         s = self.state
         s.skipped_steps += 1
         s.consecutive_skips += 1
         log.warning("%s: update skipped (%d skipped so far)", what, s.skipped_steps)
         limit = self.cfg.train.max_consecutive_skips
         if s.consecutive_skips >= limit:
-            raise NonFiniteError(f"{what}; {s.consecutive_skips} steps in a row were non-finite "
-                                 f"(train.max_consecutive_skips={limit}): stopping without saving; lower optim.lr "
-                                 "or check the data, then rerun with checkpoint.resume=auto")
+            raise NonFiniteError(
+                f"{what}; {s.consecutive_skips} steps in a row were non-finite "
+                f"(train.max_consecutive_skips={limit}): stopping without saving; lower optim.lr "
+                "or check the data, then rerun with checkpoint.resume=auto"
+            )
 
     def _call(self, event: str, *args) -> None:
         for hook in self.hooks:
@@ -368,8 +458,12 @@ class Trainer:
     def state_dict(self) -> dict:
         """``trainer_state.json``: the position (step, tokens, data, early stopping), the LR scheduler,
         the budget and the resolved config (the model and optimizer are the backend's files)."""
-        return {**self.state.to_dict(), "max_steps": self.max_steps, "scheduler": self.scheduler.state_dict(),
-                "config": self.resolved}
+        return {
+            **self.state.to_dict(),
+            "max_steps": self.max_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.resolved,
+        }
 
     def load_state_dict(self, meta: dict) -> None:
         """Restore the position from ``meta``; the hyperparameters come from this config.
@@ -382,7 +476,10 @@ class Trainer:
         optim, groups = self.cfg.optim, self.optimizer.param_groups
         # LambdaLR computes base_lr * lambda(last_epoch); base_lr (saved) must be this config's optim.lr.
         self.scheduler.base_lrs = [optim.lr for _ in groups]
-        lrs = [base * self.schedule.lr.torch_lambda(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        lrs = [
+            base * self.schedule.lr.torch_lambda(self.scheduler.last_epoch)
+            for base in self.scheduler.base_lrs
+        ]
         for i, (group, lr) in enumerate(zip(groups, lrs)):
             group.update(lr=lr, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
             group["weight_decay"] = optim.weight_decay if i == 0 else 0.0  # build_adamw: [decay, no_decay]
@@ -401,8 +498,9 @@ class Trainer:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        model = build_model(self.cfg.model, self.vocab_size, self.cfg.seed,
-                            self.data.tokenizer.eos_token_id, device="meta")
+        model = build_model(
+            self.cfg.model, self.vocab_size, self.cfg.seed, self.data.tokenizer.eos_token_id, device="meta"
+        )
         model.load_state_dict(full, assign=True, strict=False)
         model.tie_weights()
         missing = [n for n, t in model.named_parameters() if t.is_meta]
@@ -416,8 +514,14 @@ class Trainer:
         changed = changed_schedule_keys(saved, self.resolved, self.max_steps)
         if changed and not self.done and self.env.is_main:
             nxt = self.state.step + 1
-            log.warning("resuming with changed optimizer/schedule settings (%s): the new config's schedule applies "
-                        "from step %d on (LR at step %d: %.4g)", ", ".join(changed), nxt, nxt, self.schedule.lr(nxt))
+            log.warning(
+                "resuming with changed optimizer/schedule settings (%s): the new config's schedule applies "
+                "from step %d on (LR at step %d: %.4g)",
+                ", ".join(changed),
+                nxt,
+                nxt,
+                self.schedule.lr(nxt),
+            )
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -457,15 +561,29 @@ def _log_plan(cfg: JobConfig, env: DistEnv, c: _Checked) -> None:
     store, plan, st = c.data.store, c.schedule.plan, c.resume_state
     tokens = plan.total_tokens(c.schedule.max_steps)
     if st:
-        tokens = plan.total_tokens(c.schedule.max_steps, st["step"], DataPosition(st["epoch"], st["offset"]),
-                                   st["tokens_total"])
-    log.info("data: %s: %s tokens -> %d train sequences of %d (+1) tokens, %d validation",
-             store.meta.get("source", store.path), f"{store.num_tokens:,}", len(c.data.train), cfg.data.seq_len,
-             len(c.data.val) if c.data.val else 0)
+        tokens = plan.total_tokens(
+            c.schedule.max_steps, st["step"], DataPosition(st["epoch"], st["offset"]), st["tokens_total"]
+        )
+    log.info(
+        "data: %s: %s tokens -> %d train sequences of %d (+1) tokens, %d validation",
+        store.meta.get("source", store.path),
+        f"{store.num_tokens:,}",
+        len(c.data.train),
+        cfg.data.seq_len,
+        len(c.data.val) if c.data.val else 0,
+    )
     b = c.batch
-    log.info("plan: %d steps, global batch %d (micro %d x accumulation %d x world %d), %d iterations/epoch, %s "
-             "tokens in total", c.schedule.max_steps, b.global_batch_size, b.micro_batch_size,
-             b.gradient_accumulation_steps, env.world_size, plan.iterations_per_epoch(), f"{tokens:,}")
+    log.info(
+        "plan: %d steps, global batch %d (micro %d x accumulation %d x world %d), %d iterations/epoch, %s "
+        "tokens in total",
+        c.schedule.max_steps,
+        b.global_batch_size,
+        b.micro_batch_size,
+        b.gradient_accumulation_steps,
+        env.world_size,
+        plan.iterations_per_epoch(),
+        f"{tokens:,}",
+    )
     for warning in c.schedule.warnings:
         log.warning("%s", warning)
 

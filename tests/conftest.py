@@ -16,13 +16,24 @@ CONFIG_DIR = str(REPO / "configs")
 
 # Small enough for seconds per run on 2 cores, big enough to exercise every feature.
 SMALL = [
-    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-    "model.intermediate_size=128", "data.seq_len=32", "tokenizer.train_vocab_size=300",
-    "train.global_batch_size=8", "train.micro_batch_size=2", "schedule.warmup_steps=2",
-    "schedule.batch_warmup.start_global_batch_size=4", "schedule.batch_warmup.steps=4",
-    "eval.every=5", "eval.batches=2", "logging.wandb.mode=disabled", "logging.progress=off",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "data.seq_len=32",
+    "tokenizer.train_vocab_size=300",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "schedule.warmup_steps=2",
+    "schedule.batch_warmup.start_global_batch_size=4",
+    "schedule.batch_warmup.steps=4",
+    "eval.every=5",
+    "eval.batches=2",
+    "logging.wandb.mode=disabled",
+    "logging.progress=off",
     "checkpoint.every=5",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,8 +50,20 @@ def harness_cache(tmp_path_factory):
 def small_corpus(tmp_path_factory) -> str:
     """A JSON-lines corpus generated from 12 standard-library modules (about 250 KB of text)."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    names = ["abc", "bisect", "calendar", "colorsys", "copy", "dataclasses", "fractions", "heapq",
-             "numbers", "queue", "shlex", "textwrap"]  # fmt: skip
+    names = [
+        "abc",
+        "bisect",
+        "calendar",
+        "colorsys",
+        "copy",
+        "dataclasses",
+        "fractions",
+        "heapq",
+        "numbers",
+        "queue",
+        "shlex",
+        "textwrap",
+    ]
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     with open(path, "w") as f:
         for name in names:
@@ -61,8 +84,12 @@ def shared_data() -> Path:
     pytest.skip("../shared/data (real corpora and tokenizers) is not available")
 
 
-SCHEMA_MODULES = {"train": "harness.config", "plan": "harness.plan", "slurm": "harness.cluster.slurm",
-                  "prepare": "harness.prepare_data"}  # fmt: skip
+SCHEMA_MODULES = {
+    "train": "harness.config",
+    "plan": "harness.plan",
+    "slurm": "harness.cluster.slurm",
+    "prepare": "harness.prepare_data",
+}
 
 
 def compose(*overrides: str, schema: str = "train"):

@@ -29,12 +29,21 @@ def _batch(seed=0, n=8, seq=16, vocab=256):
 
 
 def _grads(micro_batch_size):
-    cfg = to_object(compose("model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-                            "model.intermediate_size=128")).model  # fmt: skip
+    cfg = to_object(
+        compose(
+            "model.hidden_size=64",
+            "model.num_layers=2",
+            "model.num_heads=2",
+            "model.num_kv_heads=2",
+            "model.intermediate_size=128",
+        )
+    ).model
     model = build_model(cfg, 256, seed=0)
     batch = _batch()
-    mbs = [MicroBatch(batch.input_ids[i : i + micro_batch_size], batch.labels[i : i + micro_batch_size])
-           for i in range(0, 8, micro_batch_size)]  # fmt: skip
+    mbs = [
+        MicroBatch(batch.input_ids[i : i + micro_batch_size], batch.labels[i : i + micro_batch_size])
+        for i in range(0, 8, micro_batch_size)
+    ]
     loss = forward_backward(_backend(model), model, mbs)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, model, batch
 
@@ -55,7 +64,10 @@ def test_mean_of_micro_batch_means_would_differ():
     """The check above can fail: averaging per-micro-batch means weights tokens unequally."""
     _, _, model, batch = _grads(micro_batch_size=8)
     with torch.no_grad():
-        means = [token_loss_sum(model, MicroBatch(batch.input_ids[i : i + 2], batch.labels[i : i + 2]), None)
-                 / (batch.labels[i : i + 2] != IGNORE_INDEX).sum() for i in range(0, 8, 2)]  # fmt: skip
+        means = [
+            token_loss_sum(model, MicroBatch(batch.input_ids[i : i + 2], batch.labels[i : i + 2]), None)
+            / (batch.labels[i : i + 2] != IGNORE_INDEX).sum()
+            for i in range(0, 8, 2)
+        ]
         token_mean = token_loss_sum(model, batch, None) / (batch.labels != IGNORE_INDEX).sum()
     assert abs(torch.stack(means).mean() - token_mean) > 1e-4

@@ -29,19 +29,31 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("parallel.zero_stage=[1", "no viable alternative at input '[1'"),
     ("train.global_batch_size=0", "train.global_batch_size=0 must be a positive integer"),
     ("train.micro_batch_size=-2", "train.micro_batch_size=-2 must be a positive integer"),
-    ("train.gradient_accumulation_steps=3", "train.global_batch_size=8 != micro_batch_size=2 x gradient_accumulation"),
+    (
+        "train.gradient_accumulation_steps=3",
+        "train.global_batch_size=8 != micro_batch_size=2 x gradient_accumulation",
+    ),
     ("train.global_batch_size=7", "train.global_batch_size=7 is not divisible by micro_batch_size=2"),
     ("train.global_batch_size=null train.micro_batch_size=null", "set two of train.global_batch_size"),
     ("train.max_steps=0", "train.max_steps=0 must be > 0"),
     ("train.max_steps=null", "set exactly one budget: train.max_steps or train.max_tokens"),
     ("train.max_steps=5 train.max_tokens=1000", "set exactly one budget"),
-    ("schedule.warmup_steps=-3 schedule.min_lr=-1", "schedule.warmup_steps=-3 must be >= 0; schedule.min_lr=-1.0 must"),
+    (
+        "schedule.warmup_steps=-3 schedule.min_lr=-1",
+        "schedule.warmup_steps=-3 must be >= 0; schedule.min_lr=-1.0 must",
+    ),
     ("schedule.warmup_steps=-1", "schedule.warmup_steps=-1 must be >= 0"),
     ("schedule.name=linear", "schedule.name='linear' is not one of cosine, constant, wsd"),
     ("schedule.min_lr=-0.1", "schedule.min_lr=-0.1 must be >= 0"),
     ("schedule.min_lr=1.0", "schedule.min_lr=1.0 is larger than optim.lr"),
-    ("schedule.batch_warmup.start_global_batch_size=3", "schedule.batch_warmup.start_global_batch_size=3 and"),
-    ("schedule.batch_warmup.tokens=0 schedule.batch_warmup.steps=0", "schedule.batch_warmup.tokens=0 must be > 0"),
+    (
+        "schedule.batch_warmup.start_global_batch_size=3",
+        "schedule.batch_warmup.start_global_batch_size=3 and",
+    ),
+    (
+        "schedule.batch_warmup.tokens=0 schedule.batch_warmup.steps=0",
+        "schedule.batch_warmup.tokens=0 must be > 0",
+    ),
     ("schedule.batch_warmup.start_global_batch_size=16", "start_global_batch_size=16 must be in [1, "),
     ("schedule.name=wsd schedule.decay_fraction=1.5", "schedule.decay_fraction=1.5 must be in [0, 1]"),
     ("optim.lr=0", "optim.lr=0.0 must be > 0"),
@@ -67,14 +79,29 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("eval.every=-5", "eval.every=-5 must be >= 0"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be > 0"),
     ("checkpoint.every=-1", "checkpoint.every=-1 must be >= 0"),
-    ("checkpoint.resume=/nonexistent/ckpt", "checkpoint.resume='/nonexistent/ckpt' is not auto, never, or a complete"),
+    (
+        "checkpoint.resume=/nonexistent/ckpt",
+        "checkpoint.resume='/nonexistent/ckpt' is not auto, never, or a complete",
+    ),
     ("checkpoint.resume=never", "checkpoint.resume=never, but"),
     ("parallel.zero_stage=3", "Key 'zero_stage' not in 'NoneParallelConfig'"),
-    ("parallel=deepspeed parallel.reshard_after_forward=false", "Key 'reshard_after_forward' not in 'DeepSpeedConfig'"),
+    (
+        "parallel=deepspeed parallel.reshard_after_forward=false",
+        "Key 'reshard_after_forward' not in 'DeepSpeedConfig'",
+    ),
     ("parallel=fsdp parallel.name=ddp", "parallel.name=ddp does not match the parallel config group"),
-    ("parallel=deepspeed parallel.activation_checkpointing=true", "parallel.activation_checkpointing is for ddp/fsdp"),
-    ("parallel=deepspeed train.nonfinite=skip", "train.nonfinite=skip is not supported with parallel=deepspeed"),
-    ("parallel=deepspeed parallel.ds_config=/nonexistent.json", "parallel.ds_config='/nonexistent.json' is not a"),
+    (
+        "parallel=deepspeed parallel.activation_checkpointing=true",
+        "parallel.activation_checkpointing is for ddp/fsdp",
+    ),
+    (
+        "parallel=deepspeed train.nonfinite=skip",
+        "train.nonfinite=skip is not supported with parallel=deepspeed",
+    ),
+    (
+        "parallel=deepspeed parallel.ds_config=/nonexistent.json",
+        "parallel.ds_config='/nonexistent.json' is not a",
+    ),
     ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
     ("parallel.activation_checkpointing_every=0", "parallel.activation_checkpointing_every=0 must be >= 1"),
     ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda"),
@@ -83,7 +110,10 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("train.max_consecutive_skips=0", "train.max_consecutive_skips=0 must be >= 1"),
     ("logging.every=0", "logging.every=0 must be > 0"),
     ("logging.wandb.mode=sometimes", "logging.wandb.mode='sometimes' is not one of"),
-    ("model.hidden_size=128", "was written with a different model (model.hidden_size: checkpoint 64 vs now 128)"),
+    (
+        "model.hidden_size=128",
+        "was written with a different model (model.hidden_size: checkpoint 64 vs now 128)",
+    ),
     ("optim.lr=nan", "optim.lr=nan must be a finite number"),
     ("optim.lr=inf", "optim.lr=inf must be a finite number"),
     ("optim.weight_decay=nan", "optim.weight_decay=nan must be a finite number"),
@@ -91,7 +121,7 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("seed=-1", "seed=-1 must be in [0, 2**32)"),
     ("train.max_steps=99999999999", "train.max_steps=99999999999 is beyond 1e+09"),
     ("hydra.run.dir=/dev/null", "hydra.run.dir='/dev/null' is a file, not a directory"),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +155,14 @@ BAD_DATA = [  # (overrides with {d} = the bad-data directory, text the error lin
     ("data.path={d}/emptydir", "emptydir' holds no .txt/.json/.jsonl/.parquet file"),
     ("data.path={d}/binary.txt", "cannot read {d}/binary.txt as text: UnicodeDecodeError"),
     ("data.path={d}/badutf8.txt", "cannot read {d}/badutf8.txt as text: UnicodeDecodeError"),
-    ("data.path={d}/notext.jsonl", "data.text_field='text': no such column in '{d}/notext.jsonl' (columns: content)"),
-    ("data.path={d}/nocol.parquet", "data.text_field='text': no such column in '{d}/nocol.parquet' (columns: body)"),
+    (
+        "data.path={d}/notext.jsonl",
+        "data.text_field='text': no such column in '{d}/notext.jsonl' (columns: content)",
+    ),
+    (
+        "data.path={d}/nocol.parquet",
+        "data.text_field='text': no such column in '{d}/nocol.parquet' (columns: body)",
+    ),
     ("data.path={d}/shortdocs.jsonl", "every document of {d}/shortdocs.jsonl is empty (0 tokens)"),
     ("data.path={d}/tiny.jsonl", "the corpus is too small for one batch"),
     ("data.path={d}/malformed.jsonl", "cannot read {d}/malformed.jsonl as json"),
@@ -134,7 +170,7 @@ BAD_DATA = [  # (overrides with {d} = the bad-data directory, text the error lin
     ("data.path={corpus} data.format=parquet", "as parquet"),
     ("tokenizer.path={d}/tokdir", "tokenizer.path: cannot load a tokenizer from '{d}/tokdir'"),
     ("data.path={d}/nothing-here.jsonl", "nothing-here.jsonl' matches no file"),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +239,10 @@ def test_counts():
     assert len(BAD_CONFIGS) >= 40 and len(BAD_DATA) >= 10
 
 
-@pytest.mark.parametrize("override, message", [("slurm.nodes=0", "slurm.nodes=0 must be >= 1"),
-                                               ("slurm.nodes=null", "full_key: slurm.nodes")])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [("slurm.nodes=0", "slurm.nodes=0 must be >= 1"), ("slurm.nodes=null", "full_key: slurm.nodes")],
+)
 def test_slurm_config_without_nodes(tmp_path, override, message):
     with pytest.raises(HarnessError, match=message):
         slurm.submit([override, "slurm.dry_run=true", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -214,10 +252,17 @@ def test_slurm_config_without_nodes(tmp_path, override, message):
 @pytest.mark.slow
 def test_command_line_prints_one_line_and_exits_2(existing_run, bad_data):
     before = _snapshot(existing_run)
-    for args, message in ((["train.max_stepz=5"], "train.max_stepz"), (["+foo=1"], "foo is not a config key"),
-                          ([f"data.path={bad_data}/binary.txt"], "binary.txt as text")):  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "harness.train", *SMALL, *args, f"hydra.run.dir={existing_run}"],
-                              cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    for args, message in (
+        (["train.max_stepz=5"], "train.max_stepz"),
+        (["+foo=1"], "foo is not a config key"),
+        ([f"data.path={bad_data}/binary.txt"], "binary.txt as text"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness.train", *SMALL, *args, f"hydra.run.dir={existing_run}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert _snapshot(existing_run) == before

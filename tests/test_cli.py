@@ -13,8 +13,14 @@ pytestmark = pytest.mark.slow
 
 def harness_train(*args, check=True):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "harness.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -29,8 +35,15 @@ def cli_run(tmp_path_factory, small_corpus):
 
 def test_cli_run_writes_config_log_checkpoint_and_export(cli_run):
     assert [r["step"] for r in read_metrics(cli_run)] == [1, 2, 3, 4, 5, 6]
-    for path in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/resolved.yaml", "train.log",
-                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):  # fmt: skip
+    for path in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        ".hydra/resolved.yaml",
+        "train.log",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.json",
+    ):
         assert (cli_run / path).is_file(), path
     assert checkpoints(cli_run) == ["step_00000005", "step_00000006"]
 
@@ -50,23 +63,36 @@ def _fingerprint(run_dir):
     [
         (["train.max_stepz=10"], "Key 'max_stepz' not in 'TrainingConfig'"),
         (["train.max_steps=ten"], "Value 'ten' of type 'str' could not be converted to Integer"),
-        (["train.global_batch_size=7"], "error: train.global_batch_size=7 is not divisible by micro_batch_size=2"),
-        (["train.gradient_accumulation_steps=3"], "error: train.global_batch_size=8 != micro_batch_size=2 x gradient_accumulation_steps=3"),
+        (
+            ["train.global_batch_size=7"],
+            "error: train.global_batch_size=7 is not divisible by micro_batch_size=2",
+        ),
+        (
+            ["train.gradient_accumulation_steps=3"],
+            "error: train.global_batch_size=8 != micro_batch_size=2 x gradient_accumulation_steps=3",
+        ),
         (["data.seq_len=4096"], "error: data.seq_len=4096 exceeds model.max_position_embeddings=1024"),
         (["data.path=/nonexistent/*.jsonl"], "error: data.path: '/nonexistent/*.jsonl' matches no file"),
         (["data.path={notext}"], "error: data.text_field='text': no such column in"),
         (["data.path={tiny}"], "error: data.path: the corpus is too small for one batch"),
-        (["model.vocab_size=1000", "tokenizer.path={shared}/tokenizers/gpt2"],
-         "error: model.vocab_size=1000 is smaller than the tokenizer's vocabulary (50257 tokens)"),
+        (
+            ["model.vocab_size=1000", "tokenizer.path={shared}/tokenizers/gpt2"],
+            "error: model.vocab_size=1000 is smaller than the tokenizer's vocabulary (50257 tokens)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_fails_before_the_model_and_keeps_the_run(cli_run, tmp_path, shared_data, args, message):
     (tmp_path / "notext.jsonl").write_text('{"body": "some words"}\n' * 10)
     (tmp_path / "tiny.txt").write_text("only a handful of words\n")
     subs = {"notext": tmp_path / "notext.jsonl", "tiny": tmp_path / "tiny.txt", "shared": shared_data}
     before = _fingerprint(cli_run)
-    proc = harness_train(*SMALL, "train.max_steps=6", f"hydra.run.dir={cli_run}",
-                         *[a.format(**subs) for a in args], check=False)  # fmt: skip
+    proc = harness_train(
+        *SMALL,
+        "train.max_steps=6",
+        f"hydra.run.dir={cli_run}",
+        *[a.format(**subs) for a in args],
+        check=False,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "model: " not in proc.stdout  # failed before any model was built
@@ -81,8 +107,13 @@ def test_rejected_new_run_leaves_no_directory(tmp_path):
 
 
 def test_cli_resume_with_larger_budget(cli_run, small_corpus):
-    harness_train(*SMALL, f"data.path={small_corpus}", "train.max_steps=8", f"hydra.run.dir={cli_run}",
-                  "checkpoint.resume=auto")  # fmt: skip
+    harness_train(
+        *SMALL,
+        f"data.path={small_corpus}",
+        "train.max_steps=8",
+        f"hydra.run.dir={cli_run}",
+        "checkpoint.resume=auto",
+    )
     recs = read_metrics(cli_run)
     assert [r["step"] for r in recs] == list(range(1, 9))
     assert checkpoints(cli_run) == ["step_00000006", "step_00000008"]
@@ -97,8 +128,13 @@ def test_stop_signal_checkpoints_and_a_rerun_continues_identically(tmp_path, sma
     args = [*SMALL, f"data.path={small_corpus}", "train.max_steps=30", "checkpoint.every=0", "eval.every=0"]
     harness_train(*args, f"hydra.run.dir={tmp_path / 'straight'}")
     run_dir = tmp_path / "signalled"
-    proc = subprocess.Popen([sys.executable, "-m", "harness.train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (run_dir / "metrics.jsonl").exists()

@@ -46,8 +46,13 @@ def test_wrong_type_is_rejected():
 
 @pytest.mark.parametrize(
     "g,m,k,world,expected",
-    [(16, 4, None, 1, (16, 4, 4)), (16, None, 2, 2, (16, 4, 2)), (None, 4, 3, 2, (24, 4, 3)), (8, 2, 4, 1, (8, 2, 4))],
-)  # fmt: skip
+    [
+        (16, 4, None, 1, (16, 4, 4)),
+        (16, None, 2, 2, (16, 4, 2)),
+        (None, 4, 3, 2, (24, 4, 3)),
+        (8, 2, 4, 1, (8, 2, 4)),
+    ],
+)
 def test_batch_arithmetic_derives_the_third(g, m, k, world, expected):
     t = JobConfig().train
     t.global_batch_size, t.micro_batch_size, t.gradient_accumulation_steps = g, m, k
@@ -60,7 +65,8 @@ def test_batch_arithmetic_errors_show_the_arithmetic():
     t.global_batch_size, t.micro_batch_size, t.gradient_accumulation_steps = 16, 4, 2
     with pytest.raises(
         ConfigError,
-        match=r"global_batch_size=16 != micro_batch_size=4 x gradient_accumulation_steps=2 x world_size=1 = 8",
+        match=r"global_batch_size=16 != micro_batch_size=4 x gradient_accumulation_steps=2 x world_size=1 = "
+        r"8",
     ):
         resolve_batch_sizes(t, 1)
     t.gradient_accumulation_steps = None
@@ -81,24 +87,38 @@ def test_batch_arithmetic_errors_show_the_arithmetic():
         (["train.max_tokens=100000"], r"set exactly one budget"),
         (["train.max_steps=null"], r"set exactly one budget"),
         (["schedule.name=linear"], r"schedule.name='linear' is not one of cosine, constant, wsd"),
-        (["schedule.batch_warmup.start_global_batch_size=6"], r"must both be multiples of micro_batch_size x world_size = 4"),
+        (
+            ["schedule.batch_warmup.start_global_batch_size=6"],
+            r"must both be multiples of micro_batch_size x world_size = 4",
+        ),
         (["train.micro_batch_size=0"], r"train.micro_batch_size=0 must be a positive integer"),
         (["model.num_heads=3"], r"model.hidden_size=256 is not divisible by model.num_heads=3"),
         (["schedule.min_lr=1.0"], r"schedule.min_lr=1.0 is larger than optim.lr"),
         (["data.format=csv"], r"data.format='csv' is not one of text, json, parquet"),
         (["parallel.name=tp"], r"parallel.name='tp' is not one of none, ddp, fsdp, deepspeed"),
-        (["parallel=deepspeed", "parallel.offload_param=true"], r"parallel.offload_param needs parallel.zero_stage=3"),
+        (
+            ["parallel=deepspeed", "parallel.offload_param=true"],
+            r"parallel.offload_param needs parallel.zero_stage=3",
+        ),
         (["parallel=fsdp", "parallel.dp_replicate=3"], r"parallel.dp_replicate=3 must divide world_size=1"),
-        (["parallel=fsdp", "parallel.name=ddp"], r"parallel.name=ddp does not match the parallel config group"),
+        (
+            ["parallel=fsdp", "parallel.name=ddp"],
+            r"parallel.name=ddp does not match the parallel config group",
+        ),
         (["parallel.tp=2"], r"parallel.tp=2: tensor parallelism is not supported yet"),
-        (["schedule.warmup_steps=-1", "schedule.decay_fraction=2"],
-         r"schedule.warmup_steps=-1 must be >= 0; schedule.decay_fraction=2.0 must be in \[0, 1\]"),
+        (
+            ["schedule.warmup_steps=-1", "schedule.decay_fraction=2"],
+            r"schedule.warmup_steps=-1 must be >= 0; schedule.decay_fraction=2.0 must be in \[0, 1\]",
+        ),
         (["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers"),
         (["run_name="], r"run_name='' must be a non-empty name"),
         (["tokenizer.train_vocab_size=10"], r"tokenizer.train_vocab_size=10 must be >= 257"),
-        (["schedule.batch_warmup.tokens=1000"], r"batch_warmup.tokens=1000 and schedule.batch_warmup.steps=40 are both set"),
+        (
+            ["schedule.batch_warmup.tokens=1000"],
+            r"batch_warmup.tokens=1000 and schedule.batch_warmup.steps=40 are both set",
+        ),
     ],
-)  # fmt: skip
+)
 def test_validation_errors_name_the_key(overrides, message):
     cfg = to_object(compose(*overrides))
     with pytest.raises(ConfigError, match=message):
@@ -110,10 +130,13 @@ def test_validation_errors_name_the_key(overrides, message):
     [
         (["parallel.zero_stage=3"], "Key 'zero_stage' not in 'NoneParallelConfig'"),
         (["parallel=fsdp", "parallel.ds_config={}"], "Key 'ds_config' not in 'FSDPConfig'"),
-        (["parallel=deepspeed", "parallel.reshard_after_forward=false"], "Key 'reshard_after_forward' not in 'DeepSpeedConfig'"),
+        (
+            ["parallel=deepspeed", "parallel.reshard_after_forward=false"],
+            "Key 'reshard_after_forward' not in 'DeepSpeedConfig'",
+        ),
         (["parallel=ddp", "parallel.dp_replicate=2"], "Key 'dp_replicate' not in 'DDPConfig'"),
     ],
-)  # fmt: skip
+)
 def test_a_backends_knob_with_another_backend_is_not_a_key(overrides, message):
     """Each backend has its own schema: another backend's knob fails while composing."""
     from harness.config import compose_checked

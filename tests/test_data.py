@@ -131,8 +131,14 @@ def test_prepared_store_is_memory_mapped_and_matches_cache(tmp_path, small_corpu
     from harness.prepare_data import prepare
 
     out = tmp_path / "prepared"
-    cfg = compose("tokenizer.train_vocab_size=300", "data.seq_len=32", f"data.path={small_corpus}",
-                  f"prepare.output_dir={out}", "data.num_proc=2", schema="prepare")  # fmt: skip
+    cfg = compose(
+        "tokenizer.train_vocab_size=300",
+        "data.seq_len=32",
+        f"data.path={small_corpus}",
+        f"prepare.output_dir={out}",
+        "data.num_proc=2",
+        schema="prepare",
+    )
     assert prepare(cfg) == str(out)
     assert json.load(open(out / "meta.json"))["format"] == "harness-tokens-v1"
     tok, store = load_token_store(_cfg(f"data.path={out}").data, _cfg().tokenizer)

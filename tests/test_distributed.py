@@ -15,14 +15,30 @@ from harness.model import model_stats
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 # Fixed global batch (no ramp) so every backend and accumulation sees the same batches.
-FIXED = [*SMALL, "schedule.batch_warmup.start_global_batch_size=null", "train.global_batch_size=8",
-         "eval.every=0", "checkpoint.every=10", "checkpoint.export_hf=false"]  # fmt: skip
+FIXED = [
+    *SMALL,
+    "schedule.batch_warmup.start_global_batch_size=null",
+    "train.global_batch_size=8",
+    "eval.every=0",
+    "checkpoint.every=10",
+    "checkpoint.export_hf=false",
+]
 
 
 def launch(nproc, run_dir, *overrides, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "harness.train", *FIXED, *overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "harness.train",
+        *FIXED,
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -53,8 +69,14 @@ def parity_runs(tmp_path_factory, wikitext):
         for acc in (1, 4):
             micro = 8 // (acc * nproc)
             run_dir = root / f"{name}-acc{acc}"
-            launch(nproc, run_dir, f"data.path={wikitext}", "train.max_steps=20", f"train.micro_batch_size={micro}",
-                   *args)  # fmt: skip
+            launch(
+                nproc,
+                run_dir,
+                f"data.path={wikitext}",
+                "train.max_steps=20",
+                f"train.micro_batch_size={micro}",
+                *args,
+            )
             out[(name, acc)] = read_metrics(run_dir)
     return out
 
@@ -144,8 +166,13 @@ def test_fsdp_resume_bitwise_and_across_world_sizes(tmp_path, wikitext):
 
 
 def test_deepspeed_resume_continues_losses_and_lr(tmp_path, wikitext):
-    args = [f"data.path={wikitext}", "train.max_steps=8", "train.micro_batch_size=2", "parallel=deepspeed",
-            "parallel.zero_stage=2"]  # fmt: skip
+    args = [
+        f"data.path={wikitext}",
+        "train.max_steps=8",
+        "train.micro_batch_size=2",
+        "parallel=deepspeed",
+        "parallel.zero_stage=2",
+    ]
     launch(2, tmp_path / "straight", *args)
     launch(2, tmp_path / "resumed", *args, "train.stop_at_step=4")
     launch(2, tmp_path / "resumed", *args)
@@ -162,8 +189,15 @@ def test_export_from_sharded_checkpoint_matches_the_run(tmp_path, wikitext, back
 
     from harness.export import export
 
-    launch(2, tmp_path / "run", f"data.path={wikitext}", "train.max_steps=3", "train.micro_batch_size=2",
-           "checkpoint.export_hf=true", *backend)  # fmt: skip
+    launch(
+        2,
+        tmp_path / "run",
+        f"data.path={wikitext}",
+        "train.max_steps=3",
+        "train.micro_batch_size=2",
+        "checkpoint.export_hf=true",
+        *backend,
+    )
     out = export(str(tmp_path / "run" / "checkpoints" / "step_00000003"), str(tmp_path / "exported"))
     ours = AutoModelForCausalLM.from_pretrained(out)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
@@ -181,16 +215,30 @@ def test_export_from_sharded_checkpoint_matches_the_run(tmp_path, wikitext, back
     ids=["checkpointing-noreshard", "hsdp"],
 )
 def test_fsdp_knobs_keep_the_losses(tmp_path, wikitext, parity_runs, knobs):
-    launch(2, tmp_path, f"data.path={wikitext}", "train.max_steps=20", "train.micro_batch_size=2", "parallel=fsdp",
-           *knobs)  # fmt: skip
+    launch(
+        2,
+        tmp_path,
+        f"data.path={wikitext}",
+        "train.max_steps=20",
+        "train.micro_batch_size=2",
+        "parallel=fsdp",
+        *knobs,
+    )
     ref = [r["loss"] for r in parity_runs[("none", 1)]]
     got = [r["loss"] for r in read_metrics(tmp_path)]
     assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-5
 
 
 def test_gpu_only_knob_on_cpu_is_a_clear_error(tmp_path, wikitext):
-    proc = launch(2, tmp_path / "run", f"data.path={wikitext}", "train.max_steps=2", "parallel=fsdp",
-                  "parallel.cpu_offload=true", check=False)  # fmt: skip
+    proc = launch(
+        2,
+        tmp_path / "run",
+        f"data.path={wikitext}",
+        "train.max_steps=2",
+        "parallel=fsdp",
+        "parallel.cpu_offload=true",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "error: parallel.cpu_offload=true offloads GPU state to the CPU and needs a GPU" in proc.stderr
     assert not (tmp_path / "run").exists()

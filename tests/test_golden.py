@@ -20,9 +20,17 @@ from conftest import REPO, SMALL, read_metrics
 
 GOLDEN = REPO / "tests" / "golden"
 KEYS = (
-    "step", "loss", "grad_norm", "lr", "tokens", "tokens_total", "global_batch_size",
-    "gradient_accumulation_steps", "val_loss", "epoch",
-)  # fmt: skip
+    "step",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens",
+    "tokens_total",
+    "global_batch_size",
+    "gradient_accumulation_steps",
+    "val_loss",
+    "epoch",
+)
 # name -> (processes, overrides): batch ramp 4 -> 8 and accumulation on in every case.
 CASES = {
     "none_ramp_accumulation": (1, ["parallel=none", "train.max_steps=12"]),
@@ -36,8 +44,17 @@ def _run(nproc: int, run_dir, corpus: str, overrides: list[str]) -> list[dict]:
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     )
-    cmd = [sys.executable, *launcher, "-m", "harness.train", *SMALL, f"data.path={corpus}",
-           "checkpoint.export_hf=false", *overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "harness.train",
+        *SMALL,
+        f"data.path={corpus}",
+        "checkpoint.export_hf=false",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [{k: r.get(k) for k in KEYS} for r in read_metrics(run_dir)]

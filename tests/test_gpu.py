@@ -17,11 +17,27 @@ pytestmark = [
 
 @pytest.mark.parametrize("backend", ["none", "ddp", "fsdp", "deepspeed"])
 def test_default_config_on_one_gpu(tmp_path, backend):
-    extra = {"fsdp": ["parallel.param_dtype=bfloat16", "parallel.reduce_dtype=float32"],
-             "deepspeed": ["parallel.zero_stage=2"]}.get(backend, [])  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "harness.train",
-           f"parallel={backend}", *extra, "train.max_steps=10", "schedule.warmup_steps=2",
-           "schedule.batch_warmup.steps=4", "eval.every=5", "logging.wandb.mode=disabled", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    extra = {
+        "fsdp": ["parallel.param_dtype=bfloat16", "parallel.reduce_dtype=float32"],
+        "deepspeed": ["parallel.zero_stage=2"],
+    }.get(backend, [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "harness.train",
+        f"parallel={backend}",
+        *extra,
+        "train.max_steps=10",
+        "schedule.warmup_steps=2",
+        "schedule.batch_warmup.steps=4",
+        "eval.every=5",
+        "logging.wandb.mode=disabled",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = read_metrics(tmp_path)

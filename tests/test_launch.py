@@ -29,11 +29,26 @@ def _script(
 
 
 def test_4_node_8_gpu_script_line_by_line():
-    user = ["model=llama3_8b", "parallel=fsdp", "train.global_batch_size=256", "train.micro_batch_size=2",
-            "schedule.batch_warmup.start_global_batch_size=null", "slurm.nodes=4", "slurm.gpus_per_node=8",
-            "slurm.partition=h100", "slurm.account=proj42", "slurm.qos=high", "slurm.constraint=h100_80g",
-            "slurm.exclusive=true", "slurm.cpus_per_task=96", "slurm.time=2-00:00:00", "slurm.signal_grace_s=300",
-            "slurm.max_requeues=5", "+slurm.env.NCCL_SOCKET_IFNAME=ib0", "run_name=l8b"]  # fmt: skip
+    user = [
+        "model=llama3_8b",
+        "parallel=fsdp",
+        "train.global_batch_size=256",
+        "train.micro_batch_size=2",
+        "schedule.batch_warmup.start_global_batch_size=null",
+        "slurm.nodes=4",
+        "slurm.gpus_per_node=8",
+        "slurm.partition=h100",
+        "slurm.account=proj42",
+        "slurm.qos=high",
+        "slurm.constraint=h100_80g",
+        "slurm.exclusive=true",
+        "slurm.cpus_per_task=96",
+        "slurm.time=2-00:00:00",
+        "slurm.signal_grace_s=300",
+        "slurm.max_requeues=5",
+        "+slurm.env.NCCL_SOCKET_IFNAME=ib0",
+        "run_name=l8b",
+    ]
     lines = _script(*user)
     sbatch = [line for line in lines if line.startswith("#SBATCH")]
     assert sbatch == [
@@ -63,10 +78,19 @@ def test_4_node_8_gpu_script_line_by_line():
     assert lines[i] == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\"
     assert lines[i + 1] == "    /opt/venv/bin/python -m harness.cluster.node -- \\"
     assert lines[i + 2].split() == [
-        "/opt/venv/bin/python", "-m", "torch.distributed.run", "--nnodes=4", "--nproc_per_node=8",
-        "--rdzv_backend=c10d", '--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT"', '--rdzv_id="$SLURM_JOB_ID"',
-        "--max_restarts=0", "-m", "harness.train", "\\",
-    ]  # fmt: skip
+        "/opt/venv/bin/python",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=4",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        '--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT"',
+        '--rdzv_id="$SLURM_JOB_ID"',
+        "--max_restarts=0",
+        "-m",
+        "harness.train",
+        "\\",
+    ]
     train_args = lines[i + 3].split()
     assert train_args[-2:] == ['"${RESUME[@]}"', "&"]
     assert train_args[:-2] == [a for a in user if not a.startswith(("slurm.", "+slurm."))] + [
@@ -81,23 +105,40 @@ def test_4_node_8_gpu_script_line_by_line():
 
 
 def test_deepspeed_script_uses_hostfile_and_per_node_rank():
-    lines = _script("parallel=deepspeed", "slurm.nodes=2", "slurm.gpus_per_node=4", "train.global_batch_size=16",
-                    "train.micro_batch_size=2", "schedule.batch_warmup.start_global_batch_size=null")  # fmt: skip
+    lines = _script(
+        "parallel=deepspeed",
+        "slurm.nodes=2",
+        "slurm.gpus_per_node=4",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=2",
+        "schedule.batch_warmup.start_global_batch_size=null",
+    )
     i = next(i for i, line in enumerate(lines) if line.startswith("srun "))
     assert lines[i + 2].split()[:12] == [
-        "/opt/venv/bin/python", "-m", "deepspeed.launcher.runner", '--hostfile="$HOSTFILE"', "--no_ssh",
-        "'--node_rank=${SLURM_NODEID}'", "--num_nodes=2", "--num_gpus=4", '--master_addr="$HEAD_NODE"',
-        '--master_port="$RDZV_PORT"', "--module", "--no_local_rank",
-    ]  # fmt: skip
+        "/opt/venv/bin/python",
+        "-m",
+        "deepspeed.launcher.runner",
+        '--hostfile="$HOSTFILE"',
+        "--no_ssh",
+        "'--node_rank=${SLURM_NODEID}'",
+        "--num_nodes=2",
+        "--num_gpus=4",
+        '--master_addr="$HEAD_NODE"',
+        '--master_port="$RDZV_PORT"',
+        "--module",
+        "--no_local_rank",
+    ]
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=4/" > "$HOSTFILE"' in lines
 
 
 def test_container_script_mounts_the_run_directory():
     lines = _script("slurm.container_image=registry/harness:1.0", "slurm.gpus_per_node=1", python=None)
     i = next(i for i, line in enumerate(lines) if line.startswith("srun "))
-    assert lines[i].split()[3:6] == ["--container-image=registry/harness:1.0",
-                                     "--container-mounts=/scratch/runs:/scratch/runs",
-                                     "--container-workdir=/home/u/harness"]  # fmt: skip
+    assert lines[i].split()[3:6] == [
+        "--container-image=registry/harness:1.0",
+        "--container-mounts=/scratch/runs:/scratch/runs",
+        "--container-workdir=/home/u/harness",
+    ]
     assert lines[i + 1].startswith("    python -m harness.cluster.node")  # the image's interpreter
     lines = _script("slurm.container_exec=apptainer exec --nv /img/harness.sif", python=None)
     i = next(i for i, line in enumerate(lines) if line.startswith("srun "))
@@ -133,9 +174,20 @@ def test_launcher_cli_rejects_bad_input_and_writes_nothing(tmp_path):
         "slurm.nodez=2": "slurm.nodez",
     }
     for override, message in cases.items():
-        proc = subprocess.run([PY, "-m", "harness.cluster.slurm", "slurm.gpus_per_node=1", override,
-                               f"hydra.run.dir={run_dir}", "slurm.dry_run=true"], cwd=REPO, capture_output=True,
-                              text=True)  # fmt: skip
+        proc = subprocess.run(
+            [
+                PY,
+                "-m",
+                "harness.cluster.slurm",
+                "slurm.gpus_per_node=1",
+                override,
+                f"hydra.run.dir={run_dir}",
+                "slurm.dry_run=true",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2, proc.stderr
         err = proc.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr
@@ -144,9 +196,20 @@ def test_launcher_cli_rejects_bad_input_and_writes_nothing(tmp_path):
 
 def test_launcher_dry_run_writes_the_script(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([PY, "-m", "harness.cluster.slurm", "slurm.gpus_per_node=0", "slurm.nproc_per_node=2",
-                           f"hydra.run.dir={run_dir}", "slurm.dry_run=true"], cwd=REPO, capture_output=True,
-                          text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "harness.cluster.slurm",
+            "slurm.gpus_per_node=0",
+            "slurm.nproc_per_node=2",
+            f"hydra.run.dir={run_dir}",
+            "slurm.dry_run=true",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     script = (run_dir / "slurm" / "job.sbatch").read_text()
     assert "--nproc_per_node=2" in script and "--gpus-per-node" not in script
@@ -168,8 +231,14 @@ def test_read_env_inside_an_srun_step(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")  # records the original value, restored after the test
         monkeypatch.delenv(name)  # read_env sets MASTER_ADDR/PORT itself
-    slurm_env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
-                 "SLURM_JOB_NODELIST": "gpu[12-15]", "SLURM_JOB_ID": "123456"}  # fmt: skip
+    slurm_env = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_JOB_NODELIST": "gpu[12-15]",
+        "SLURM_JOB_ID": "123456",
+    }
     for k, v in slurm_env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("SLURM_STEP_ID", raising=False)
@@ -205,10 +274,30 @@ def test_node_relays_usr1_through_torchrun_and_reports_75(tmp_path, small_corpus
     """USR1 to the node wrapper (as srun forwards it) reaches the workers under torchrun, which
     ignores it; the workers checkpoint and the wrapper exits 75 although torchrun exits 1."""
     run_dir = tmp_path / "run"
-    args = [*SMALL, f"data.path={small_corpus}", "train.max_steps=400", "checkpoint.every=0", "eval.every=0",
-            "parallel=ddp", "checkpoint.export_hf=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    cmd = [PY, "-m", "harness.cluster.node", "--", PY, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node=2", "-m", "harness.train", *args]  # fmt: skip
+    args = [
+        *SMALL,
+        f"data.path={small_corpus}",
+        "train.max_steps=400",
+        "checkpoint.every=0",
+        "eval.every=0",
+        "parallel=ddp",
+        "checkpoint.export_hf=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    cmd = [
+        PY,
+        "-m",
+        "harness.cluster.node",
+        "--",
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "harness.train",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

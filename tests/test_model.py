@@ -16,7 +16,7 @@ from harness.model import build_model, count_parameters, model_stats, resolve_vo
         ("llama_1b", 128256, 1_235_814_400),  # Meta Llama 3.2 1B
         ("gpt2_124m", 50257, 124_439_808),  # GPT-2 small (HF gpt2)
     ],
-)  # fmt: skip
+)
 def test_parameter_counts_match_published(preset, vocab, published):
     mcfg = to_object(compose(f"model={preset}")).model
     assert model_stats(mcfg, vocab, 2048).params == published

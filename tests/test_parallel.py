@@ -37,9 +37,7 @@ def test_deepspeed_config_conflicts_and_bad_files_are_errors(tmp_path):
     ):
         deepspeed_config(bad, 2, 4, 8, 1.0, cuda=False)
     with pytest.raises(ConfigError, match=r"parallel.ds_config='.*missing.json' is not a readable JSON file"):
-        deepspeed_config(
-            DeepSpeedConfig(ds_config=str(tmp_path / "missing.json")), 2, 4, 8, 1.0, False
-        )
+        deepspeed_config(DeepSpeedConfig(ds_config=str(tmp_path / "missing.json")), 2, 4, 8, 1.0, False)
 
 
 def test_tracker_unions_intervals_and_counts_bytes():
@@ -87,7 +85,9 @@ def test_checkpoint_format_must_suit_the_backend():
 
     def _check_format(path, saved, parallel, world_size):
         cls = backend_class(parallel)
-        backend = SimpleNamespace(name=parallel, checkpoint_format=cls.checkpoint_format, reshardable=cls.reshardable)
+        backend = SimpleNamespace(
+            name=parallel, checkpoint_format=cls.checkpoint_format, reshardable=cls.reshardable
+        )
         env = SimpleNamespace(world_size=world_size)
         CheckpointManager(None, "run", env, backend, {}, None)._check_format(path, saved)
 

@@ -21,8 +21,13 @@ compose = functools.partial(conftest.compose, schema="plan")  # the plan command
 def test_plan_equals_the_trainers_logged_steps_and_tokens(tmp_path, small_corpus):
     """A run with batch-size warmup and a token budget: the plan's step count, token total and
     per-step LR / batch sizes are the ones the trainer logs."""
-    args = [f"data.path={small_corpus}", "train.max_steps=null", "train.max_tokens=5000",
-            "schedule.batch_warmup.steps=0", "schedule.batch_warmup.tokens=1500"]  # fmt: skip
+    args = [
+        f"data.path={small_corpus}",
+        "train.max_steps=null",
+        "train.max_tokens=5000",
+        "schedule.batch_warmup.steps=0",
+        "schedule.batch_warmup.tokens=1500",
+    ]
     train_small(tmp_path / "run", small_corpus, *args)
     logged = read_metrics(tmp_path / "run")
     cfg = to_object(compose(*SMALL, *args))
@@ -40,32 +45,83 @@ def test_plan_equals_the_trainers_logged_steps_and_tokens(tmp_path, small_corpus
 
 
 PUBLISHED = {
-    # name: (model overrides, seq_len, global batch (sequences), token budget, published steps, published params)
-    "GPT-3 175B": (["model.arch=gpt2", "model.hidden_size=12288", "model.num_layers=96", "model.num_heads=96",
-                    "model.intermediate_size=49152",
-                    "model.vocab_size=50257", "model.max_position_embeddings=2048"],
-                   2048, 1562, 300_000_000_000, 93_750, 175e9),  # Brown et al. 2020: 300B tokens, 3.2M batch
-    "LLaMA 2 70B": (["model.hidden_size=8192", "model.num_layers=80", "model.num_heads=64", "model.num_kv_heads=8",
-                     "model.intermediate_size=28672", "model.vocab_size=32000", "model.tie_word_embeddings=false",
-                     "model.max_position_embeddings=4096"],
-                    4096, 976, 2_000_000_000_000, 500_000, 69e9),  # Touvron et al. 2023: 2T tokens, 4M batch
-    "LLaMA 3 405B": (["model.hidden_size=16384", "model.num_layers=126", "model.num_heads=128",
-                      "model.num_kv_heads=8", "model.intermediate_size=53248", "model.vocab_size=128256",
-                      "model.tie_word_embeddings=false", "model.max_position_embeddings=8192"],
-                     8192, 1953, 15_000_000_000_000, 937_500, 405e9),  # Llama 3 paper: 15T tokens, 16M batch
-}  # fmt: skip
+    # name: (model overrides, seq_len, global batch (sequences), token budget, published steps, published
+    # params)
+    "GPT-3 175B": (
+        [
+            "model.arch=gpt2",
+            "model.hidden_size=12288",
+            "model.num_layers=96",
+            "model.num_heads=96",
+            "model.intermediate_size=49152",
+            "model.vocab_size=50257",
+            "model.max_position_embeddings=2048",
+        ],
+        2048,
+        1562,
+        300_000_000_000,
+        93_750,
+        175e9,
+    ),  # Brown et al. 2020: 300B tokens, 3.2M batch
+    "LLaMA 2 70B": (
+        [
+            "model.hidden_size=8192",
+            "model.num_layers=80",
+            "model.num_heads=64",
+            "model.num_kv_heads=8",
+            "model.intermediate_size=28672",
+            "model.vocab_size=32000",
+            "model.tie_word_embeddings=false",
+            "model.max_position_embeddings=4096",
+        ],
+        4096,
+        976,
+        2_000_000_000_000,
+        500_000,
+        69e9,
+    ),  # Touvron et al. 2023: 2T tokens, 4M batch
+    "LLaMA 3 405B": (
+        [
+            "model.hidden_size=16384",
+            "model.num_layers=126",
+            "model.num_heads=128",
+            "model.num_kv_heads=8",
+            "model.intermediate_size=53248",
+            "model.vocab_size=128256",
+            "model.tie_word_embeddings=false",
+            "model.max_position_embeddings=8192",
+        ],
+        8192,
+        1953,
+        15_000_000_000_000,
+        937_500,
+        405e9,
+    ),  # Llama 3 paper: 15T tokens, 16M batch
+}
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_runs_iteration_counts(name):
     model, seq_len, batch, budget, steps, params = PUBLISHED[name]
-    cfg = to_object(compose(*model, f"data.seq_len={seq_len}", f"train.global_batch_size={batch}",
-                            "train.micro_batch_size=1", "schedule.batch_warmup.start_global_batch_size=null",
-                            "train.max_steps=null", f"train.max_tokens={budget}", "eval.every=0",
-                            "schedule.warmup_steps=2000", f"plan.dataset_tokens={budget * 2}"))  # fmt: skip
+    cfg = to_object(
+        compose(
+            *model,
+            f"data.seq_len={seq_len}",
+            f"train.global_batch_size={batch}",
+            "train.micro_batch_size=1",
+            "schedule.batch_warmup.start_global_batch_size=null",
+            "train.max_steps=null",
+            f"train.max_tokens={budget}",
+            "eval.every=0",
+            "schedule.warmup_steps=2000",
+            f"plan.dataset_tokens={budget * 2}",
+        )
+    )
     plan = make_plan(cfg, dataset=(budget * 2, False, "given", None))
-    print(f"{name}: {plan.max_steps:,} steps x {plan.global_batch_tokens:,} tokens = {plan.total_tokens:,}; "
-          f"{plan.params / 1e9:.1f}B parameters")  # fmt: skip
+    print(
+        f"{name}: {plan.max_steps:,} steps x {plan.global_batch_tokens:,} tokens = {plan.total_tokens:,}; "
+        f"{plan.params / 1e9:.1f}B parameters"
+    )
     assert plan.max_steps == -(-budget // (batch * seq_len))  # ceil: the first step reaching the budget
     assert abs(plan.max_steps - steps) / steps < 0.001
     assert abs(plan.params - params) / params < 0.02
@@ -88,16 +144,32 @@ def test_warnings_instead_of_errors(small_corpus):
     plan = make_plan(cfg)
     assert any("schedule.warmup_steps=50 > train.max_steps=10" in w for w in plan.warnings)
     assert any("tokens per parameter (< 1)" in w for w in plan.warnings)
-    cfg = to_object(compose("model=llama3_8b", "model.vocab_size=128256", "train.micro_batch_size=16",
-                            "train.global_batch_size=16", "data.seq_len=8192", "plan.gpu=A100",
-                            "schedule.batch_warmup.start_global_batch_size=null", "eval.every=0"))  # fmt: skip
+    cfg = to_object(
+        compose(
+            "model=llama3_8b",
+            "model.vocab_size=128256",
+            "train.micro_batch_size=16",
+            "train.global_batch_size=16",
+            "data.seq_len=8192",
+            "plan.gpu=A100",
+            "schedule.batch_warmup.start_global_batch_size=null",
+            "eval.every=0",
+        )
+    )
     plan = make_plan(cfg, dataset=(10**12, False, "given", None))
     assert any("exceeds the A100's 75 GiB" in w for w in plan.warnings)
 
 
 def test_memory_divides_model_state_as_the_backends_do():
-    base = ["model=llama3_8b", "model.vocab_size=128256", "train.global_batch_size=64", "train.micro_batch_size=1",
-            "schedule.batch_warmup.start_global_batch_size=null", "eval.every=0", "plan.gpus=32"]  # fmt: skip
+    base = [
+        "model=llama3_8b",
+        "model.vocab_size=128256",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=1",
+        "schedule.batch_warmup.start_global_batch_size=null",
+        "eval.every=0",
+        "plan.gpus=32",
+    ]
     mem = {}
     for name, extra in {
         "ddp": ["parallel=ddp"],
@@ -105,7 +177,7 @@ def test_memory_divides_model_state_as_the_backends_do():
         **{f"zero{s}": ["parallel=deepspeed", f"parallel.zero_stage={s}"] for s in (1, 2, 3)},
     }.items():
         cfg = to_object(compose(*base, *extra))
-        mem[name] = make_plan(cfg, dataset=(10**12, False, "given", None)).memory  # fmt: skip
+        mem[name] = make_plan(cfg, dataset=(10**12, False, "given", None)).memory
     p = 8_030_261_248
     assert mem["ddp"].params + mem["ddp"].grads + mem["ddp"].optimizer == 16 * p
     assert mem["fsdp"].params + mem["fsdp"].grads + mem["fsdp"].optimizer == pytest.approx(16 * p / 32)
@@ -117,14 +189,31 @@ def test_memory_divides_model_state_as_the_backends_do():
 
 def test_cli_text_json_png_and_errors(tmp_path, small_corpus):
     png = tmp_path / "plan.png"
-    proc = subprocess.run([PY, "-m", "harness.plan", *SMALL, f"data.path={small_corpus}", f"plan.png={png}"],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [PY, "-m", "harness.plan", *SMALL, f"data.path={small_corpus}", f"plan.png={png}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     for section in ("== Iterations", "== Model ==", "== Cost ==", "== Memory per device"):
         assert section in proc.stdout
     assert png.stat().st_size > 20_000
-    proc = subprocess.run([PY, "-m", "harness.plan", *SMALL, f"data.path={small_corpus}", "plan.format=json",
-                           "plan.png=", "train.max_steps=40"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "harness.plan",
+            *SMALL,
+            f"data.path={small_corpus}",
+            "plan.format=json",
+            "plan.png=",
+            "train.max_steps=40",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["max_steps"] == 40 and out["png"] is None and out["memory"]["backend"] == "none"

@@ -19,36 +19,67 @@ from conftest import REPO
 
 README = REPO / "README.md"
 SHORT = ["train.max_steps=3", "schedule.batch_warmup.steps=2", "eval.every=0", "logging.wandb.mode=disabled"]
-TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-        "model.intermediate_size=128", "data.seq_len=64"]
+TINY = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "data.seq_len=64",
+]
 
 # command prefix (as in the README) -> ("run", extra overrides) or ("skip", reason)
 COMMANDS = {
     "make train": ("run", [*SHORT]),
     "make test": ("skip", "the suite itself"),
     ".venv/bin/python -m harness.train run_name=wikitext": ("run", [*SHORT, *TINY]),
-    ".venv/bin/python -m harness.train run_name=c4": ("run", [*SHORT, *TINY, "train.global_batch_size=8",
-                                                              "train.micro_batch_size=2"]),
-    ".venv/bin/python -m harness.train run_name=lines": ("run", [*SHORT, *TINY, "data.seq_len=8",
-                                                                 "train.global_batch_size=8", "train.micro_batch_size=2",
-                                                                 "schedule.batch_warmup.start_global_batch_size=4"]),
+    ".venv/bin/python -m harness.train run_name=c4": (
+        "run",
+        [*SHORT, *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    ),
+    ".venv/bin/python -m harness.train run_name=lines": (
+        "run",
+        [
+            *SHORT,
+            *TINY,
+            "data.seq_len=8",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            "schedule.batch_warmup.start_global_batch_size=4",
+        ],
+    ),
     ".venv/bin/python -m harness.prepare_data": ("run", ["data.num_proc=2"]),
-    ".venv/bin/python -m harness.train data.path=/data/c4_tok": ("run", [*SHORT, *TINY, "train.global_batch_size=8",
-                                                                         "train.micro_batch_size=2"]),
-    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=ddp": ("run", [*SHORT, *TINY]),
+    ".venv/bin/python -m harness.train data.path=/data/c4_tok": (
+        "run",
+        [*SHORT, *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    ),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=ddp": (
+        "run",
+        [*SHORT, *TINY],
+    ),
     ".venv/bin/torchrun --standalone --nproc_per_node 8": ("skip", "8 processes of llama_1b: a GPU node"),
-    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=deepspeed": ("run", [*SHORT, *TINY]),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=deepspeed": (
+        "run",
+        [*SHORT, *TINY],
+    ),
     ".venv/bin/deepspeed --num_gpus 2": ("run", [*SHORT, *TINY]),
     ".venv/bin/python -m harness.export": ("run", []),
     ".venv/bin/python -m harness.plan model=llama3_8b": ("run", []),
     ".venv/bin/python -m harness.train train.max_steps=10 schedule.batch_warmup.steps=4 eval.every=5": (
-        "run", ["logging.wandb.mode=disabled"]),
-    "NPROC=8 launch/torchrun.sh": ("skip", "8 processes of llama_1b: a GPU node (launch/torchrun.sh: test_run_integrity)"),
+        "run",
+        ["logging.wandb.mode=disabled"],
+    ),
+    "NPROC=8 launch/torchrun.sh": (
+        "skip",
+        "8 processes of llama_1b: a GPU node (launch/torchrun.sh: test_run_integrity)",
+    ),
     "NPROC=8 launch/deepspeed.sh": ("skip", "8 processes of llama_1b: a GPU node"),
     "NNODES=4": ("skip", "four nodes"),
     ".venv/bin/python -m harness.cluster.slurm model=llama3_8b": ("run", ["slurm.dry_run=true"]),
     ".venv/bin/python -m harness.train -m optim.lr=1e-3,3e-4 parallel=fsdp hydra/launcher=submitit_slurm": (
-        "skip", "an h100 Slurm partition (submitit sweeps: tests/test_slurm.py)"),
+        "skip",
+        "an h100 Slurm partition (submitit sweeps: tests/test_slurm.py)",
+    ),
     "docker build": ("skip", "no Docker builds on the CI machines (the Dockerfile is linted in test_launch)"),
     "docker run": ("skip", "needs the image and GPUs"),
     ".venv/bin/python -m harness.cluster.slurm slurm.container_image": ("run", ["slurm.dry_run=true"]),
@@ -94,8 +125,10 @@ def _substitutions(tmp, shared) -> dict[str, str]:
 
 
 def _run(command: str, extra: list[str], tmp, subs: dict, index: int, checkpoint: list):
-    for old, new in subs.items():
-        command = command.replace(old, new)
+    pattern = "|".join(re.escape(k) for k in sorted(subs, key=len, reverse=True))
+    command = re.sub(
+        pattern, lambda m: subs[m.group(0)], command
+    )  # one pass: no replacement of a replacement
     if checkpoint:
         command = command.replace("runs/default/checkpoints/step_00000200", checkpoint[0])
     command = command.replace(" exported/", f" {tmp}/exported/")

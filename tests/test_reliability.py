@@ -29,8 +29,14 @@ def _rows(run_dir):
 
 
 def _cli(*args, env=None, timeout=600):
-    return subprocess.run([PY, "-m", "harness.train", *SMALL, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [PY, "-m", "harness.train", *SMALL, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 # -- checkpoint integrity -------------------------------------------------------------------------
@@ -85,8 +91,10 @@ def test_crafted_pickle_is_refused_before_it_runs(two_checkpoints, small_corpus,
     path = two_checkpoints / "checkpoints" / "step_00000006"
     torch.save({"weight": Payload()}, path / "model.pt")
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["model.pt"] = {"size": (path / "model.pt").stat().st_size,
-                                     "sha256": ckpt._sha256(str(path / "model.pt"))}  # fmt: skip
+    manifest["files"]["model.pt"] = {
+        "size": (path / "model.pt").stat().st_size,
+        "sha256": ckpt._sha256(str(path / "model.pt")),
+    }
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="model.pt holds pickled objects other than tensors"):
         train_small(two_checkpoints, small_corpus, "train.max_steps=8", "checkpoint.every=3")
@@ -103,8 +111,13 @@ def test_crafted_pickle_is_refused_before_it_runs(two_checkpoints, small_corpus,
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, small_corpus):
     run_dir = tmp_path / "run"
-    proc = _cli(f"data.path={small_corpus}", "train.max_steps=8", "checkpoint.every=3", f"hydra.run.dir={run_dir}",
-                env={"HARNESS_FAULT": "checkpoint_enospc:6"})  # fmt: skip
+    proc = _cli(
+        f"data.path={small_corpus}",
+        "train.max_steps=8",
+        "checkpoint.every=3",
+        f"hydra.run.dir={run_dir}",
+        env={"HARNESS_FAULT": "checkpoint_enospc:6"},
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1].startswith("error: cannot write checkpoint"), proc.stderr[
         -2000:
@@ -134,8 +147,14 @@ def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, small_corpus
 def test_nonfinite_step_is_skipped_without_touching_the_weights(tmp_path, small_corpus, monkeypatch):
     monkeypatch.setenv("HARNESS_FAULT", "nan_loss:4")
     run_dir = tmp_path / "run"
-    train_small(run_dir, small_corpus, "train.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=10",
-                "checkpoint.export_hf=false")  # fmt: skip
+    train_small(
+        run_dir,
+        small_corpus,
+        "train.max_steps=6",
+        "checkpoint.every=1",
+        "checkpoint.keep_last=10",
+        "checkpoint.export_hf=false",
+    )
     recs = read_metrics(run_dir)
     assert recs[3]["step"] == 4 and recs[3]["loss"] is None and recs[3]["events"] == ["skipped_nonfinite"]
     assert [r["skipped_steps"] for r in recs] == [0, 0, 0, 1, 1, 1]
@@ -178,13 +197,24 @@ def test_too_many_consecutive_skips_abort(tmp_path, small_corpus, monkeypatch):
 
 def test_loss_spikes_are_logged_as_events(tmp_path, small_corpus):
     run_dir = tmp_path / "run"
-    train_small(run_dir, small_corpus, "train.max_steps=40", "checkpoint.every=0", "train.spike_factor=1.0",
-                "train.spike_window=10", "schedule.warmup_steps=2", "optim.lr=0.05")  # fmt: skip
+    train_small(
+        run_dir,
+        small_corpus,
+        "train.max_steps=40",
+        "checkpoint.every=0",
+        "train.spike_factor=1.0",
+        "train.spike_window=10",
+        "schedule.warmup_steps=2",
+        "optim.lr=0.05",
+    )
     recs = read_metrics(run_dir)
     import statistics
 
-    expected = [r["step"] for i, r in enumerate(recs) if i >= 10
-                and r["loss"] > statistics.median(x["loss"] for x in recs[i - 10:i])]  # fmt: skip
+    expected = [
+        r["step"]
+        for i, r in enumerate(recs)
+        if i >= 10 and r["loss"] > statistics.median(x["loss"] for x in recs[i - 10 : i])
+    ]
     got = [r["step"] for r in recs if r["events"] and "loss_spike" in r["events"]]
     assert got == expected and got  # factor 1.0: every step above its running median
 
@@ -196,8 +226,13 @@ def test_loss_spikes_are_logged_as_events(tmp_path, small_corpus):
 def test_wandb_key_never_written(tmp_path, small_corpus):
     secret = "0123456789abcdef0123456789abcdef01234567"  # the shape of a wandb API key
     run_dir = tmp_path / "run"
-    proc = _cli(f"data.path={small_corpus}", "train.max_steps=5", "logging.wandb.mode=offline",
-                f"hydra.run.dir={run_dir}", env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline"})  # fmt: skip
+    proc = _cli(
+        f"data.path={small_corpus}",
+        "train.max_steps=5",
+        "logging.wandb.mode=offline",
+        f"hydra.run.dir={run_dir}",
+        env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     subprocess.run([PY, "-m", "harness.report", str(run_dir)], cwd=REPO, check=True, capture_output=True)
     assert secret not in proc.stdout + proc.stderr
@@ -217,10 +252,27 @@ def test_wandb_key_never_written(tmp_path, small_corpus):
 
 
 def _torchrun(run_dir, *args, env=None, nproc=2, extra=(), timeout=600):
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra, "-m",
-           "harness.train", *SMALL, *args, f"hydra.run.dir={run_dir}"]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra,
+        "-m",
+        "harness.train",
+        *SMALL,
+        *args,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 @pytest.mark.slow
@@ -228,8 +280,14 @@ def _torchrun(run_dir, *args, env=None, nproc=2, extra=(), timeout=600):
 def test_a_rank_that_raises_ends_the_job_with_one_report(tmp_path, small_corpus):
     run_dir = tmp_path / "run"
     t0 = time.time()
-    proc = _torchrun(run_dir, f"data.path={small_corpus}", "parallel=fsdp", "train.max_steps=8",
-                     "parallel.timeout_s=60", env={"HARNESS_FAULT": "raise:3:1"})  # fmt: skip
+    proc = _torchrun(
+        run_dir,
+        f"data.path={small_corpus}",
+        "parallel=fsdp",
+        "train.max_steps=8",
+        "parallel.timeout_s=60",
+        env={"HARNESS_FAULT": "raise:3:1"},
+    )
     wall = time.time() - t0
     assert proc.returncode != 0 and wall < 60, (wall, proc.stderr[-2000:])
     log = (run_dir / "train.log").read_text()
@@ -256,12 +314,18 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(tmp_path, small_corpus):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path, small_corpus):
-    args = [f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=10", "checkpoint.every=2",
-            "checkpoint.export_hf=false"]  # fmt: skip
+    args = [
+        f"data.path={small_corpus}",
+        "parallel=ddp",
+        "train.max_steps=10",
+        "checkpoint.every=2",
+        "checkpoint.export_hf=false",
+    ]
     straight = _torchrun(tmp_path / "straight", *args)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    proc = _torchrun(tmp_path / "restarted", *args, env={"HARNESS_FAULT": "raise_once:7:1"},
-                     extra=["--max-restarts=1"])  # fmt: skip
+    proc = _torchrun(
+        tmp_path / "restarted", *args, env={"HARNESS_FAULT": "raise_once:7:1"}, extra=["--max-restarts=1"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in (tmp_path / "restarted" / "train.log").read_text()
     assert _rows(tmp_path / "restarted") == _rows(tmp_path / "straight")
@@ -274,8 +338,13 @@ def _chaos(tmp_path, corpus, kills: int, seed: int, nproc: int):
     """Kill the job with SIGKILL ``kills`` times (some while a checkpoint is being written), resume each
     time with checkpoint.resume=auto, and return (straight run dir, chaos run dir, steps lost per kill)."""
     steps = max(24, 8 * kills + 8)  # room for every kill to land before the run ends
-    args = [f"data.path={corpus}", f"train.max_steps={steps}", "checkpoint.every=3", "eval.every=0",
-            *(["parallel=fsdp"] if nproc > 1 else [])]  # fmt: skip
+    args = [
+        f"data.path={corpus}",
+        f"train.max_steps={steps}",
+        "checkpoint.every=3",
+        "eval.every=0",
+        *(["parallel=fsdp"] if nproc > 1 else []),
+    ]
     if nproc > 1:
         base = [
             PY,
@@ -290,16 +359,28 @@ def _chaos(tmp_path, corpus, kills: int, seed: int, nproc: int):
         base = [PY, "-m", "harness.train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_FAULT": "checkpoint_sleep:0.4"}
     straight = tmp_path / "straight"
-    subprocess.run([*base, *SMALL, *args, f"hydra.run.dir={straight}"], cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [*base, *SMALL, *args, f"hydra.run.dir={straight}"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     run_dir = tmp_path / "chaos"
     rng = random.Random(seed)
     lost, attempts = [], 0
     while True:
         attempts += 1
         assert attempts <= kills + 3, "too many attempts"
-        proc = subprocess.Popen([*base, *SMALL, *args, f"hydra.run.dir={run_dir}"], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [*base, *SMALL, *args, f"hydra.run.dir={run_dir}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         if len(lost) >= kills:
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err.decode()[-3000:]
@@ -361,7 +442,9 @@ def test_chaos_kills_then_resume_exactly(tmp_path, small_corpus, nproc):
     straight, run_dir, lost = _chaos(tmp_path, small_corpus, CHAOS_KILLS, seed=nproc, nproc=nproc)
     _assert_identical(straight, run_dir)
     assert len(lost) == CHAOS_KILLS
-    print(f"chaos ({'fsdp x2' if nproc > 1 else '1 process'}): {len(lost)} kills survived; steps lost per kill "
-          f"(logged but not yet checkpointed): {[n for _, n in lost]} ({[m for m, _ in lost]})")  # fmt: skip
+    print(
+        f"chaos ({'fsdp x2' if nproc > 1 else '1 process'}): {len(lost)} kills survived; steps lost per kill "
+        f"(logged but not yet checkpointed): {[n for _, n in lost]} ({[m for m, _ in lost]})"
+    )
     assert all(n <= 3 for _, n in lost)  # at most checkpoint.every steps of work lost per kill
     shutil.rmtree(tmp_path, ignore_errors=True)

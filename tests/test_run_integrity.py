@@ -27,8 +27,9 @@ PY = sys.executable
 
 def _cli(*args, env=None, timeout=300, module="harness.train"):
     full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([PY, "-m", module, *args], cwd=REPO, capture_output=True, text=True, env=full,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [PY, "-m", module, *args], cwd=REPO, capture_output=True, text=True, env=full, timeout=timeout
+    )
 
 
 def _hashes(root) -> dict:
@@ -102,14 +103,35 @@ def test_refused_config_under_torchrun_prints_one_error_line_from_rank_0(tmp_pat
     message = "error: train.global_batch_size=8 != micro_batch_size=2 x gradient_accumulation_steps=3"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(3):
-        proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                               "harness.train", *bad, f"hydra.run.dir={tmp_path}/r{attempt}"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "harness.train",
+                *bad,
+                f"hydra.run.dir={tmp_path}/r{attempt}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 1, proc.stderr[-2000:]  # torchrun's own status for a failed worker
         assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-3000:]
-    proc = subprocess.run(["bash", "launch/torchrun.sh", *bad, f"hydra.run.dir={tmp_path}/w"], cwd=REPO,
-                          env={**env, "NPROC": "2"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "launch/torchrun.sh", *bad, f"hydra.run.dir={tmp_path}/w"],
+        cwd=REPO,
+        env={**env, "NPROC": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")][0].startswith(message)
     assert not list(tmp_path.iterdir())  # no run directory was created
@@ -142,11 +164,22 @@ def test_rerun_with_nothing_to_train_keeps_the_record(tmp_path, small_corpus):
 @pytest.mark.slow
 def test_a_second_process_in_a_live_run_directory_is_refused(tmp_path, small_corpus):
     run_dir = tmp_path / "run"
-    args = [*SMALL, f"data.path={small_corpus}", "train.max_steps=30", "eval.every=0", "checkpoint.every=0",
-            f"hydra.run.dir={run_dir}"]  # fmt: skip
-    first = subprocess.Popen([PY, "-m", "harness.train", *args], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "HARNESS_FAULT": "slow:0.5"})  # 15 s of training  # fmt: skip
+    args = [
+        *SMALL,
+        f"data.path={small_corpus}",
+        "train.max_steps=30",
+        "eval.every=0",
+        "checkpoint.every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.Popen(
+        [PY, "-m", "harness.train", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HARNESS_FAULT": "slow:0.5"},
+    )  # 15 s of training
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.1)
@@ -158,7 +191,8 @@ def test_a_second_process_in_a_live_run_directory_is_refused(tmp_path, small_cor
         second.stderr.strip()
         .splitlines()[-1]
         .startswith(
-            f"error: run directory {run_dir} is in use by pid {first.pid} on host {socket.gethostname()} (since "
+            f"error: run directory {run_dir} is in use by pid {first.pid} on host {socket.gethostname()} "
+            "(since "
         )
     )
     assert "(since " in second.stderr and "wait for it to end" in second.stderr
@@ -176,9 +210,18 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, small_corpus, caplo
 
 
 def test_a_live_lock_holder_refuses_an_in_process_run(tmp_path, small_corpus):
-    holder = subprocess.Popen([PY, "-c", "import sys, time; from harness.rundir import RunDirLock; "
-                               f"RunDirLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); "
-                               "time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            "import sys, time; from harness.rundir import RunDirLock; "
+            f"RunDirLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); "
+            "time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(
@@ -221,15 +264,29 @@ def test_mfu_above_100_percent_is_warned_once_naming_the_peak(tmp_path, small_co
 def test_org_name_path_offline_fails_fast(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     start = time.time()
-    proc = subprocess.run([PY, "-m", "harness.train", *SMALL, "data.path=no_such_org/no_such_data",
-                           f"hydra.run.dir={tmp_path}/r"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "harness.train",
+            *SMALL,
+            "data.path=no_such_org/no_such_data",
+            f"hydra.run.dir={tmp_path}/r",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and time.time() - start < 30
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: data.path: 'no_such_org/no_such_data' matches no local file")
     proc = _cli(*SMALL, "data.path=tests/no_such_file", f"hydra.run.dir={tmp_path}/r", env=env)
-    assert proc.stderr.strip().splitlines()[-1] == "error: data.path: 'tests/no_such_file' matches no file " \
-        "(check the path or glob)"  # fmt: skip
+    assert (
+        proc.stderr.strip().splitlines()[-1] == "error: data.path: 'tests/no_such_file' matches no file "
+        "(check the path or glob)"
+    )
 
 
 @pytest.mark.slow
@@ -237,8 +294,13 @@ def test_ctrl_c_checkpoints_logs_and_a_rerun_continues_identically(tmp_path, sma
     args = [*SMALL, f"data.path={small_corpus}", "train.max_steps=30", "checkpoint.every=0", "eval.every=0"]
     assert _cli(*args, f"hydra.run.dir={tmp_path / 'straight'}").returncode == 0
     run_dir = tmp_path / "interrupted"
-    proc = subprocess.Popen([PY, "-m", "harness.train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [PY, "-m", "harness.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (run_dir / "metrics.jsonl").exists()
@@ -269,11 +331,30 @@ def test_progress_bar_shows_this_steps_values_and_log_lines_get_their_own_line(c
         sink = ConsoleSink(max_steps=3, start_step=0, every=100, progress="on")
         sink.bar.mininterval, sink.bar.miniters = 0, 1  # redraw on every update (no time throttling)
         for step, loss in ((1, 5.1234), (2, 4.5678)):
-            rec = StepMetrics(step=step, epoch=0.0, tokens=1, tokens_total=step, loss=loss, lr=1e-3 * step,
-                              grad_norm=1.0, global_batch_size=1, gradient_accumulation_steps=1, step_time_s=1.0,
-                              data_s=0.0, forward_backward_s=1.0, optimizer_s=0.0, comm_s=0.0, comm_exposed_s=0.0,
-                              comm_bytes=0, comm_busbw_gbps=None, comm_bytes_by_op=None, tokens_per_second=1.0,
-                              mfu=0.1, max_memory_bytes=0, elapsed_s=1.0)  # fmt: skip
+            rec = StepMetrics(
+                step=step,
+                epoch=0.0,
+                tokens=1,
+                tokens_total=step,
+                loss=loss,
+                lr=1e-3 * step,
+                grad_norm=1.0,
+                global_batch_size=1,
+                gradient_accumulation_steps=1,
+                step_time_s=1.0,
+                data_s=0.0,
+                forward_backward_s=1.0,
+                optimizer_s=0.0,
+                comm_s=0.0,
+                comm_exposed_s=0.0,
+                comm_bytes=0,
+                comm_busbw_gbps=None,
+                comm_bytes_by_op=None,
+                tokens_per_second=1.0,
+                mfu=0.1,
+                max_memory_bytes=0,
+                elapsed_s=1.0,
+            )
             sink.write(rec)
             last_bar = capsys.readouterr().err.split("\r")[-1]
             assert f"loss={loss:.4f}" in last_bar and f"lr={1e-3 * step:.2e}" in last_bar

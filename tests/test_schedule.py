@@ -90,8 +90,9 @@ def test_iterations_per_epoch_ceil_and_floor():
 
 
 def test_short_last_batch_at_world_size_two():
-    plan = IterationPlan(num_sequences=11, seq_len=8, ramp=BatchRamp(full=4, increment=4), micro_batch_size=2,
-                         world_size=2)  # fmt: skip
+    plan = IterationPlan(
+        num_sequences=11, seq_len=8, ramp=BatchRamp(full=4, increment=4), micro_batch_size=2, world_size=2
+    )
     it = plan.steps()
     sizes = [next(it).global_batch_size for _ in range(6)]
     assert sizes == [4, 4, 2, 4, 4, 2]  # 11 = 4 + 4 + 3 -> the short step is cut to 2 (a multiple of 2)
@@ -136,7 +137,7 @@ def test_resumed_plan_continues_the_same_steps():
 @pytest.mark.parametrize(
     "model_params,tokens,batch_tokens,expected_steps",
     [(175e9, 300e9, 3.2e6, 93_750), (70e9, 2e12, 4e6, 500_000), (405e9, 15e12, 16e6, 937_500)],
-)  # fmt: skip
+)
 def test_published_runs_iteration_counts(model_params, tokens, batch_tokens, expected_steps):
     """GPT-3 175B, LLaMA 2 70B and LLaMA 3 405B step counts from token budget and batch."""
     seq_len = 2048 if model_params == 175e9 else 4096

@@ -20,8 +20,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.slurm]
 PY = sys.executable
 LOCAL_SLURM = REPO.parent / "shared" / "tools" / "local-slurm" / "start-local-slurm.sh"
 # 100 steps of the small model with the batch ramp, FSDP over 2 gloo processes.
-ARGS = [*SMALL, "parallel=fsdp", "train.max_steps=100", "eval.every=25", "checkpoint.every=0",
-        "checkpoint.export_hf=false"]  # fmt: skip
+ARGS = [
+    *SMALL,
+    "parallel=fsdp",
+    "train.max_steps=100",
+    "eval.every=25",
+    "checkpoint.every=0",
+    "checkpoint.export_hf=false",
+]
 KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_total", "global_batch_size", "val_loss")
 
 
@@ -75,9 +81,25 @@ def _start_now(job: str) -> None:
 
 
 def _submit(run_dir, corpus: str, partition: str, *extra: str) -> str:
-    proc = subprocess.run([PY, "-m", "harness.cluster.slurm", *ARGS, f"data.path={corpus}", f"hydra.run.dir={run_dir}",
-                           "slurm.gpus_per_node=0", "slurm.nproc_per_node=2", f"slurm.partition={partition}",
-                           "slurm.time=10", *extra], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "harness.cluster.slurm",
+            *ARGS,
+            f"data.path={corpus}",
+            f"hydra.run.dir={run_dir}",
+            "slurm.gpus_per_node=0",
+            "slurm.nproc_per_node=2",
+            f"slurm.partition={partition}",
+            "slurm.time=10",
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()[-1]
 
@@ -90,10 +112,21 @@ def _rows(run_dir):
 def reference(tmp_path_factory, small_corpus):
     """The same config under a local torchrun (no Slurm): the rows every Slurm run must reproduce."""
     run_dir = tmp_path_factory.mktemp("slurm") / "torchrun"
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "harness.train", *ARGS,
-           f"data.path={small_corpus}", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "harness.train",
+        *ARGS,
+        f"data.path={small_corpus}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 101))
@@ -143,12 +176,26 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(tmp_path, small_corpus, p
 def test_hydra_submitit_multirun_completes_both_jobs(tmp_path, small_corpus, partition):
     t0 = time.time()
     sweep = tmp_path / "sweep"
-    cmd = [PY, "-m", "harness.train", "-m", *ARGS, "train.max_steps=10", f"data.path={small_corpus}",
-           "optim.lr=1e-3,3e-3", "hydra/launcher=submitit_slurm", f"hydra.launcher.partition={partition}",
-           "hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
-           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "harness.train",
+        "-m",
+        *ARGS,
+        "train.max_steps=10",
+        f"data.path={small_corpus}",
+        "optim.lr=1e-3,3e-3",
+        "hydra/launcher=submitit_slurm",
+        f"hydra.launcher.partition={partition}",
+        "hydra.launcher.nodes=1",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finals = []
     for job in ("0", "1"):

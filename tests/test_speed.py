@@ -37,8 +37,13 @@ def test_selective_activation_checkpointing(tmp_path, small_corpus, plain):
     model = build_model(cfg.model, 320, 0)
     apply_activation_checkpointing(model, every=2)
     assert [b.gradient_checkpointing for b in transformer_blocks(model)] == [True, False, True, False]
-    train_small(tmp_path / "ac", small_corpus, *BASE, "parallel.activation_checkpointing=true",
-                "parallel.activation_checkpointing_every=2")  # fmt: skip
+    train_small(
+        tmp_path / "ac",
+        small_corpus,
+        *BASE,
+        "parallel.activation_checkpointing=true",
+        "parallel.activation_checkpointing_every=2",
+    )
     assert _rows(tmp_path / "ac") == plain  # recomputation is exact on CPU
 
 

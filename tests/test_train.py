@@ -15,12 +15,38 @@ from harness.schedule import BatchRamp, LRSchedule
 from harness.trainer import TrainState
 
 REQUIRED = {
-    "step", "epoch", "tokens", "tokens_total", "loss", "lr", "grad_norm", "global_batch_size",
-    "gradient_accumulation_steps", "step_time_s", "data_s", "forward_backward_s", "optimizer_s", "comm_s",
-    "comm_exposed_s", "comm_bytes", "comm_busbw_gbps", "tokens_per_second", "mfu", "max_memory_bytes", "val_loss",
-}  # fmt: skip
-TIMING = {"step_time_s", "data_s", "forward_backward_s", "optimizer_s", "tokens_per_second", "mfu",
-          "max_memory_bytes", "elapsed_s"}  # fmt: skip
+    "step",
+    "epoch",
+    "tokens",
+    "tokens_total",
+    "loss",
+    "lr",
+    "grad_norm",
+    "global_batch_size",
+    "gradient_accumulation_steps",
+    "step_time_s",
+    "data_s",
+    "forward_backward_s",
+    "optimizer_s",
+    "comm_s",
+    "comm_exposed_s",
+    "comm_bytes",
+    "comm_busbw_gbps",
+    "tokens_per_second",
+    "mfu",
+    "max_memory_bytes",
+    "val_loss",
+}
+TIMING = {
+    "step_time_s",
+    "data_s",
+    "forward_backward_s",
+    "optimizer_s",
+    "tokens_per_second",
+    "mfu",
+    "max_memory_bytes",
+    "elapsed_s",
+}
 
 
 def _values(records):
@@ -108,14 +134,18 @@ def test_resume_after_a_crash_is_bitwise_identical(tmp_path, small_corpus, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     oa = torch.load(straight / "checkpoints" / "step_00000012" / "optimizer.pt", weights_only=True)
     ob = torch.load(stopped / "checkpoints" / "step_00000012" / "optimizer.pt", weights_only=True)
-    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"])
-               for i in oa["state"])  # fmt: skip
+    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
 
 
 def test_resume_from_another_run_directory(tmp_path, small_corpus):
     train_small(tmp_path / "a", small_corpus, "train.max_steps=5", "eval.every=0")
-    state = train_small(tmp_path / "b", small_corpus, "train.max_steps=7", "eval.every=0",
-                        f"checkpoint.resume={tmp_path / 'a'}")  # fmt: skip
+    state = train_small(
+        tmp_path / "b",
+        small_corpus,
+        "train.max_steps=7",
+        "eval.every=0",
+        f"checkpoint.resume={tmp_path / 'a'}",
+    )
     assert state.step == 7 and [r["step"] for r in read_metrics(tmp_path / "b")] == [6, 7]
 
 
@@ -174,16 +204,30 @@ def test_early_stopping_counts_evaluations_without_improvement():
 
 @pytest.mark.slow
 def test_gpt2_style_model_trains(tmp_path, small_corpus):
-    train_small(tmp_path, small_corpus, "model=gpt2_tiny", "model.hidden_size=64", "model.num_layers=2",
-                "model.num_heads=2", "model.intermediate_size=128", "train.max_steps=6", "eval.every=0")  # fmt: skip
+    train_small(
+        tmp_path,
+        small_corpus,
+        "model=gpt2_tiny",
+        "model.hidden_size=64",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "model.intermediate_size=128",
+        "train.max_steps=6",
+        "eval.every=0",
+    )
     recs = read_metrics(tmp_path)
     assert len(recs) == 6 and recs[-1]["loss"] < recs[0]["loss"]
 
 
 @pytest.mark.slow
 def test_wikitext2_with_the_real_gpt2_tokenizer(tmp_path, shared_data):
-    train_small(tmp_path, str(shared_data / "wikitext2" / "valid.jsonl"), f"tokenizer.path={shared_data}/tokenizers/gpt2",
-                "train.max_steps=8", "eval.every=4")  # fmt: skip
+    train_small(
+        tmp_path,
+        str(shared_data / "wikitext2" / "valid.jsonl"),
+        f"tokenizer.path={shared_data}/tokenizers/gpt2",
+        "train.max_steps=8",
+        "eval.every=4",
+    )
     recs = read_metrics(tmp_path)
     assert len(recs) == 8
     assert abs(recs[0]["loss"] - math.log(50304)) < 0.3  # vocabulary 50257 padded to a multiple of 64
@@ -192,9 +236,15 @@ def test_wikitext2_with_the_real_gpt2_tokenizer(tmp_path, shared_data):
 
 @pytest.mark.slow
 def test_c4_json_gz_with_the_llama_style_tokenizer(tmp_path, shared_data):
-    train_small(tmp_path, f"{shared_data}/c4_sample/*.json.gz", f"tokenizer.path={shared_data}/tokenizers/mistral_v1_spm",
-                "train.max_steps=5", "eval.every=0", "train.global_batch_size=4",
-                "schedule.batch_warmup.start_global_batch_size=null")  # fmt: skip
+    train_small(
+        tmp_path,
+        f"{shared_data}/c4_sample/*.json.gz",
+        f"tokenizer.path={shared_data}/tokenizers/mistral_v1_spm",
+        "train.max_steps=5",
+        "eval.every=0",
+        "train.global_batch_size=4",
+        "schedule.batch_warmup.start_global_batch_size=null",
+    )
     recs = read_metrics(tmp_path)
     assert len(recs) == 5 and abs(recs[0]["loss"] - math.log(32000)) < 0.3
 

@@ -87,7 +87,8 @@ def _read_codes(directory: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the launcher command after ``--``; relay USR1/TERM to training processes; return the exit status."""
+    """Run the launcher command after ``--``; relay USR1/TERM to training processes; return the exit
+    status."""
     argv = sys.argv[1:] if argv is None else argv
     if "--" in argv:
         argv = argv[argv.index("--") + 1 :]
@@ -116,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return
             name = signal.Signals(signum).name
-            print(f"[harness.cluster.node] {name}: asking {len(targets)} training processes to checkpoint and stop",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[harness.cluster.node] {name}: asking {len(targets)} training processes to checkpoint and "
+                "stop",
+                file=sys.stderr,
+                flush=True,
+            )
             for p in targets:
                 try:
                     p.send_signal(signal.SIGUSR1)

@@ -15,37 +15,53 @@ from harness.errors import ConfigError
 
 @dataclass
 class SlurmConfig:
-    """``python -m harness.launch.slurm`` only: the allocation and the generated sbatch script."""
+    """``python -m harness.cluster.slurm`` only: the allocation and the generated sbatch script."""
 
     nodes: int = 1
-    gpus_per_node: int = 8  # 0 on CPU-only partitions
-    nproc_per_node: int | None = None  # training processes per node; None: gpus_per_node (1 without GPUs)
-    cpus_per_task: int | None = None  # CPUs of each node's task (the launcher and its training processes)
-    mem: str | None = None  # --mem, e.g. "0" for all of a node's memory
-    time: str = "04:00:00"  # wall-clock limit, Slurm syntax
+    # 0 on CPU-only partitions
+    gpus_per_node: int = 8
+    # training processes per node; None: gpus_per_node (1 without GPUs)
+    nproc_per_node: int | None = None
+    # CPUs of each node's task (the launcher and its training processes)
+    cpus_per_task: int | None = None
+    # --mem, e.g. "0" for all of a node's memory
+    mem: str | None = None
+    # wall-clock limit, Slurm syntax
+    time: str = "04:00:00"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    exclusive: bool = False  # whole nodes
-    job_name: str | None = None  # None: run_name
-    launcher: str = "auto"  # auto (deepspeed for parallel=deepspeed, else torchrun) | torchrun | deepspeed
-    rdzv_port: int | None = None  # rendezvous / master port on the first node; None: 20000 + job id % 20000
-    python: str | None = None  # interpreter on the nodes; None: this one (``python`` inside a container)
-    container_image: str | None = None  # pyxis/enroot image (srun --container-image)
-    container_mounts: str | None = None  # srun --container-mounts, e.g. /data:/data,/scratch:/scratch
-    container_exec: str | None = None  # command prefix on each node, e.g. "apptainer exec --nv harness.sif"
-    env: dict[str, str] = field(
-        default_factory=dict
-    )  # exported before srun: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...
-    setup: list[str] = field(
-        default_factory=list
-    )  # shell lines run before srun (module load, source venv/bin/activate)
-    sbatch_args: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --mail-type=END
-    signal_grace_s: int = 120  # USR1 this many seconds before the time limit: finish the step and checkpoint
-    max_requeues: int = 10  # requeues (preemptions, and failures with requeue_on_failure) before giving up
-    requeue_on_failure: bool = False  # also requeue after a crash (bounded by max_requeues)
-    dry_run: bool = False  # write the script, do not submit
+    # whole nodes
+    exclusive: bool = False
+    # None: run_name
+    job_name: str | None = None
+    # auto (deepspeed for parallel=deepspeed, else torchrun) | torchrun | deepspeed
+    launcher: str = "auto"
+    # rendezvous / master port on the first node; None: 20000 + job id % 20000
+    rdzv_port: int | None = None
+    # interpreter on the nodes; None: this one (``python`` inside a container)
+    python: str | None = None
+    # pyxis/enroot image (srun --container-image)
+    container_image: str | None = None
+    # srun --container-mounts, e.g. /data:/data,/scratch:/scratch
+    container_mounts: str | None = None
+    # command prefix on each node, e.g. "apptainer exec --nv harness.sif"
+    container_exec: str | None = None
+    # exported before srun: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...
+    env: dict[str, str] = field(default_factory=dict)
+    # shell lines run before srun (module load, source venv/bin/activate)
+    setup: list[str] = field(default_factory=list)
+    # extra #SBATCH options, e.g. --mail-type=END
+    sbatch_args: list[str] = field(default_factory=list)
+    # USR1 this many seconds before the time limit: finish the step and checkpoint
+    signal_grace_s: int = 120
+    # requeues (preemptions, and failures with requeue_on_failure) before giving up
+    max_requeues: int = 10
+    # also requeue after a crash (bounded by max_requeues)
+    requeue_on_failure: bool = False
+    # write the script, do not submit
+    dry_run: bool = False
 
 
 @dataclass
@@ -59,7 +75,8 @@ register_schema("slurm", SlurmJobConfig)
 
 
 def slurm_time_seconds(text: str) -> int:
-    """Seconds of a Slurm time limit: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S`` (sbatch manual).
+    """Seconds of a Slurm time limit: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S`` (sbatch
+    manual).
 
     Raises:
         ConfigError: another form, a field out of range, or 0 (which Slurm reads as no limit).
@@ -87,7 +104,7 @@ def slurm_time_seconds(text: str) -> int:
 
 
 def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
-    """Check the ``slurm`` section for ``python -m harness.launch.slurm``.
+    """Check the ``slurm`` section for ``python -m harness.cluster.slurm``.
 
     Returns:
         ``(launcher, nproc_per_node)``: ``torchrun`` or ``deepspeed``, and training processes per node.
@@ -102,8 +119,10 @@ def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
     if nproc < 1:
         raise ConfigError(f"slurm.nproc_per_node={s.nproc_per_node} must be >= 1")
     if s.gpus_per_node and nproc > s.gpus_per_node:
-        raise ConfigError(f"slurm.nproc_per_node={nproc} > slurm.gpus_per_node={s.gpus_per_node}: "
-                          "one training process per GPU at most")  # fmt: skip
+        raise ConfigError(
+            f"slurm.nproc_per_node={nproc} > slurm.gpus_per_node={s.gpus_per_node}: "
+            "one training process per GPU at most"
+        )
     for key in ("cpus_per_task", "signal_grace_s", "max_requeues", "rdzv_port"):
         value = getattr(s, key)
         if value is not None and value < (1 if key in ("cpus_per_task", "rdzv_port") else 0):
@@ -114,8 +133,10 @@ def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
         )
     limit = slurm_time_seconds(s.time)
     if limit <= s.signal_grace_s:
-        raise ConfigError(f"slurm.time={s.time!r} ({limit} s) must be longer than slurm.signal_grace_s="
-                          f"{s.signal_grace_s}: the checkpoint signal comes that long before the limit")  # fmt: skip
+        raise ConfigError(
+            f"slurm.time={s.time!r} ({limit} s) must be longer than slurm.signal_grace_s="
+            f"{s.signal_grace_s}: the checkpoint signal comes that long before the limit"
+        )
     if s.mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(s.mem)):
         raise ConfigError(f"slurm.mem={s.mem!r} is not a Slurm memory size (e.g. 0 for all, 500G, 64000M)")
     launcher = s.launcher
@@ -127,8 +148,10 @@ def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
             raise ConfigError(f"slurm.env key {name!r} is not a valid environment variable name")
         if re.search(r"KEY|TOKEN|SECRET|PASSWORD", str(name).upper()):
-            raise ConfigError(f"slurm.env.{name} looks like a secret: it would be written into the sbatch script; "
-                              "export it in the submitting shell instead (sbatch passes the environment on)")  # fmt: skip
+            raise ConfigError(
+                f"slurm.env.{name} looks like a secret: it would be written into the sbatch script; "
+                "export it in the submitting shell instead (sbatch passes the environment on)"
+            )
     for arg in s.sbatch_args:
         if not str(arg).startswith("-"):
             raise ConfigError(

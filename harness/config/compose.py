@@ -20,7 +20,9 @@ from omegaconf import OmegaConf
 from harness.config.schema import PARALLEL_SCHEMAS, JobConfig
 from harness.errors import ConfigError
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
 
 
 def default_cache_dir() -> str:
@@ -84,7 +86,9 @@ def compose_checked(overrides: list[str], schema: str = "train"):
 def check_run_dir(run_dir: str) -> None:
     """Raises :class:`ConfigError` when the run directory exists as a file."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError(f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory")
+        raise ConfigError(
+            f"hydra.run.dir={run_dir!r} is a file, not a directory; choose another run directory"
+        )
 
 
 def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:

@@ -36,14 +36,28 @@ CHOICES = {
     "data": {"sample_by": ("document", "line", "paragraph"), "format": (None, "text", "json", "parquet")},
     "optim": {"name": ("adamw",)},
     "schedule": {"name": ("cosine", "constant", "wsd")},
-    "train": {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-              "nonfinite": (None, "skip", "abort")},  # fmt: skip
+    "train": {
+        "device": ("auto", "cpu", "cuda"),
+        "dtype": ("auto", "float32", "bfloat16"),
+        "nonfinite": (None, "skip", "abort"),
+    },
     "logging": {"progress": ("auto", "on", "off")},
 }
 # section -> keys that must be > 0 (None allowed where the schema allows it)
 POSITIVE = {
-    "model": ("hidden_size", "num_layers", "num_heads", "max_position_embeddings", "vocab_multiple", "rope_theta",
-              "norm_eps", "init_std", "num_kv_heads", "intermediate_size", "vocab_size"),  # fmt: skip
+    "model": (
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "max_position_embeddings",
+        "vocab_multiple",
+        "rope_theta",
+        "norm_eps",
+        "init_std",
+        "num_kv_heads",
+        "intermediate_size",
+        "vocab_size",
+    ),
     "data": ("seq_len", "num_proc"),
     "tokenizer": ("train_vocab_size",),
     "optim": ("lr",),
@@ -53,8 +67,14 @@ POSITIVE = {
     "checkpoint": ("keep_last",),
 }
 # keys whose None is allowed (the > 0 message says so)
-NULLABLE = {"model.num_kv_heads", "model.intermediate_size", "model.vocab_size", "train.stop_at_step",
-            "train.peak_flops_per_device", "eval.patience"}
+NULLABLE = {
+    "model.num_kv_heads",
+    "model.intermediate_size",
+    "model.vocab_size",
+    "train.stop_at_step",
+    "train.peak_flops_per_device",
+    "eval.patience",
+}
 # section -> keys that must be >= 1
 AT_LEAST_ONE = {"train": ("max_consecutive_skips", "spike_window")}
 # section -> keys that must be >= 0
@@ -65,14 +85,19 @@ NON_NEGATIVE = {
     "eval": ("every",),
     "checkpoint": ("every",),
 }
-NON_NEGATIVE_HINTS = {"spike_factor": " (0 disables loss-spike events)", "loader_workers": " (0: load in the training process)"}
+NON_NEGATIVE_HINTS = {
+    "spike_factor": " (0 disables loss-spike events)",
+    "loader_workers": " (0: load in the training process)",
+}
 
 
 def check_rules(section: str, node: Any) -> None:
     """The table-driven checks of one section: choices, > 0, >= 0 and finite floats."""
     for key, allowed in CHOICES.get(section, {}).items():
         if getattr(node, key) not in allowed:
-            shown = ", ".join(str(a) for a in allowed if a is not None) + (" (or null)" if None in allowed else "")
+            shown = ", ".join(str(a) for a in allowed if a is not None) + (
+                " (or null)" if None in allowed else ""
+            )
             raise ConfigError(f"{section}.{key}={getattr(node, key)!r} is not one of {shown}")
     for key in POSITIVE.get(section, ()):
         value = getattr(node, key)
@@ -107,9 +132,13 @@ def _nonfinite_float(node: Any, prefix: str) -> tuple[str, float] | None:
 def check_model(m: ModelConfig) -> None:
     check_rules("model", m)
     if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}"
+        )
     if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}"
+        )
 
 
 def check_data(d: DataConfig) -> None:
@@ -122,7 +151,8 @@ def check_tokenizer(t: TokenizerConfig) -> None:
     check_rules("tokenizer", t)
     if t.train_vocab_size < 257:
         raise ConfigError(
-            f"tokenizer.train_vocab_size={t.train_vocab_size} must be >= 257 (256 byte symbols + <|endoftext|>)"
+            f"tokenizer.train_vocab_size={t.train_vocab_size} must be >= 257 (256 byte symbols + "
+            "<|endoftext|>)"
         )
 
 
@@ -136,15 +166,20 @@ def check_schedule(s: ScheduleConfig) -> None:
     """All of the schedule's own problems in one message (ramp sizes are checked in :func:`validate`)."""
     check_rules("schedule", s)
     bw = s.batch_warmup
-    problems = [f"schedule.{k}={v} must be >= 0" for k, v in
-                (("warmup_steps", s.warmup_steps), ("min_lr", s.min_lr), ("batch_warmup.steps", bw.steps)) if v < 0]  # fmt: skip
+    problems = [
+        f"schedule.{k}={v} must be >= 0"
+        for k, v in (("warmup_steps", s.warmup_steps), ("min_lr", s.min_lr), ("batch_warmup.steps", bw.steps))
+        if v < 0
+    ]
     if not 0.0 <= s.decay_fraction <= 1.0:
         problems.append(f"schedule.decay_fraction={s.decay_fraction} must be in [0, 1]")
     if bw.tokens is not None and bw.tokens <= 0:
         problems.append(f"schedule.batch_warmup.tokens={bw.tokens} must be > 0 (or null)")
     if bw.tokens is not None and bw.steps:
-        problems.append(f"schedule.batch_warmup.tokens={bw.tokens} and schedule.batch_warmup.steps={bw.steps} are "
-                        "both set; give one ramp length (schedule.batch_warmup.steps=0 to ramp over tokens)")  # fmt: skip
+        problems.append(
+            f"schedule.batch_warmup.tokens={bw.tokens} and schedule.batch_warmup.steps={bw.steps} are "
+            "both set; give one ramp length (schedule.batch_warmup.steps=0 to ramp over tokens)"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -154,7 +189,8 @@ def check_training(t: TrainingConfig) -> None:
     if (t.max_steps is None) == (t.max_tokens is None):
         raise ConfigError(
             "set exactly one budget: train.max_steps or train.max_tokens "
-            f"(got max_steps={t.max_steps}, max_tokens={t.max_tokens}; with max_tokens add train.max_steps=null)"
+            f"(got max_steps={t.max_steps}, max_tokens={t.max_tokens}; with max_tokens add "
+            "train.max_steps=null)"
         )
     for key, limit in (("max_steps", 10**9), ("max_tokens", 10**16)):
         value = getattr(t, key)
@@ -168,15 +204,21 @@ def check_parallel(p: ParallelConfig) -> None:
     if schema is None:
         raise ConfigError(f"parallel.name={p.name!r} is not one of {', '.join(PARALLEL_SCHEMAS)}")
     if type(p) is not schema:
-        raise ConfigError(f"parallel.name={p.name} does not match the parallel config group; choose the backend "
-                          f"with parallel={p.name}, not parallel.name")  # fmt: skip
+        raise ConfigError(
+            f"parallel.name={p.name} does not match the parallel config group; choose the backend "
+            f"with parallel={p.name}, not parallel.name"
+        )
     if p.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0")
     if p.activation_checkpointing_every < 1:
-        raise ConfigError(f"parallel.activation_checkpointing_every={p.activation_checkpointing_every} must be "
-                          ">= 1 (1: every block; k: every k-th block)")  # fmt: skip
+        raise ConfigError(
+            f"parallel.activation_checkpointing_every={p.activation_checkpointing_every} must be "
+            ">= 1 (1: every block; k: every k-th block)"
+        )
     if p.tp != 1:
-        raise ConfigError(f"parallel.tp={p.tp}: tensor parallelism is not supported yet (the mesh reserves tp=1)")
+        raise ConfigError(
+            f"parallel.tp={p.tp}: tensor parallelism is not supported yet (the mesh reserves tp=1)"
+        )
     BACKEND_CHECKS.get(type(p), lambda _: None)(p)
 
 
@@ -194,8 +236,10 @@ def _check_deepspeed(p: DeepSpeedConfig) -> None:
     if p.offload_param and p.zero_stage != 3:
         raise ConfigError(f"parallel.offload_param needs parallel.zero_stage=3 (got {p.zero_stage})")
     if p.activation_checkpointing:
-        raise ConfigError("parallel.activation_checkpointing is for ddp/fsdp/none; with deepspeed use its own "
-                          "activation_checkpointing section in parallel.ds_config")  # fmt: skip
+        raise ConfigError(
+            "parallel.activation_checkpointing is for ddp/fsdp/none; with deepspeed use its own "
+            "activation_checkpointing section in parallel.ds_config"
+        )
 
 
 BACKEND_CHECKS = {FSDPConfig: _check_fsdp, DeepSpeedConfig: _check_deepspeed}
@@ -208,7 +252,9 @@ def check_eval(e: EvalConfig) -> None:
 def check_logging(g: LoggingConfig) -> None:
     check_rules("logging", g)
     if g.wandb.mode not in ("auto", "online", "offline", "disabled"):
-        raise ConfigError(f"logging.wandb.mode={g.wandb.mode!r} is not one of auto, online, offline, disabled")
+        raise ConfigError(
+            f"logging.wandb.mode={g.wandb.mode!r} is not one of auto, online, offline, disabled"
+        )
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:
@@ -216,10 +262,17 @@ def check_checkpoint(c: CheckpointConfig) -> None:
 
 
 SECTION_CHECKS = {
-    "model": check_model, "data": check_data, "tokenizer": check_tokenizer, "optim": check_optim,
-    "schedule": check_schedule, "train": check_training, "eval": check_eval, "parallel": check_parallel,
-    "logging": check_logging, "checkpoint": check_checkpoint,
-}  # fmt: skip
+    "model": check_model,
+    "data": check_data,
+    "tokenizer": check_tokenizer,
+    "optim": check_optim,
+    "schedule": check_schedule,
+    "train": check_training,
+    "eval": check_eval,
+    "parallel": check_parallel,
+    "logging": check_logging,
+    "checkpoint": check_checkpoint,
+}
 
 
 def resolve_batch_sizes(train: TrainingConfig, world_size: int) -> BatchSizes:
@@ -243,17 +296,23 @@ def resolve_batch_sizes(train: TrainingConfig, world_size: int) -> BatchSizes:
         g = m * k * w
     elif m is None:
         if g % (k * w):
-            raise ConfigError(f"train.global_batch_size={g} is not divisible by gradient_accumulation_steps={k} x "
-                              f"world_size={w} = {k * w}; change one of them")  # fmt: skip
+            raise ConfigError(
+                f"train.global_batch_size={g} is not divisible by gradient_accumulation_steps={k} x "
+                f"world_size={w} = {k * w}; change one of them"
+            )
         m = g // (k * w)
     elif k is None:
         if g % (m * w):
-            raise ConfigError(f"train.global_batch_size={g} is not divisible by micro_batch_size={m} x world_size="
-                              f"{w} = {m * w}; change one of them or set train.gradient_accumulation_steps")  # fmt: skip
+            raise ConfigError(
+                f"train.global_batch_size={g} is not divisible by micro_batch_size={m} x world_size="
+                f"{w} = {m * w}; change one of them or set train.gradient_accumulation_steps"
+            )
         k = g // (m * w)
     elif g != m * k * w:
-        raise ConfigError(f"train.global_batch_size={g} != micro_batch_size={m} x gradient_accumulation_steps={k} x "
-                          f"world_size={w} = {m * k * w}; set one of them to null to derive it")  # fmt: skip
+        raise ConfigError(
+            f"train.global_batch_size={g} != micro_batch_size={m} x gradient_accumulation_steps={k} x "
+            f"world_size={w} = {m * k * w}; set one of them to null to derive it"
+        )
     return BatchSizes(g, m, k, w)
 
 
@@ -265,11 +324,15 @@ def check_batch_ramp(schedule: ScheduleConfig, batch: BatchSizes) -> None:
         return  # no ramp
     inc = batch.micro_batch_size * batch.world_size
     if not 0 < start <= full:
-        raise ConfigError(f"schedule.batch_warmup.start_global_batch_size={start} must be in "
-                          f"[1, train.global_batch_size={full}]")  # fmt: skip
+        raise ConfigError(
+            f"schedule.batch_warmup.start_global_batch_size={start} must be in "
+            f"[1, train.global_batch_size={full}]"
+        )
     if start % inc or (full - start) % inc:
-        raise ConfigError(f"schedule.batch_warmup.start_global_batch_size={start} and train.global_batch_size="
-                          f"{full} must both be multiples of micro_batch_size x world_size = {inc}")  # fmt: skip
+        raise ConfigError(
+            f"schedule.batch_warmup.start_global_batch_size={start} and train.global_batch_size="
+            f"{full} must both be multiples of micro_batch_size x world_size = {inc}"
+        )
 
 
 def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
@@ -284,18 +347,24 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)")
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
-        raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/' (it names runs/<run_name>)")
+        raise ConfigError(
+            f"run_name={cfg.run_name!r} must be a non-empty name without '/' (it names runs/<run_name>)"
+        )
     for section, check in SECTION_CHECKS.items():
         check(getattr(cfg, section))
     if cfg.data.seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
-                          f"{cfg.model.max_position_embeddings}; lower data.seq_len or raise "
-                          "model.max_position_embeddings")  # fmt: skip
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}; lower data.seq_len or raise "
+            "model.max_position_embeddings"
+        )
     if cfg.schedule.min_lr > cfg.optim.lr:
         raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr} is larger than optim.lr={cfg.optim.lr}")
     if cfg.train.nonfinite == "skip" and cfg.parallel.name == "deepspeed":
-        raise ConfigError("train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
-                          "engine.step()); use train.nonfinite=abort or leave it null")  # fmt: skip
+        raise ConfigError(
+            "train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
+            "engine.step()); use train.nonfinite=abort or leave it null"
+        )
     from harness.parallel.dims import ParallelDims  # the mesh: its degrees must multiply to world_size
 
     ParallelDims.from_config(cfg.parallel, world_size)

@@ -27,9 +27,17 @@ from harness.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_
 from harness.errors import DataError
 
 __all__ = [
-    "IGNORE_INDEX", "DataBundle", "MicroBatch", "PackedSequences", "StepLoader", "TokenStore",
-    "build_data", "build_loader", "load_token_store", "validation_batches",
-]  # fmt: skip
+    "IGNORE_INDEX",
+    "DataBundle",
+    "MicroBatch",
+    "PackedSequences",
+    "StepLoader",
+    "TokenStore",
+    "build_data",
+    "build_loader",
+    "load_token_store",
+    "validation_batches",
+]
 
 
 def load_token_store(data: DataConfig, tok_cfg: TokenizerConfig, output_dir: str | None = None):
@@ -95,8 +103,14 @@ def load_token_store(data: DataConfig, tok_cfg: TokenizerConfig, output_dir: str
     ds, column = dataset()
     first = corpus.files[0] if corpus.format == "hub" else os.path.abspath(corpus.files[0])
     source = first if len(corpus.files) == 1 else f"{len(corpus.files)} files ({first}, ...)"
-    store = write_store(target, ds, column, tokenizer, data.num_proc,
-                        {"source": source, "tokenizer_fingerprint": fingerprint, "text_field": column})  # fmt: skip
+    store = write_store(
+        target,
+        ds,
+        column,
+        tokenizer,
+        data.num_proc,
+        {"source": source, "tokenizer_fingerprint": fingerprint, "text_field": column},
+    )
     return tokenizer, store
 
 
@@ -130,7 +144,8 @@ def build_data(
     val = PackedSequences(store.tokens[n - n_val :], data.seq_len) if n_val else None
     if len(train) < global_batch_size:
         raise DataError(
-            f"data.path: the corpus is too small for one batch: {n - n_val:,} training tokens make {len(train)} "
+            f"data.path: the corpus is too small for one batch: {n - n_val:,} training tokens make "
+            f"{len(train)} "
             f"sequences of data.seq_len={data.seq_len}, but train.global_batch_size={global_batch_size}; "
             "use a larger corpus or lower data.seq_len / train.global_batch_size"
         )

@@ -63,8 +63,10 @@ class MicroBatch:
         return MicroBatch(self.input_ids.pin_memory(), self.labels.pin_memory())
 
     def to(self, device: torch.device, non_blocking: bool = False) -> MicroBatch:
-        return MicroBatch(self.input_ids.to(device, non_blocking=non_blocking),
-                          self.labels.to(device, non_blocking=non_blocking))  # fmt: skip
+        return MicroBatch(
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+        )
 
 
 class StepLoader:
@@ -139,8 +141,15 @@ class PrefetchLoader:
     are unchanged; :meth:`micro_batches` checks that the loop asks for the steps in order.
     """
 
-    def __init__(self, loader: StepLoader, plan, max_steps: int, workers: int, pin_memory: bool,
-                 prefetch_factor: int = 2):  # fmt: skip
+    def __init__(
+        self,
+        loader: StepLoader,
+        plan,
+        max_steps: int,
+        workers: int,
+        pin_memory: bool,
+        prefetch_factor: int = 2,
+    ):
         self.loader, self.plan, self.max_steps = loader, plan, max_steps
         self.workers, self.pin_memory, self.prefetch_factor = workers, pin_memory, prefetch_factor
         self._it = None
@@ -149,18 +158,26 @@ class PrefetchLoader:
         """This rank's micro-batches for ``info`` (the next step of the plan)."""
         if self._it is None:
             stream = _StepStream(self.loader, self.plan, info, self.max_steps)
-            self._it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
-                                                        pin_memory=self.pin_memory,
-                                                        prefetch_factor=self.prefetch_factor))  # fmt: skip
+            self._it = iter(
+                torch.utils.data.DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.workers,
+                    pin_memory=self.pin_memory,
+                    prefetch_factor=self.prefetch_factor,
+                )
+            )
         step, batches = next(self._it)
         if step != info.step:
             raise RuntimeError(f"prefetching loader out of step: got step {step}, the loop is at {info.step}")
         return batches
 
 
-def validation_batches(sequences: PackedSequences, num_batches: int, micro_batch_size: int,
-                       rank: int = 0, world_size: int = 1) -> list[MicroBatch]:  # fmt: skip
-    """A fixed validation set: the first ``num_batches * micro_batch_size * world_size`` sequences, in order."""
+def validation_batches(
+    sequences: PackedSequences, num_batches: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[MicroBatch]:
+    """A fixed validation set: the first ``num_batches * micro_batch_size * world_size`` sequences, in
+    order."""
     n = min(len(sequences), num_batches * micro_batch_size * world_size)
     idx = np.arange(n)
     out = []
@@ -172,9 +189,17 @@ def validation_batches(sequences: PackedSequences, num_batches: int, micro_batch
     return out
 
 
-def build_loader(sequences: PackedSequences, seed: int, micro_batch_size: int, rank: int, world_size: int,
-                 workers: int | None, device_type: str, plan: IterationPlan,
-                 max_steps: int) -> StepLoader | PrefetchLoader:
+def build_loader(
+    sequences: PackedSequences,
+    seed: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int | None,
+    device_type: str,
+    plan: IterationPlan,
+    max_steps: int,
+) -> StepLoader | PrefetchLoader:
     """The step loader of this rank; with ``workers`` > 0 (``data.loader_workers``; None: 2 on CUDA,
     0 on CPU) its next steps are prepared by worker processes (same batches, same order)."""
     loader = StepLoader(sequences, seed, micro_batch_size, rank, world_size)

@@ -11,10 +11,16 @@ from typing import Any
 from harness.errors import DataError
 
 _EXT_FORMAT = {
-    ".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",
-    ".json": "json", ".jsonl": "json", ".ndjson": "json",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".py": "text",
+    ".rst": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
     ".parquet": "parquet",
-}  # fmt: skip
+}
 STORE_META = "meta.json"  # marks a prepared token-store directory
 
 
@@ -68,9 +74,10 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
         expanded = os.path.expanduser(pattern)
         if os.path.isdir(expanded):
             found = sorted(
-                f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
+                f
+                for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
                 if os.path.isfile(f) and infer_format(f)
-            )  # fmt: skip
+            )
             if not found:
                 raise DataError(f"data.path: directory {pattern!r} holds no .txt/.json/.jsonl/.parquet file")
             files += found
@@ -122,7 +129,8 @@ def _check_hub_reachable(name: str, timeout_s: float = 5.0) -> None:
     except OSError as e:
         raise DataError(
             f"data.path: {name!r} matches no local file, and the Hugging Face hub ({host}:{port}) cannot be "
-            f"reached to load it as a hub dataset ({e.strerror or e}); check the path, or set HF_HUB_OFFLINE=1 "
+            f"reached to load it as a hub dataset ({e.strerror or e}); check the path, or set "
+            "HF_HUB_OFFLINE=1 "
             "to never try the hub"
         ) from e
 
@@ -130,9 +138,12 @@ def _check_hub_reachable(name: str, timeout_s: float = 5.0) -> None:
 def _looks_like_hub_name(pattern: str) -> bool:
     parts = pattern.split("/")
     return (
-        len(parts) == 2 and all(parts) and not pattern.startswith((".", "~", "/"))
-        and not any(c in pattern for c in "*?[") and infer_format(pattern) is None
-    )  # fmt: skip
+        len(parts) == 2
+        and all(parts)
+        and not pattern.startswith((".", "~", "/"))
+        and not any(c in pattern for c in "*?[")
+        and infer_format(pattern) is None
+    )
 
 
 def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cache_dir: str):
@@ -173,8 +184,10 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
         hint = {"text": "UTF-8 text", "json": "JSON lines (one object per line)", "parquet": "parquet"}.get(
             corpus.format, corpus.format
         )
-        raise DataError(f"data.path: cannot read {where} as {corpus.format}: {detail}; check that it is {hint}, "
-                        "or set data.format") from e  # fmt: skip
+        raise DataError(
+            f"data.path: cannot read {where} as {corpus.format}: {detail}; check that it is {hint}, "
+            "or set data.format"
+        ) from e
     column = "text" if corpus.format == "text" else text_field
     if column not in ds.column_names:
         raise DataError(

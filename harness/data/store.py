@@ -82,9 +82,13 @@ def write_store(target: str, dataset, column: str, tokenizer, num_proc: int, ext
         return {"input_ids": tokenizer(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
 
     tokenized = dataset.map(
-        encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=dataset.column_names, desc=None,
-    )  # fmt: skip
+        encode,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        desc=None,
+    )
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
@@ -108,8 +112,15 @@ def write_store(target: str, dataset, column: str, tokenizer, num_proc: int, ext
                 f"data.path: every document of {extra_meta.get('source', 'the corpus')} is empty (0 tokens)"
             )
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "num_documents": num_docs,
-                "eos_token_id": eos, "vocab_size": vocab, **extra_meta}  # fmt: skip
+        meta = {
+            "format": FORMAT,
+            "dtype": np.dtype(dtype).name,
+            "num_tokens": num_tokens,
+            "num_documents": num_docs,
+            "eos_token_id": eos,
+            "vocab_size": vocab,
+            **extra_meta,
+        }
         with open(os.path.join(tmp, STORE_META), "w") as f:
             json.dump(meta, f, indent=2)
         if os.path.isdir(target):

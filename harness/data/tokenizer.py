@@ -28,7 +28,8 @@ def load_tokenizer(path: str):
     except Exception as e:
         raise DataError(
             f"tokenizer.path: cannot load a tokenizer from {path!r} (need tokenizer.json, or vocab/merges "
-            f"or tokenizer.model, with tokenizer_config.json): {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            f"or tokenizer.model, with tokenizer_config.json): {type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}"
         ) from e
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer.path: the tokenizer in {path!r} has no EOS token to separate documents")

@@ -26,8 +26,16 @@ from harness.hooks.spikes import LossSpikeHook
 from harness.hooks.stop import StopHook, StopSignal
 
 __all__ = [
-    "CheckpointHook", "EvalHook", "ExportHook", "FaultHook", "Hook", "LossSpikeHook", "MetricsHook", "StopHook",
-    "StopSignal", "default_hooks",
+    "CheckpointHook",
+    "EvalHook",
+    "ExportHook",
+    "FaultHook",
+    "Hook",
+    "LossSpikeHook",
+    "MetricsHook",
+    "StopHook",
+    "StopSignal",
+    "default_hooks",
 ]
 
 

@@ -22,7 +22,9 @@ class EvalHook(Hook):
         """The ``eval`` section over this rank's share of the held-out sequences (None: no validation)."""
         batches = []
         if val_sequences is not None and cfg.every:
-            batches = validation_batches(val_sequences, cfg.batches, micro_batch_size, env.rank, env.world_size)
+            batches = validation_batches(
+                val_sequences, cfg.batches, micro_batch_size, env.rank, env.world_size
+            )
         return cls(cfg.every, cfg.patience, batches)
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -44,5 +46,7 @@ class EvalHook(Hook):
             state.stopped_early = True
             log.info(
                 "early stopping at step %d: validation loss has not improved on %.4f for %d evaluations",
-                state.step, state.best_val_loss, state.evals_since_best,
+                state.step,
+                state.best_val_loss,
+                state.evals_since_best,
             )

@@ -23,7 +23,11 @@ class MetricsHook(Hook):
             t = trainer.throughput
             log.warning(
                 "step %d: MFU %.0f%% is above 100%%: the peak used, %.3g FLOP/s per device (%s), is too low; "
-                "set train.peak_flops_per_device", record.step, 100 * record.mfu, t.peak_flops, t.peak_source,
+                "set train.peak_flops_per_device",
+                record.step,
+                100 * record.mfu,
+                t.peak_flops,
+                t.peak_source,
             )
         if self.metrics is not None:
             self.metrics.write(record)

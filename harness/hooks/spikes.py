@@ -34,6 +34,9 @@ class LossSpikeHook(Hook):
                 record.events = [*(record.events or []), "loss_spike"]
                 log.warning(
                     "step %d: loss spike %.4f > %.3g x running median %.4f",
-                    record.step, record.loss, self.factor, median,
+                    record.step,
+                    record.loss,
+                    self.factor,
+                    median,
                 )
         self.recent.append(record.loss)

@@ -93,7 +93,8 @@ class StopHook(Hook):
         if self.reason is not None:
             log.info(
                 "stopping after step %d on %s; rerun with checkpoint.resume=auto to continue",
-                trainer.state.step, self.reason,
+                trainer.state.step,
+                self.reason,
             )
 
     def close(self) -> None:

@@ -17,7 +17,15 @@ from harness.dist import DistEnv
 from harness.parallel.base import Backend, CommStats, build_adamw
 from harness.parallel.dims import ParallelDims
 
-__all__ = ["BACKENDS", "Backend", "CommStats", "ParallelDims", "backend_class", "build_adamw", "build_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "CommStats",
+    "ParallelDims",
+    "backend_class",
+    "build_adamw",
+    "build_backend",
+]
 
 # parallel.name -> "module:Class", imported when chosen (so a one-process run never imports DeepSpeed).
 BACKENDS = {
@@ -34,8 +42,14 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_backend(cfg: ParallelConfig, env: DistEnv, dims: ParallelDims, batch: BatchSizes, optim: OptimConfig,
-                  comm_timing: bool = True) -> Backend:
+def build_backend(
+    cfg: ParallelConfig,
+    env: DistEnv,
+    dims: ParallelDims,
+    batch: BatchSizes,
+    optim: OptimConfig,
+    comm_timing: bool = True,
+) -> Backend:
     """The backend ``cfg.name`` for this process on the mesh ``dims`` (creates the process group).
 
     Raises:

@@ -57,7 +57,8 @@ def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) 
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder blocks of a ``transformers`` causal LM (LLaMA ``model.layers``, GPT-2 ``transformer.h``)."""
+    """The decoder blocks of a ``transformers`` causal LM (LLaMA ``model.layers``, GPT-2
+    ``transformer.h``)."""
     for path in ("model.layers", "transformer.h"):
         obj = model
         try:
@@ -116,8 +117,15 @@ class Backend(ABC):
         self.optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, env: DistEnv, dims: ParallelDims, batch: BatchSizes,
-                    optim: OptimConfig, comm_timing: bool) -> Backend:
+    def from_config(
+        cls,
+        cfg: ParallelConfig,
+        env: DistEnv,
+        dims: ParallelDims,
+        batch: BatchSizes,
+        optim: OptimConfig,
+        comm_timing: bool,
+    ) -> Backend:
         """This backend for ``cfg`` (its ``parallel`` section) on the mesh ``dims``; distributed
         backends create the process group here.
 

@@ -34,14 +34,47 @@ _OWNED = {
 
 # Top-level DeepSpeed config sections besides the names in deepspeed.runtime.constants.
 _SECTIONS = {
-    "zero_optimization", "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb",
-    "csv_monitor", "aio", "compile", "data_efficiency", "data_types", "checkpoint", "elasticity", "autotuning",
-    "amp", "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
-    "memory_breakdown", "dump_state", "pipeline", "curriculum_learning", "progressive_layer_drop", "eigenvalue",
-    "quantize_training", "compression_training", "sparse_attention", "nebula", "timers", "torch_autocast",
-    "seq_parallel_communication_data_type", "zenflow", "managed_gradient_accumulation", "hybrid_engine",
-    "weight_quantization", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16", "bf16",
-}  # fmt: skip
+    "zero_optimization",
+    "activation_checkpointing",
+    "flops_profiler",
+    "comms_logger",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "aio",
+    "compile",
+    "data_efficiency",
+    "data_types",
+    "checkpoint",
+    "elasticity",
+    "autotuning",
+    "amp",
+    "communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "sparse_gradients",
+    "memory_breakdown",
+    "dump_state",
+    "pipeline",
+    "curriculum_learning",
+    "progressive_layer_drop",
+    "eigenvalue",
+    "quantize_training",
+    "compression_training",
+    "sparse_attention",
+    "nebula",
+    "timers",
+    "torch_autocast",
+    "seq_parallel_communication_data_type",
+    "zenflow",
+    "managed_gradient_accumulation",
+    "hybrid_engine",
+    "weight_quantization",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "fp16",
+    "bf16",
+}
 
 
 def _check_keys(user: dict) -> None:
@@ -66,8 +99,14 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, accumulation: int, world_size: int,
-                     grad_clip: float, cuda: bool) -> dict:  # fmt: skip
+def deepspeed_config(
+    cfg: DeepSpeedConfig,
+    micro_batch_size: int,
+    accumulation: int,
+    world_size: int,
+    grad_clip: float,
+    cuda: bool,
+) -> dict:
     """The DeepSpeed JSON config for this run, with ``parallel.ds_config`` merged over it.
 
     Raises:
@@ -109,7 +148,8 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, accumulation: 
     for key, ours in _OWNED.items():
         if key in user and user[key] != generated[key]:
             raise ConfigError(
-                f"parallel.ds_config sets {key}={user[key]}, but the harness derives it ({generated[key]}) from "
+                f"parallel.ds_config sets {key}={user[key]}, but the harness derives it ({generated[key]}) "
+                "from "
                 f"{ours}; set {ours} instead"
             )
     return _merge(generated, user)
@@ -123,13 +163,26 @@ class DeepSpeedBackend(DistributedBackend):
     reshardable = False  # DeepSpeed checkpoints resume only at the world size that wrote them
     cfg: DeepSpeedConfig
 
-    def __init__(self, env: DistEnv, cfg: DeepSpeedConfig, dims: ParallelDims, batch: BatchSizes, grad_clip: float,
-                 comm_timing: bool = True):
+    def __init__(
+        self,
+        env: DistEnv,
+        cfg: DeepSpeedConfig,
+        dims: ParallelDims,
+        batch: BatchSizes,
+        grad_clip: float,
+        comm_timing: bool = True,
+    ):
         super().__init__(env, cfg, dims, comm_timing)
         import deepspeed
 
-        self.ds_config = deepspeed_config(cfg, batch.micro_batch_size, batch.gradient_accumulation_steps,
-                                          env.world_size, grad_clip, env.device.type == "cuda")
+        self.ds_config = deepspeed_config(
+            cfg,
+            batch.micro_batch_size,
+            batch.gradient_accumulation_steps,
+            env.world_size,
+            grad_clip,
+            env.device.type == "cuda",
+        )
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
         try:
             from deepspeed.runtime.config import DeepSpeedConfig as DSConfig
@@ -142,8 +195,15 @@ class DeepSpeedBackend(DistributedBackend):
         self._is_last = True
 
     @classmethod
-    def from_config(cls, cfg: DeepSpeedConfig, env: DistEnv, dims: ParallelDims, batch: BatchSizes,
-                    optim: OptimConfig, comm_timing: bool) -> DeepSpeedBackend:
+    def from_config(
+        cls,
+        cfg: DeepSpeedConfig,
+        env: DistEnv,
+        dims: ParallelDims,
+        batch: BatchSizes,
+        optim: OptimConfig,
+        comm_timing: bool,
+    ) -> DeepSpeedBackend:
         return cls(env, cfg, dims, batch, optim.grad_clip, comm_timing)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -154,8 +214,9 @@ class DeepSpeedBackend(DistributedBackend):
         import deepspeed
 
         self.optimizer = build_adamw(self.module, cfg, self.env.device)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
-                                                    config=self.ds_config, dist_init_required=False)  # fmt: skip
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
+        )
         self.model = self.engine
         return self.optimizer
 
@@ -196,11 +257,13 @@ class DeepSpeedBackend(DistributedBackend):
     def load(self, directory: str) -> None:
         if not os.path.isdir(os.path.join(directory, DS_TAG)):
             raise CheckpointError(
-                f"checkpoint {directory} has no {DS_TAG}/ (it was not written by parallel=deepspeed); resume it "
+                f"checkpoint {directory} has no {DS_TAG}/ (it was not written by parallel=deepspeed); resume "
+                "it "
                 "with the backend that wrote it, or export it with python -m harness.export"
             )
-        path, _ = self.engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)  # fmt: skip
+        path, _ = self.engine.load_checkpoint(
+            directory, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory}/{DS_TAG}")
 

@@ -37,7 +37,8 @@ class ParallelDims:
                 raise ConfigError(f"parallel mesh: {name}={getattr(self, name)} must be >= 1")
         if self.dp_replicate * self.dp_shard * self.tp != self.world_size:
             raise ConfigError(
-                f"parallel mesh: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                f"parallel mesh: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} "
+                "= "
                 f"{self.dp_replicate * self.dp_shard * self.tp} != world_size={self.world_size}"
             )
 

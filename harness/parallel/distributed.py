@@ -36,8 +36,15 @@ class DistributedBackend(Backend):
         init_distributed(env, cfg.timeout_s)
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, env: DistEnv, dims: ParallelDims, batch: BatchSizes,
-                    optim: OptimConfig, comm_timing: bool) -> DistributedBackend:
+    def from_config(
+        cls,
+        cfg: ParallelConfig,
+        env: DistEnv,
+        dims: ParallelDims,
+        batch: BatchSizes,
+        optim: OptimConfig,
+        comm_timing: bool,
+    ) -> DistributedBackend:
         return cls(env, cfg, dims, comm_timing)
 
     def begin_step(self) -> None:
@@ -79,14 +86,19 @@ class DistributedBackend(Backend):
         path = os.path.join(directory, DCP_DIR)
         if not os.path.isdir(path):
             raise CheckpointError(
-                f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=ddp|fsdp); resume it with "
+                f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=ddp|fsdp); resume "
+                "it with "
                 "the backend that wrote it, or export it with python -m harness.export"
             )
         msd, osd = get_state_dict(self._state_module(), self.optimizer)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(self._state_module(), self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])  # fmt: skip
+        set_state_dict(
+            self._state_module(),
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
 
     def full_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -1,0 +1,170 @@
+"""Weighted mixtures of sources: a deterministic blending order over the sources' sequences.
+
+The blended stream is a function of the global sample number ``g`` (sequences consumed so far by
+the whole run): sample ``g`` is drawn from the source with the largest deficit
+``w_j * (n + 1) - c_j`` (``n`` samples of the segment so far, ``c_j`` of them from source ``j``;
+ties to the first source) -- the greedy rule of Megatron-LM's blended datasets
+(``BlendedMegatronDatasetBuilder`` / ``build_blending_indices``), which keeps every prefix within
+one sequence of the weights: ``|c_j - w_j * n| < 1``. Source ``j``'s ``k``-th sample is its
+sequence ``perm_{j,e}[k mod n_j]`` of epoch ``e = k // n_j``, a seeded permutation per source and
+epoch, so a source that runs out starts its next epoch. Nothing here is random at run time and
+nothing is stored per sample: a resume at any ``g`` gives the same batches.
+
+A change of weights or sources (``data.allow_mixture_change=true``) starts a new *segment* at the
+sample where the run resumes: each source continues from its own position, the new weights apply
+to the draws from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_CHUNK = 4096  # samples replayed at most to locate one g (counts are cached at chunk boundaries)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """From global sample ``start`` on, draw with ``weights`` (normalized, one per source), with the
+    sources' sample counters at ``counts`` when the segment starts."""
+
+    start: int
+    weights: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    def to_dict(self, names: list[str]) -> dict:
+        return {"start": self.start, "weights": dict(zip(names, self.weights)), "counts": dict(zip(names, self.counts))}
+
+
+def normalized(weights: list[float]) -> tuple[float, ...]:
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)
+
+
+class BlendOrder:
+    """Which source each global sample comes from, and its number within that source.
+
+    Args:
+        segments: the mixture's segments, ordered by ``start`` (the first starts at 0 with counts 0).
+    """
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+        self._checkpoints: dict[int, np.ndarray] = {}  # chunk start -> source counters before it
+
+    def _segment(self, g: int) -> Segment:
+        seg = self.segments[0]
+        for s in self.segments:
+            if s.start <= g:
+                seg = s
+        return seg
+
+    def assign(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sources (int64) and per-source sample numbers (int64) of samples ``start .. start+count-1``."""
+        sources = np.empty(count, dtype=np.int64)
+        numbers = np.empty(count, dtype=np.int64)
+        g, out = start, 0
+        while out < count:
+            seg = self._segment(g)
+            nxt = [s.start for s in self.segments if s.start > g]
+            stop = min(start + count, nxt[0] if nxt else start + count)
+            n = stop - g
+            s, k = self._draw(seg, g, n)
+            sources[out : out + n], numbers[out : out + n] = s, k
+            out, g = out + n, stop
+        return sources, numbers
+
+    def _draw(self, seg: Segment, g: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        base = seg.start + (g - seg.start) // _CHUNK * _CHUNK
+        counts = self._counts_at(seg, base)
+        w = seg.weights
+        src, num = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        drawn = [c - c0 for c, c0 in zip(counts, seg.counts)]
+        c = list(counts)
+        for i in range(base, g + n):
+            m = i - seg.start + 1
+            j = max(range(len(w)), key=lambda s: w[s] * m - drawn[s])
+            if i >= g:
+                src[i - g], num[i - g] = j, c[j]
+            c[j] += 1
+            drawn[j] += 1
+            if (i + 1 - seg.start) % _CHUNK == 0:
+                self._checkpoints.setdefault(i + 1, np.asarray(c, dtype=np.int64))
+        return src, num
+
+    def _counts_at(self, seg: Segment, base: int) -> list[int]:
+        """The sources' counters before sample ``base`` (a chunk boundary of ``seg``), replaying whole
+        chunks forward from the last cached boundary."""
+        if base == seg.start:
+            return list(seg.counts)
+        cached = max((b for b in self._checkpoints if seg.start < b <= base), default=seg.start)
+        while cached < base:
+            self._draw(seg, cached, _CHUNK)  # caches the counters at cached + _CHUNK
+            cached += _CHUNK
+        return self._checkpoints[base].tolist()
+
+    def counts(self, g: int) -> list[int]:
+        """Per-source sample counters before global sample ``g``."""
+        seg = self._segment(g)
+        base = seg.start + (g - seg.start) // _CHUNK * _CHUNK
+        out = self._counts_at(seg, base)
+        if g > base:
+            for j in self._draw(seg, base, g - base)[0]:
+                out[j] += 1
+        return out
+
+
+class BlendedSequences:
+    """The packed sequences of several sources as one stream indexed by the global sample number.
+
+    ``len()`` is the sum of the sources' sequences (one "epoch" of the plan); :meth:`get` takes
+    global sample numbers and returns their sequences.
+    """
+
+    def __init__(self, names: list[str], sources: list, order: BlendOrder, seed: int):
+        self.names, self.sources, self.order, self.seed = names, sources, order, seed
+        self.seq_len = sources[0].seq_len
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def permutation(self, j: int, epoch: int) -> np.ndarray:
+        """The order of source ``j``'s sequences in its epoch ``epoch``."""
+        key = (j, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            self._perms[key] = np.random.default_rng([self.seed, 1 + j, epoch]).permutation(len(self.sources[j]))
+        return self._perms[key]
+
+    def locate(self, global_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For consecutive global sample numbers: ``(source, source epoch, sequence index)`` of each."""
+        start, count = int(global_ids[0]), len(global_ids)
+        if count and not np.array_equal(global_ids, np.arange(start, start + count)):
+            raise ValueError("blended samples are read in consecutive runs")
+        sources, numbers = self.order.assign(start, count)
+        sizes = np.array([len(s) for s in self.sources], dtype=np.int64)
+        epochs = numbers // sizes[sources]
+        index = np.array([self.permutation(j, e)[k % sizes[j]] for j, e, k in zip(sources, epochs, numbers)],
+                         dtype=np.int64)
+        return sources, epochs, index
+
+    def get(self, global_ids: np.ndarray) -> torch.Tensor:
+        """Sequences of global samples ``global_ids`` as a ``(len, seq_len + 1)`` int64 tensor."""
+        sources, _, index = self.locate(np.asarray(global_ids, dtype=np.int64))
+        rows = torch.empty((len(index), self.seq_len + 1), dtype=torch.int64)
+        for j in np.unique(sources):
+            mine = np.nonzero(sources == j)[0]
+            rows[torch.from_numpy(mine)] = self.sources[j].get(index[mine])
+        return rows
+
+    def counts_by_source(self, global_ids: np.ndarray) -> dict[str, int]:
+        """Sequences per source name among consecutive global samples ``global_ids``."""
+        if len(global_ids) == 0:
+            return {n: 0 for n in self.names}
+        sources, _ = self.order.assign(int(global_ids[0]), len(global_ids))
+        counts = np.bincount(sources, minlength=len(self.names))
+        return {n: int(c) for n, c in zip(self.names, counts)}
