@@ -10,6 +10,8 @@
 - ``checkpoint_sleep:T``   every checkpoint sleeps T seconds after its files are written, before its
                            manifest (a window for kills during a save)
 - ``checkpoint_enospc:S``  writing checkpoint S fails with ``OSError(ENOSPC)`` (disk full)
+- ``store_sleep:T``        a token store sleeps T seconds after its shards are written, before its
+                           ``meta.json`` (a window for kills during ``prepare_data``)
 """
 
 from __future__ import annotations
@@ -62,3 +64,9 @@ class Faults:
                 time.sleep(arg)
             if kind == "checkpoint_enospc" and step == arg:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def on_store_written(self) -> None:
+        """Called after a token store's shards are written, before its ``meta.json``."""
+        for kind, arg in self.items:
+            if kind == "store_sleep":
+                time.sleep(arg)

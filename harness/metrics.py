@@ -61,6 +61,8 @@ class StepMetrics:
     val_loss: float | None = None  # set on evaluation steps
     skipped_steps: int = 0  # steps so far whose update was skipped (non-finite loss or grad norm)
     events: list[str] | None = None  # e.g. ["loss_spike"], ["skipped_nonfinite"]
+    tokens_by_source: dict | None = None  # a mixture's tokens of this step by source (all ranks)
+    val_loss_by_source: dict | None = None  # a mixture's validation loss by source, on evaluation steps
 
     def to_json(self) -> str:
         return json.dumps({k: _clean(v) for k, v in asdict(self).items()})
@@ -212,17 +214,17 @@ class JsonlSink:
         self.file.close()
 
 
-def format_line(rec: StepMetrics, max_steps: int) -> str:
-    """Compact console form of a record."""
+def format_line(rec: StepMetrics, max_steps: int, shares: dict[str, float] | None = None) -> str:
+    """Compact console form of a record (``shares``: a mixture's cumulative token shares by source)."""
     val = f" | val {rec.val_loss:.4f}" if rec.val_loss is not None else ""
+    mix = " | mix " + " ".join(f"{n} {100 * v:.1f}%" for n, v in shares.items()) if shares else ""
     return (
-        f"step {rec.step}/{max_steps} | loss {rec.loss:.4f}{val} | lr {rec.lr:.2e} | gnorm "
-        f"{rec.grad_norm:.3f} | "
-        f"batch {rec.global_batch_size}x{rec.gradient_accumulation_steps}acc | tok {rec.tokens:,} "
-        f"({rec.tokens_total:,}) | "
-        f"{rec.tokens_per_second:,.0f} tok/s | mfu {100 * rec.mfu:.1f}% | {rec.step_time_s:.3f}s "
-        f"(data {rec.data_s:.3f} fwd/bwd {rec.forward_backward_s:.3f} opt {rec.optimizer_s:.3f} comm "
-        f"{rec.comm_s:.3f})"
+        f"step {rec.step}/{max_steps} | loss {rec.loss:.4f}{val} | lr {rec.lr:.2e} | "
+        f"gnorm {rec.grad_norm:.3f} | batch {rec.global_batch_size}x{rec.gradient_accumulation_steps}acc | "
+        f"tok {rec.tokens:,} "
+        f"({rec.tokens_total:,}) | {rec.tokens_per_second:,.0f} tok/s | mfu {100 * rec.mfu:.1f}% | "
+        f"{rec.step_time_s:.3f}s (data {rec.data_s:.3f} fwd/bwd {rec.forward_backward_s:.3f} opt "
+        f"{rec.optimizer_s:.3f} comm {rec.comm_s:.3f}){mix}"
     )
 
 
@@ -247,15 +249,21 @@ class ConsoleSink:
             self._redirect = logging_redirect_tqdm(loggers=[logging.root, log])
             self._redirect.__enter__()
         self.first = True
+        self.by_source: dict[str, int] = {}  # this invocation's tokens by source (a mixture's shares)
 
     def write(self, rec: StepMetrics) -> None:
         self.bar.set_postfix(
             loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", tok_s=f"{rec.tokens_per_second:,.0f}", refresh=False
         )
         self.bar.update(1)  # redraws with this step's postfix
+        for name, n in (rec.tokens_by_source or {}).items():
+            self.by_source[name] = self.by_source.get(name, 0) + n
         if self.first or rec.step % self.every == 0 or rec.step == self.max_steps or rec.val_loss is not None:
-            self.bar.write(format_line(rec, self.max_steps), file=sys.stdout)
-            step_log.info(format_line(rec, self.max_steps))
+            total = sum(self.by_source.values())
+            shares = {n: v / total for n, v in self.by_source.items()} if total else None
+            line = format_line(rec, self.max_steps, shares)
+            self.bar.write(line, file=sys.stdout)
+            step_log.info(line)
         self.first = False
 
     def close(self) -> None:
@@ -332,7 +340,9 @@ class MetricsLogger:
         mode resolves to ``disabled`` (then no wandb process starts)."""
         path = os.path.join(run_dir, "metrics.jsonl")
         truncate_metrics(path, start_step)
-        sinks = [JsonlSink(path), ConsoleSink(max_steps, start_step, cfg.every, cfg.progress)]
+        console = ConsoleSink(max_steps, start_step, cfg.every, cfg.progress)
+        console.by_source = tokens_by_source_so_far(path)  # cumulative shares continue across a resume
+        sinks = [JsonlSink(path), console]
         mode = wandb_mode(cfg.wandb.mode)
         if mode != "disabled":
             w = cfg.wandb
@@ -366,3 +376,18 @@ def truncate_metrics(path: str, step: int) -> None:
         with open(tmp, "w") as f:
             f.writelines(keep)
         os.replace(tmp, path)
+
+
+def tokens_by_source_so_far(path: str) -> dict[str, int]:
+    """The sum of ``tokens_by_source`` over the records of ``metrics.jsonl`` (empty without a mixture)."""
+    out: dict[str, int] = {}
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                for name, n in (json.loads(line).get("tokens_by_source") or {}).items():
+                    out[name] = out.get(name, 0) + n
+            except (ValueError, AttributeError):
+                continue
+    return out

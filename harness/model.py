@@ -164,3 +164,35 @@ def count_parameters(net: torch.nn.Module) -> int:
         if p.requires_grad:
             seen[id(p)] = p.numel()
     return sum(seen.values())
+
+
+def document_mask_path(model: ModelConfig, device_type: str) -> str:
+    """How ``data.document_mask`` reaches attention for this model and device (a sentence for the log).
+
+    The loader resets ``position_ids`` at every document and passes no ``attention_mask``;
+    ``transformers`` (>= 4.56, ``masking_utils.find_packed_sequence_indices``) turns the resets
+    into a block-diagonal causal mask for ``sdpa`` / ``eager`` / ``flex_attention``, and
+    ``flash_attention_2`` takes them as its variable-length (``cu_seqlens``) path.
+
+    Raises:
+        ConfigError: the installed ``transformers`` does not read packed sequences from
+            ``position_ids`` (attention would silently cross documents).
+    """
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError as e:
+        import transformers
+
+        raise ConfigError(
+            f"data.document_mask=true needs transformers >= 4.56 (packed sequences from position_ids); "
+            f"this is {transformers.__version__}: upgrade it or set data.document_mask=false"
+        ) from e
+    impl = model.attn_implementation
+    if impl == "flash_attention_2":
+        kernels = "flash_attention_2 variable-length kernels"
+        return f"{kernels} (cu_seqlens from the position_ids resets) on {device_type}"
+    kernel = "SDPA" if impl == "sdpa" else "eager attention"
+    return (
+        f"{kernel} with a block-diagonal causal mask (transformers, from the position_ids resets) "
+        f"on {device_type}"
+    )

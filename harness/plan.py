@@ -25,6 +25,7 @@ from harness.metrics import GPU_SPECS
 from harness.model import model_stats, resolve_vocab_size
 from harness.schedule import IterationPlan, TrainingSchedule, build_schedule
 
+MAX_USEFUL_EPOCHS = 4.0  # Muennighoff et al. 2023: beyond ~4 epochs repeated data is worth much less
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, "Training Compute-Optimal LLMs", Table 3
 
 
@@ -134,6 +135,9 @@ class PlanReport:
     gpu_hours: float
     memory: MemoryEstimate
     activation_checkpointing: bool = False
+    # a mixture's sources: name, weight, tokens and training sequences of the source, tokens and
+    # sequences the run draws from it, and the epochs that makes
+    sources: list[dict] | None = None
     warnings: list[str] = field(default_factory=list)
     flops_formula: str = (
         "6 * N_matmul + 12 * n_layers * hidden_size * seq_len per token (PaLM, Chowdhery et al. 2022, App. "
@@ -244,6 +248,18 @@ def memory_estimate(
     return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory)
 
 
+def _dataset(cfg: PlanJobConfig, given):
+    """``(tokens, exact, note, tokenizer vocab, train sequences, per-source rows or None)`` of the
+    corpus (``given``: the first four, from the caller)."""
+    if cfg.data.sources and given is None:
+        mixture, tok_vocab = mixture_sources(cfg)
+        tokens = sum(m["tokens"] for m in mixture)
+        sequences = sum(m["train_sequences"] for m in mixture)
+        return tokens, True, "tokenized per source (cached for the run)", tok_vocab, sequences, mixture
+    tokens, exact, note, tok_vocab = given or count_dataset_tokens(cfg)
+    return tokens, exact, note, tok_vocab, _train_sequences(cfg, tokens), None
+
+
 def make_plan(
     cfg: PlanJobConfig,
     world_size: int | None = None,
@@ -259,8 +275,7 @@ def make_plan(
     gpus = world_size or p.gpus
     _check_plan_section(p, gpus)
     batch = validate(cfg, gpus)
-    tokens, exact, note, tok_vocab = dataset or count_dataset_tokens(cfg)
-    train_sequences = _train_sequences(cfg, tokens)
+    tokens, exact, note, tok_vocab, train_sequences, mixture = _dataset(cfg, dataset)
     sched = build_schedule(cfg, batch, train_sequences)
     plan, max_steps = sched.plan, sched.max_steps
     last = _step(plan, max_steps)
@@ -272,8 +287,9 @@ def make_plan(
     ramp = plan.ramp
     mem = memory_estimate(cfg, stats.params, vocab, memory_bytes, gpus)
     ac = cfg.parallel.activation_checkpointing
+    drawn = _drawn(mixture, last.tokens_total, cfg.data.seq_len) if mixture else None
     return PlanReport(
-        dataset=str(cfg.data.path),
+        dataset=f"mixture of {len(cfg.data.sources)} sources" if cfg.data.sources else str(cfg.data.path),
         dataset_tokens=tokens,
         dataset_tokens_exact=exact,
         dataset_note=note,
@@ -307,6 +323,7 @@ def make_plan(
         gpu_hours=wall * gpus / 3600,
         memory=mem,
         activation_checkpointing=ac,
+        sources=drawn,
         warnings=_warnings(
             cfg,
             sched,
@@ -315,8 +332,50 @@ def make_plan(
             last.tokens_total / stats.params,
             mem.total_checkpointed if ac else mem.total,
             memory_bytes,
+            drawn,
         ),
     )
+
+
+def mixture_sources(cfg: PlanJobConfig) -> tuple[list[dict], int]:
+    """Every source of ``data.sources`` tokenized (into the trainer's cache) with the shared tokenizer:
+    ``([{name, weight, tokens, train_sequences}], tokenizer vocabulary)``."""
+    from harness.data import _split, _stores, source_specs
+    from harness.data.mixture import normalized
+
+    specs = source_specs(cfg.data)
+    tokenizer, stores = _stores(specs, cfg.tokenizer)
+    weights = normalized([s.weight for s in specs])
+    out = []
+    for spec, w in zip(specs, weights):
+        train, _ = _split(stores[spec.name], spec, cfg.eval.every > 0)
+        out.append(
+            {
+                "name": spec.name,
+                "weight": w,
+                "tokens": stores[spec.name].num_tokens,
+                "train_sequences": len(train),
+            }
+        )
+    return out, len(tokenizer)
+
+
+def _drawn(mixture: list[dict], total_tokens: int, seq_len: int) -> list[dict]:
+    """What the run draws from each source: the blending order keeps every source within one sequence
+    of ``weight x sequences`` (harness.data.mixture), so ``round(weight x sequences)`` is exact to one."""
+    samples = total_tokens // seq_len
+    out = []
+    for m in mixture:
+        drawn = round(m["weight"] * samples)
+        out.append(
+            {
+                **m,
+                "planned_sequences": drawn,
+                "planned_tokens": drawn * seq_len,
+                "epochs": drawn / m["train_sequences"],
+            }
+        )
+    return out
 
 
 def _check_plan_section(p: PlanConfig, gpus: int) -> None:
@@ -363,6 +422,7 @@ def _warnings(
     tokens_per_param: float,
     memory: float,
     device_memory: float,
+    sources: list[dict] | None = None,
 ) -> list[str]:
     """The schedule's shortened warmups (as the trainer logs them) and the plan's own checks.
 
@@ -370,7 +430,7 @@ def _warnings(
     :func:`validate` (the trainer's own check), not a warning.
     """
     out = list(sched.warnings)
-    if train_sequences < global_batch:
+    if train_sequences < global_batch and not cfg.data.sources:
         out.append(
             f"fewer than one step per epoch: {train_sequences} sequences < global batch {global_batch}"
         )
@@ -378,6 +438,13 @@ def _warnings(
         out.append(f"{tokens_per_param:.2f} training tokens per parameter (< 1): the model will barely train")
     if cfg.schedule.name != "constant" and sched.lr(sched.max_steps) != cfg.schedule.min_lr:
         out.append(f"the LR schedule does not reach min_lr at max_steps={sched.max_steps}")
+    for src in sources or []:
+        if src["epochs"] > MAX_USEFUL_EPOCHS:
+            out.append(
+                f"data.sources.{src['name']} repeats {src['epochs']:.1f} epochs over the run: beyond ~4 "
+                "epochs repeated tokens are worth much less (Muennighoff et al. 2023, Scaling "
+                "Data-Constrained Language Models)"
+            )
     if memory > device_memory:
         out.append(
             f"estimated {memory / 2**30:.1f} GiB per device exceeds the {cfg.plan.gpu}'s "
@@ -457,6 +524,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:,.2f} days"
 
 
+def _mixture_lines(pl: PlanReport) -> list[str]:
+    if not pl.sources:
+        return []
+    lines = [
+        "== Mixture (data.sources; the blending order keeps every source within one sequence of its "
+        "weight) ==",
+        f"{'source':<14} {'weight':>7} {'tokens':>15} {'sequences':>11} {'drawn seqs':>11} "
+        f"{'drawn tokens':>15} {'epochs':>7}",
+    ]
+    for m in pl.sources:
+        lines.append(
+            f"{m['name']:<14} {m['weight']:>7.1%} {m['tokens']:>15,} {m['train_sequences']:>11,} "
+            f"{m['planned_sequences']:>11,} {m['planned_tokens']:>15,} {m['epochs']:>7.2f}"
+        )
+    return [*lines, ""]
+
+
 def render_text(pl: PlanReport) -> str:
     """The human-readable plan."""
     gib = 2**30
@@ -478,6 +562,7 @@ def render_text(pl: PlanReport) -> str:
         f"schedule           LR warmup ends at step {pl.lr_warmup_end_step:,}; full batch from step "
         f"{pl.batch_warmup_end_step:,}; LR decay ends at step {pl.decay_end_step:,}",
         "",
+        *_mixture_lines(pl),
         "== Model ==",
         f"model              {pl.model}: {pl.params:,} parameters ({pl.non_embedding_params:,} "
         "non-embedding)",

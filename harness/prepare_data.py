@@ -26,6 +26,8 @@ class PrepareConfig:
     output_dir: str | None = None
     # replace an existing token store at output_dir
     overwrite: bool = False
+    # the largest shard file (MiB); a corpus is written as many shards of at most this size
+    max_shard_mb: float = 1024.0
 
 
 @dataclass
@@ -64,7 +66,15 @@ def prepare(cfg) -> str:
             "(or add prepare.overwrite=true to replace a token store)"
         )
     start = time.perf_counter()
-    _, store = load_token_store(cfg.data, cfg.tokenizer, output_dir=target)
+    if cfg.data.sources:
+        raise ConfigError(
+            "prepare_data writes one source (data.path); prepare each source of data.sources on "
+            "its own and give the stores as the sources' paths"
+        )
+    if not cfg.prepare.max_shard_mb > 0:
+        raise ConfigError(f"prepare.max_shard_mb={cfg.prepare.max_shard_mb} must be > 0")
+    max_bytes = int(cfg.prepare.max_shard_mb * 2**20)
+    _, store = load_token_store(cfg.data, cfg.tokenizer, output_dir=target, max_shard_bytes=max_bytes)
     seconds = time.perf_counter() - start
     log.info(
         "prepared %s tokens in %d documents into %s (%.1f s, %s tokens/s); train with data.path=%s",

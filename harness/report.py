@@ -40,6 +40,7 @@ from harness.errors import DataError, HarnessError
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS = ("loss.png", "lr_batch.png", "throughput.png", "time_breakdown.png", "memory.png")
+MIXTURE_PLOT = "mixture.png"  # only for runs on a mixture (records with tokens_by_source)
 GIB = 1024**3
 
 
@@ -444,6 +445,42 @@ def _plot_memory(runs: dict[str, list[dict]], path: str) -> None:
     fig.savefig(path)
 
 
+def _plot_mixture(runs: dict[str, list[dict]], path: str) -> bool:
+    """Cumulative tokens and validation loss by source; False (nothing written) without a mixture."""
+    if not any(r.get("tokens_by_source") for recs in runs.values() for r in recs):
+        return False
+    names = list(runs)
+    fig, axes = _new_figure(2, _title("Data mixture", names))
+    k = 0
+    for name, recs in runs.items():
+        sources = sorted({s for r in recs for s in (r.get("tokens_by_source") or {})})
+        for src in sources:
+            total, xs, ys = 0, [], []
+            for r in recs:
+                total += (r.get("tokens_by_source") or {}).get(src, 0)
+                xs.append(r["step"])
+                ys.append(total)
+            axes[0].plot(xs, ys, color=_color(k), lw=1.5, label=_label(name, names, src) or src)
+            vx = [r["step"] for r in recs if (r.get("val_loss_by_source") or {}).get(src) is not None]
+            vy = [
+                r["val_loss_by_source"][src]
+                for r in recs
+                if (r.get("val_loss_by_source") or {}).get(src) is not None
+            ]
+            if vx:
+                axes[1].plot(
+                    vx, vy, color=_color(k), lw=1.5, marker="o", ms=4, label=_label(name, names, src) or src
+                )
+            k += 1
+    axes[0].set_ylabel("cumulative tokens by source")
+    axes[1].set_ylabel("validation loss by source (nats)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        _legend(ax)
+    fig.savefig(path)
+    return True
+
+
 # ----------------------------------------------------------------------------- HTML
 
 
@@ -521,7 +558,8 @@ def _html(names: list[str], paths: list[str], summaries: list[dict], out_dir: st
         f"<li>{esc(n)}: <code>{esc(os.path.abspath(p))}</code></li>" for n, p in zip(names, paths)
     )
     figures = []
-    for png in PLOTS:
+    extra = (MIXTURE_PLOT,) if os.path.isfile(os.path.join(out_dir, MIXTURE_PLOT)) else ()
+    for png in (*PLOTS, *extra):
         with open(os.path.join(out_dir, png), "rb") as f:
             data = base64.b64encode(f.read()).decode("ascii")
         alt = png.removesuffix(".png").replace("_", " ")
@@ -606,6 +644,9 @@ def _write(run_dirs: Sequence[str], out_dir: str | None) -> tuple[str, list[str]
     plots = (_plot_loss, _plot_lr_batch, _plot_throughput, _plot_time_breakdown, _plot_memory)
     for png, plot in zip(PLOTS, plots):
         plot(runs, os.path.join(out_dir, png))
+    mixture_png = os.path.join(out_dir, MIXTURE_PLOT)
+    if not _plot_mixture(runs, mixture_png) and os.path.isfile(mixture_png):
+        os.remove(mixture_png)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         rows = [{"run": n, **{k: _json_value(v) for k, v in s.items()}} for n, s in zip(names, summaries)]
         json.dump(rows, f, indent=2)

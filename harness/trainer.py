@@ -31,14 +31,14 @@ from omegaconf import OmegaConf
 from harness import checkpoint as ckpt
 from harness.config import BatchSizes, JobConfig, check_run_dir, to_object, validate
 from harness.data import IGNORE_INDEX, DataBundle, MicroBatch, build_data, build_loader
-from harness.data.tokenizer import tokenizer_fingerprint
+from harness.data.mixture import resume_mixture
 from harness.dist import DistEnv, read_env
 from harness.errors import CheckpointError, NonFiniteError
 from harness.exits import exit_code, report_exit
 from harness.faults import Faults
 from harness.hooks import Hook, default_hooks
 from harness.metrics import MetricsLogger, StepMetrics, StepTimer, Throughput, max_memory_bytes, step_log
-from harness.model import build_model, model_stats, resolve_vocab_size
+from harness.model import build_model, document_mask_path, model_stats, resolve_vocab_size
 from harness.parallel import Backend, ParallelDims, build_backend
 from harness.rundir import RunDir
 from harness.schedule import DataPosition, StepInfo, TrainingSchedule, build_schedule
@@ -108,7 +108,7 @@ def token_loss_sum(
         else contextlib.nullcontext()
     )
     with ctx:
-        logits = model(input_ids=mb.input_ids).logits
+        logits = model(**mb.model_inputs()).logits
     return F.cross_entropy(
         logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -151,6 +151,7 @@ class _Checked(NamedTuple):
     checkpoints: ckpt.CheckpointManager
     resume_from: str | None
     resume_state: dict | None
+    mixture_note: str | None = None  # how a changed mixture continues
 
 
 class Trainer:
@@ -178,6 +179,8 @@ class Trainer:
         self._build_model(checked.vocab_size)
         if checked.resume_from:
             self.load_state_dict(self.checkpoints.restore(checked.resume_from))
+            st = checked.resume_state  # a changed mixture resumes at its sample position in the new stream
+            self.state.position = DataPosition(st["epoch"], st["offset"])
             log.info(
                 "resumed from %s at step %d (%s tokens)",
                 checked.resume_from,
@@ -196,6 +199,7 @@ class Trainer:
             env.device.type,
             self.plan,
             self.max_steps,
+            self.data.tokenizer.eos_token_id if cfg.data.document_mask else None,
         )
         metrics = None
         if env.is_main and self.trained:
@@ -203,7 +207,7 @@ class Trainer:
                 cfg.logging, run.path, self.max_steps, self.state.step, cfg.run_name, resolved
             )
         self.hooks: list[Hook] = default_hooks(
-            cfg, env, self.faults, self.data.val, checked.batch.micro_batch_size, metrics
+            cfg, env, self.faults, self.data, checked.batch.micro_batch_size, metrics, self.loader
         )
 
     # -- construction --------------------------------------------------------------------------
@@ -260,22 +264,22 @@ class Trainer:
         batch = validate(cfg, env.world_size)
         dims = ParallelDims.from_config(cfg.parallel, env.world_size)
         backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
-        data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, need_val=cfg.eval.every > 0)
+        data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, cfg.eval.every > 0, cfg.seed)
         vocab_size = resolve_vocab_size(cfg.model, len(data.tokenizer))
         schedule = build_schedule(cfg, batch, len(data.train))
         identity = {
             "model": {**asdict(cfg.model), "vocab_size": vocab_size, "name": None},
-            "data": {
-                "tokens": data.store.num_tokens,
-                "tokenizer": tokenizer_fingerprint(data.tokenizer),
-                "seq_len": cfg.data.seq_len,
-                "val_fraction": cfg.data.val_fraction,
-            },
+            "data": data.identity(cfg.data),
         }
+        if cfg.data.allow_mixture_change:
+            identity["data"].pop("sources", None)  # the mixture is compared (and continued) on its own
         checkpoints = ckpt.CheckpointManager.from_config(cfg.checkpoint, run_dir, env, backend, identity)
         resume_from = checkpoints.find_resume()
         resume_state = ckpt.read_state(resume_from) if resume_from else None
-        return _Checked(batch, backend, data, vocab_size, schedule, checkpoints, resume_from, resume_state)
+        note = _resume_mixture(cfg, data, resume_from, resume_state)
+        return _Checked(
+            batch, backend, data, vocab_size, schedule, checkpoints, resume_from, resume_state, note
+        )
 
     def _build_model(self, vocab_size: int) -> None:
         """The model, parallelized over the mesh (TP -> AC -> compile -> FSDP/DDP), the optimizer after
@@ -438,8 +442,9 @@ class Trainer:
             getattr(hook, event)(self, *args)
 
     @torch.no_grad()
-    def evaluate(self, batches: list[MicroBatch]) -> float:
-        """Token-mean loss (nats) over this rank's validation micro-batches and every other rank's."""
+    def evaluate_sums(self, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed validation loss (nats) and target count over this rank's micro-batches and every
+        other rank's (0-d tensors)."""
         self.model.eval()
         device = self.env.device
         loss_sum = torch.zeros((), device=device)
@@ -449,8 +454,11 @@ class Trainer:
             loss_sum += token_loss_sum(self.model, mb, self.autocast_dtype)
             targets += mb.num_targets()
         self.model.train()
-        loss_sum = self.backend.all_reduce_sum(loss_sum)
-        targets = self.backend.all_reduce_sum(targets)
+        return self.backend.all_reduce_sum(loss_sum), self.backend.all_reduce_sum(targets)
+
+    def evaluate(self, batches: list[MicroBatch]) -> float:
+        """Token-mean validation loss (nats) over ``batches`` of every rank."""
+        loss_sum, targets = self.evaluate_sums(batches)
         return (loss_sum / targets.clamp(min=1)).item()
 
     # -- state, checkpoints, export --------------------------------------------------------------
@@ -458,12 +466,24 @@ class Trainer:
     def state_dict(self) -> dict:
         """``trainer_state.json``: the position (step, tokens, data, early stopping), the LR scheduler,
         the budget and the resolved config (the model and optimizer are the backend's files)."""
-        return {
+        out = {
             **self.state.to_dict(),
             "max_steps": self.max_steps,
             "scheduler": self.scheduler.state_dict(),
             "config": self.resolved,
         }
+        mixture = self.data.mixture_state()
+        if mixture is not None:
+            g = self.state.position.epoch * len(self.data.train) + self.state.position.offset
+            names, counts = self.data.train.names, self.data.train.order.counts(g)
+            sizes = [len(s) for s in self.data.train.sources]
+            out["mixture"] = {
+                **mixture,
+                "samples": g,
+                "counts": dict(zip(names, counts)),
+                "epochs": {n: c // size for n, c, size in zip(names, counts, sizes)},  # completed epochs
+            }
+        return out
 
     def load_state_dict(self, meta: dict) -> None:
         """Restore the position from ``meta``; the hyperparameters come from this config.
@@ -551,27 +571,53 @@ def _outcome_of(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
+def _resume_mixture(cfg: JobConfig, data: DataBundle, path: str | None, state: dict | None) -> str | None:
+    """A mixture's segments from the checkpoint, or a new segment when ``data.allow_mixture_change``
+    lets the mixture change (then ``state``'s data position moves to the same sample of the new stream)."""
+    if not data.is_mixture or state is None:
+        if state is not None and state.get("mixture") and not data.is_mixture:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on a mixture (data.sources), this run on one "
+                "source; use a new run_name / hydra.run.dir"
+            )
+        return None
+    g, note = resume_mixture(
+        data.train, data.weights, state.get("mixture"), cfg.data.allow_mixture_change, path
+    )
+    if g is not None:
+        state["epoch"], state["offset"] = divmod(g, len(data.train))
+    return note
+
+
 def _resume_step(checked: _Checked) -> int:
     return checked.resume_state["step"] if checked.resume_state else 0
+
+
+def _data_line(data, seq_len: int) -> str:
+    """``data: <source>: N tokens -> M train sequences of L (+1) tokens, V validation``."""
+    if data.is_mixture:
+        source = f"mixture of {', '.join(data.stores)}"
+        num_tokens = sum(s.num_tokens for s in data.stores.values())
+        num_val = sum(len(v) for v in (data.val_by_source or {}).values())
+    else:
+        source, num_tokens = data.store.meta.get("source", data.store.path), data.store.num_tokens
+        num_val = len(data.val) if data.val else 0
+    return (
+        f"data: {source}: {num_tokens:,} tokens -> {len(data.train)} train sequences of {seq_len} (+1) "
+        f"tokens, {num_val} validation"
+    )
 
 
 def _log_plan(cfg: JobConfig, env: DistEnv, c: _Checked) -> None:
     """The ``data:`` and ``plan:`` lines (the plan's tokens counted from the resume point) and the
     schedule's shortened warmups."""
-    store, plan, st = c.data.store, c.schedule.plan, c.resume_state
+    plan, st = c.schedule.plan, c.resume_state
     tokens = plan.total_tokens(c.schedule.max_steps)
     if st:
         tokens = plan.total_tokens(
             c.schedule.max_steps, st["step"], DataPosition(st["epoch"], st["offset"]), st["tokens_total"]
         )
-    log.info(
-        "data: %s: %s tokens -> %d train sequences of %d (+1) tokens, %d validation",
-        store.meta.get("source", store.path),
-        f"{store.num_tokens:,}",
-        len(c.data.train),
-        cfg.data.seq_len,
-        len(c.data.val) if c.data.val else 0,
-    )
+    log.info("%s", _data_line(c.data, cfg.data.seq_len))
     b = c.batch
     log.info(
         "plan: %d steps, global batch %d (micro %d x accumulation %d x world %d), %d iterations/epoch, %s "
@@ -586,6 +632,19 @@ def _log_plan(cfg: JobConfig, env: DistEnv, c: _Checked) -> None:
     )
     for warning in c.schedule.warnings:
         log.warning("%s", warning)
+    if c.data.is_mixture:
+        shares = ", ".join(f"{n} {w:.1%}" for n, w in c.data.weights.items())
+        sizes = ", ".join(f"{n} {s.num_tokens:,}" for n, s in c.data.stores.items())
+        log.info(
+            "mixture: %d sources, weights %s; tokens %s (data.path is not used)",
+            len(c.data.stores),
+            shares,
+            sizes,
+        )
+    if c.mixture_note:
+        log.warning("%s", c.mixture_note)
+    if cfg.data.document_mask:
+        log.info("document mask: %s", document_mask_path(cfg.model, env.device.type))
 
 
 SCHEDULE_KEYS = ("optim.", "schedule.", "train.max_steps", "train.max_tokens")

@@ -122,9 +122,9 @@ def test_parquet_and_gzip_json(tmp_path, small_corpus):
 def test_tokenization_is_cached(small_corpus):
     cfg = _cfg(f"data.path={small_corpus}")
     _, first = load_token_store(cfg.data, cfg.tokenizer)
-    mtime = os.path.getmtime(os.path.join(first.path, "tokens.bin"))
+    mtime = os.path.getmtime(os.path.join(first.path, "meta.json"))
     _, again = load_token_store(cfg.data, cfg.tokenizer)
-    assert again.path == first.path and os.path.getmtime(os.path.join(again.path, "tokens.bin")) == mtime
+    assert again.path == first.path and os.path.getmtime(os.path.join(again.path, "meta.json")) == mtime
 
 
 def test_prepared_store_is_memory_mapped_and_matches_cache(tmp_path, small_corpus):
@@ -140,10 +140,10 @@ def test_prepared_store_is_memory_mapped_and_matches_cache(tmp_path, small_corpu
         schema="prepare",
     )
     assert prepare(cfg) == str(out)
-    assert json.load(open(out / "meta.json"))["format"] == "harness-tokens-v1"
+    assert json.load(open(out / "meta.json"))["format"] == "harness-tokens-v2"
     tok, store = load_token_store(_cfg(f"data.path={out}").data, _cfg().tokenizer)
     _, cached = load_token_store(_cfg(f"data.path={small_corpus}").data, _cfg().tokenizer)
-    assert isinstance(store.tokens, np.memmap)
+    assert all(isinstance(m, np.memmap) for m in store.tokens.maps)
     assert np.array_equal(np.asarray(store.tokens), np.asarray(cached.tokens))
     assert store.tokens[-1] == tok.eos_token_id
     with pytest.raises(Exception, match="prepare.output_dir is not set"):

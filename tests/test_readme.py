@@ -53,6 +53,12 @@ COMMANDS = {
         "run",
         [*SHORT, *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
     ),
+    ".venv/bin/python -m harness.plan data=mixture": ("run", []),
+    ".venv/bin/python -m harness.train run_name=mixture data=mixture": ("run", [*SHORT, *TINY]),
+    ".venv/bin/python -m harness.train run_name=web-code": (
+        "run",
+        [*SHORT, *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    ),
     ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=ddp": (
         "run",
         [*SHORT, *TINY],
@@ -168,8 +174,16 @@ def test_readme_commands_run_as_written(tmp_path, shared_data):
         ran.append(command)
         if "harness.plan model=llama3_8b" in command:
             assert "max_steps          238,982 optimizer steps" in proc.stdout
+        if "harness.plan data=mixture" in command:  # the README's table is this output
+            table = README.read_text().split("== Mixture")[1].split("```")[0]
+            assert table.strip() in proc.stdout.split("== Mixture")[1]
+        if "harness.train" in command and ("data.sources=" in command or "data=mixture" in command):
+            records = [
+                json.loads(x) for x in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()
+            ]
+            assert all(sum(r["tokens_by_source"].values()) == r["tokens"] for r in records)
         if "harness.export" in command:
             assert (tmp_path / "exported" / "config.json").is_file()
         if "harness.cluster.slurm" in command:
             assert "slurm.dry_run=true: not submitted" in proc.stdout
-    assert len(ran) >= 14
+    assert len(ran) >= 17

@@ -18,6 +18,7 @@ from harness.hooks import (
     FaultHook,
     LossSpikeHook,
     MetricsHook,
+    MixtureHook,
     StopHook,
 )
 from harness.parallel import BACKENDS, ParallelDims, backend_class
@@ -34,6 +35,7 @@ def trainer(tmp_path, small_corpus):
 def test_the_trainer_owns_its_parts_and_calls_the_hooks_in_order(trainer):
     assert [type(h) for h in trainer.hooks] == [
         FaultHook,
+        MixtureHook,
         EvalHook,
         LossSpikeHook,
         MetricsHook,

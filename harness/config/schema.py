@@ -42,6 +42,19 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources.<name>``); unset keys take the ``data`` section's."""
+
+    # anything data.path accepts: a file, glob, directory, list, prepared store, hub name
+    path: Any = None
+    # > 0; the weights are normalized over the sources
+    weight: float = 1.0
+    format: str | None = None
+    text_field: str | None = None
+    sample_by: str | None = None
+
+
+@dataclass
 class DataConfig:
     """The corpus, how it is read and cut into sequences."""
 
@@ -65,14 +78,27 @@ class DataConfig:
     # processes preparing the next steps' batches; None: 2 on CUDA, 0 on CPU
     loader_workers: int | None = None
     cache_dir: str = "${harness_cache:}"
+    # a weighted mixture: name -> source (the keys of SourceConfig: path, weight, format, text_field,
+    # sample_by), e.g. 'data.sources={web: {path: /d/c4/*.json.gz, weight: 0.7}, code: {...}}';
+    # None: the one source data.path. (Untyped so that the whole mapping can be given on the command
+    # line; each source is checked against SourceConfig before anything is read.)
+    sources: Any = None
+    # resume a run whose checkpoint has other sources or weights: every source continues from its
+    # position and the new weights apply from the resume step
+    allow_mixture_change: bool = False
+    # attention stops at document boundaries (EOS) inside packed sequences; positions restart per document
+    document_mask: bool = False
 
 
 @dataclass
 class TokenizerConfig:
-    # a local directory AutoTokenizer loads; None: train a byte-level BPE on the corpus
+    # a local directory AutoTokenizer loads, a directory with only tokenizer.json, or a tokenizer.json
+    # file; None: train a byte-level BPE on the corpus
     path: str | None = None
     # vocabulary of the BPE trained when path is None
     train_vocab_size: int = 4096
+    # the document separator when the tokenizer declares no EOS (or to override it), e.g. <|endoftext|>
+    eos_token: str | None = None
 
 
 @dataclass

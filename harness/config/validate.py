@@ -145,6 +145,9 @@ def check_data(d: DataConfig) -> None:
     check_rules("data", d)
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    from harness.data import source_specs  # the sources' keys and weights, before anything is read
+
+    source_specs(d)
 
 
 def check_tokenizer(t: TokenizerConfig) -> None:
@@ -365,6 +368,10 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
             "train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
             "engine.step()); use train.nonfinite=abort or leave it null"
         )
+    if cfg.data.document_mask:
+        from harness.model import document_mask_path  # transformers must read the position_ids resets
+
+        document_mask_path(cfg.model, "cpu")
     from harness.parallel.dims import ParallelDims  # the mesh: its degrees must multiply to world_size
 
     ParallelDims.from_config(cfg.parallel, world_size)

@@ -1,18 +1,22 @@
-"""Data: corpus files -> tokenizer -> cached token store -> packed train/val sequences.
+"""Data: sources -> tokenizer -> token stores -> packed sequences -> (mixture) -> per-step batches.
 
 Public surface:
-    :func:`load_token_store` tokenizes (or finds cached / prepared) the corpus;
-    :func:`build_data` also splits train/validation and checks sizes;
-    :class:`StepLoader`, :class:`MicroBatch`, :func:`validation_batches` feed the loop.
+    :func:`source_specs` names the sources of ``data`` (``data.sources``, or ``data.path`` alone);
+    :func:`load_token_store` tokenizes (or finds cached / prepared) one source;
+    :func:`build_data` builds the tokenizer, every source's store and split, and the mixture;
+    :class:`StepLoader`, :class:`MicroBatch`, :func:`validation_batches` feed the trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 
-from harness.config import DataConfig, TokenizerConfig
+from harness.config import DataConfig, SourceConfig, TokenizerConfig
 from harness.data.loader import (
     IGNORE_INDEX,
     MicroBatch,
@@ -21,97 +25,192 @@ from harness.data.loader import (
     build_loader,
     validation_batches,
 )
-from harness.data.sources import is_prepared_dir, load_corpus, resolve_corpus
+from harness.data.mixture import BlendedSequences, BlendOrder, Segment, normalized
+from harness.data.shards import DEFAULT_MAX_SHARD_BYTES
+from harness.data.sources import Corpus, is_prepared_dir, load_corpus, resolve_corpus
 from harness.data.store import FORMAT, TokenStore, open_store, write_store
 from harness.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
-from harness.errors import DataError
+from harness.errors import ConfigError, DataError
 
 __all__ = [
     "IGNORE_INDEX",
+    "BlendedSequences",
     "DataBundle",
     "MicroBatch",
     "PackedSequences",
+    "SourceSpec",
     "StepLoader",
     "TokenStore",
     "build_data",
     "build_loader",
     "load_token_store",
+    "source_specs",
     "validation_batches",
 ]
 
 
-def load_token_store(data: DataConfig, tok_cfg: TokenizerConfig, output_dir: str | None = None):
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source of the corpus: its ``data`` section (path, format, text field, sample_by of the
+    source), its weight in the mixture and the key that names it in messages."""
+
+    name: str
+    data: DataConfig
+    weight: float
+    key: str
+
+
+def source_specs(data: DataConfig) -> list[SourceSpec]:
+    """The sources of ``data``: ``data.sources`` (name -> path, weight, and optional format /
+    text_field / sample_by over the ``data`` defaults), or ``data.path`` alone.
+
+    Raises:
+        ConfigError: a source that is not a mapping of :class:`SourceConfig` keys, without a path, or
+            with a weight that is not a number > 0 (naming the source).
+    """
+    if data.sources is None:
+        return [SourceSpec("data", data, 1.0, "data.path")]
+    if not isinstance(data.sources, dict):
+        raise ConfigError(
+            f"data.sources={data.sources!r} must map source names to {{path: ..., weight: ...}}"
+        )
+    if not data.sources:
+        raise ConfigError(
+            "data.sources={} names no source: give at least one, or data.sources=null for data.path"
+        )
+    return [_source_spec(str(name), src, data) for name, src in data.sources.items()]
+
+
+def _source_spec(name: str, src, data: DataConfig) -> SourceSpec:
+    key = f"data.sources.{name}"
+    keys = [f.name for f in dataclasses.fields(SourceConfig)]
+    if not isinstance(src, dict):
+        raise ConfigError(f"{key}={src!r} must be a mapping with the keys {', '.join(keys)}")
+    unknown = [k for k in src if k not in keys]
+    if unknown:
+        raise ConfigError(f"{key}: unknown key {unknown[0]!r} (a source has {', '.join(keys)})")
+    src = SourceConfig(**src)
+    if src.path in (None, "", []):
+        raise ConfigError(f"{key}.path is not set: give the source's file, glob, directory or list")
+    if isinstance(src.weight, bool) or not isinstance(src.weight, (int, float)) or not src.weight > 0:
+        raise ConfigError(f"{key}.weight={src.weight!r} must be a number > 0 (the weights are normalized)")
+    if not math.isfinite(src.weight):
+        raise ConfigError(f"{key}.weight={src.weight!r} must be a finite number > 0")
+    own = {k: getattr(src, k) for k in ("format", "text_field", "sample_by") if getattr(src, k) is not None}
+    return SourceSpec(name, dataclasses.replace(data, path=src.path, **own), float(src.weight), key)
+
+
+@contextlib.contextmanager
+def _naming(spec: SourceSpec):
+    """Errors about a source of a mixture name the source (``data.sources.<name>: ...``)."""
+    try:
+        yield
+    except DataError as e:
+        if spec.key == "data.path":
+            raise
+        text = str(e).removeprefix("data.path: ").removeprefix("data.path ")
+        raise DataError(f"{spec.key}: {text}") from e
+
+
+def load_token_store(
+    data: DataConfig,
+    tok_cfg: TokenizerConfig,
+    output_dir: str | None = None,
+    tokenizer=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+):
     """Return ``(tokenizer, TokenStore)`` for ``data.path``.
 
     * A prepared directory is memory-mapped as is (its own tokenizer unless ``tokenizer.path``
-      is given, which must then match the one that prepared it).
+      or ``tokenizer`` is given, which must then match the one that prepared it).
     * Otherwise the corpus is tokenized once into ``<cache_dir>/tokens/<key>`` (or into
       ``output_dir`` for ``prepare_data``); the key hashes the files (path, size, mtime),
       the text field and the tokenizer, so a second run starts from the cache.
-    * With ``tokenizer.path`` null a byte-level BPE of ``tokenizer.train_vocab_size`` is
-      trained on the corpus and cached.
+    * With ``tokenizer.path`` null (and no ``tokenizer``) a byte-level BPE of
+      ``tokenizer.train_vocab_size`` is trained on the corpus and cached.
 
     Raises:
         DataError: missing files, unreadable data, missing text column, empty corpus,
             or a tokenizer that does not match a prepared store.
     """
     if is_prepared_dir(data.path):
-        store = open_store(data.path)
-        if tok_cfg.path:
-            tokenizer = load_tokenizer(tok_cfg.path)
-            if tokenizer_fingerprint(tokenizer) != store.meta.get("tokenizer_fingerprint"):
-                raise DataError(
-                    f"tokenizer.path={tok_cfg.path!r} is not the tokenizer that prepared {data.path!r}; "
-                    "drop tokenizer.path to use the store's own tokenizer"
-                )
-        else:
-            tokenizer = load_tokenizer(os.path.join(data.path, "tokenizer"))
-        return tokenizer, store
-
+        return _prepared(data, tok_cfg, tokenizer)
     corpus = resolve_corpus(data.path, data.format, data.hub_name)
+    _cache_dir(data)
+    reader = _Reader(corpus, data)
+    if tokenizer is None:
+        tokenizer = _tokenizer(tok_cfg, [reader], data.cache_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    key = _short(f"{FORMAT}|{corpus.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}")
+    target = output_dir or os.path.join(data.cache_dir, "tokens", key)
+    if output_dir is None and is_prepared_dir(target):
+        return tokenizer, open_store(target)
+    ds, column = reader.dataset()
+    first = corpus.files[0] if corpus.format == "hub" else os.path.abspath(corpus.files[0])
+    source = first if len(corpus.files) == 1 else f"{len(corpus.files)} files ({first}, ...)"
+    meta = {"source": source, "tokenizer_fingerprint": fingerprint, "text_field": column}
+    return tokenizer, write_store(target, ds, column, tokenizer, data.num_proc, meta, max_shard_bytes)
+
+
+def _prepared(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer):
+    store = open_store(data.path)
+    if tokenizer is None and tok_cfg.path:
+        tokenizer = load_tokenizer(tok_cfg.path, tok_cfg.eos_token)
+    if tokenizer is None:
+        return load_tokenizer(os.path.join(data.path, "tokenizer")), store
+    if tokenizer_fingerprint(tokenizer) != store.meta.get("tokenizer_fingerprint"):
+        raise DataError(
+            f"tokenizer.path={tok_cfg.path!r} is not the tokenizer that prepared {data.path!r}; "
+            "drop tokenizer.path to use the store's own tokenizer"
+        )
+    return tokenizer, store
+
+
+def _cache_dir(data: DataConfig) -> None:
     try:
         os.makedirs(data.cache_dir, exist_ok=True)
     except OSError as e:
         raise DataError(
             f"data.cache_dir={data.cache_dir!r} is not a usable directory: {e.strerror or e}"
         ) from e
-    raw = {}
 
-    def dataset():
-        if "ds" not in raw:
-            raw["ds"], raw["column"] = load_corpus(
-                corpus, data.text_field, data.sample_by, data.split, data.cache_dir
-            )
-        return raw["ds"], raw["column"]
 
+class _Reader:
+    """A corpus read through ``datasets`` once, on first use."""
+
+    def __init__(self, corpus: Corpus, data: DataConfig, spec: SourceSpec | None = None):
+        self.corpus, self.data, self.spec, self._ds = corpus, data, spec, None
+
+    def dataset(self):
+        if self._ds is None:
+            d = self.data
+            self._ds = load_corpus(self.corpus, d.text_field, d.sample_by, d.split, d.cache_dir)
+        return self._ds
+
+    def texts(self):
+        if self.spec is None:
+            ds, column = self.dataset()
+        else:
+            with _naming(self.spec):
+                ds, column = self.dataset()
+        for batch in ds.iter(batch_size=1000):
+            yield from batch[column]
+
+    def key(self) -> str:
+        return f"{self.corpus.fingerprint()}-{self.data.text_field}-{self.data.sample_by}"
+
+
+def _tokenizer(tok_cfg: TokenizerConfig, readers: list[_Reader], cache_dir: str):
+    """``tokenizer.path``, or a BPE trained on the texts of every reader (in order) and cached."""
     if tok_cfg.path:
-        tokenizer = load_tokenizer(tok_cfg.path)
-    else:
+        return load_tokenizer(tok_cfg.path, tok_cfg.eos_token)
 
-        def texts():
-            ds, column = dataset()
-            for batch in ds.iter(batch_size=1000):
-                yield from batch[column]
+    def texts():
+        for reader in readers:
+            yield from reader.texts()
 
-        key = f"{corpus.fingerprint()}-{data.text_field}-{data.sample_by}"
-        tokenizer = train_bpe_tokenizer(texts, tok_cfg.train_vocab_size, data.cache_dir, _short(key))
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    key = _short(f"{FORMAT}|{corpus.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}")
-    target = output_dir or os.path.join(data.cache_dir, "tokens", key)
-    if output_dir is None and is_prepared_dir(target):
-        return tokenizer, open_store(target)
-    ds, column = dataset()
-    first = corpus.files[0] if corpus.format == "hub" else os.path.abspath(corpus.files[0])
-    source = first if len(corpus.files) == 1 else f"{len(corpus.files)} files ({first}, ...)"
-    store = write_store(
-        target,
-        ds,
-        column,
-        tokenizer,
-        data.num_proc,
-        {"source": source, "tokenizer_fingerprint": fingerprint, "text_field": column},
-    )
-    return tokenizer, store
+    key = _short("+".join(r.key() for r in readers)) if len(readers) > 1 else _short(readers[0].key())
+    return train_bpe_tokenizer(texts, tok_cfg.train_vocab_size, cache_dir, key)
 
 
 def _short(text: str) -> str:
@@ -120,38 +219,154 @@ def _short(text: str) -> str:
 
 @dataclass
 class DataBundle:
-    """Everything the trainer needs from the data side."""
+    """Everything the trainer needs from the data side.
+
+    Attributes:
+        tokenizer: the shared tokenizer.
+        stores: each source's token store, by source name (``data`` for a one-source corpus).
+        train: the training sequences: one source's :class:`PackedSequences`, or a mixture's
+            :class:`BlendedSequences` (global sample numbers in the blending order).
+        val: one source's held-out sequences (None without validation or for a mixture).
+        val_by_source: a mixture's held-out sequences by source name (None otherwise).
+        weights: a mixture's normalized weights by source name (None otherwise).
+    """
 
     tokenizer: object
-    store: TokenStore
-    train: PackedSequences
+    stores: dict[str, TokenStore]
+    train: PackedSequences | BlendedSequences
     val: PackedSequences | None
+    val_by_source: dict[str, PackedSequences] | None = None
+    weights: dict[str, float] | None = None
+
+    @property
+    def store(self) -> TokenStore:
+        """The first (for a one-source corpus: the only) source's store."""
+        return next(iter(self.stores.values()))
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.weights is not None
+
+    def identity(self, data: DataConfig) -> dict:
+        """What a checkpoint of this run must match to be resumed (``mixture`` compared on its own)."""
+        key = {
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "seq_len": data.seq_len,
+            "val_fraction": data.val_fraction,
+        }
+        if not self.is_mixture:
+            return {"tokens": self.store.num_tokens, **key}
+        return {**key, "sources": {n: s.num_tokens for n, s in self.stores.items()}}
+
+    def mixture_state(self) -> dict | None:
+        """The mixture's weights and segments, as checkpoints store them."""
+        if not self.is_mixture:
+            return None
+        names = list(self.stores)
+        return {
+            "weights": dict(self.weights),
+            "segments": [s.to_dict(names) for s in self.train.order.segments],
+        }
 
 
 def build_data(
-    data: DataConfig, tok_cfg: TokenizerConfig, global_batch_size: int, need_val: bool
+    data: DataConfig, tok_cfg: TokenizerConfig, global_batch_size: int, need_val: bool, seed: int = 0
 ) -> DataBundle:
-    """Tokenize/load the corpus and split it: the last ``data.val_fraction`` of tokens is validation.
+    """Tokenize/load every source and split it: the last ``data.val_fraction`` of each source's tokens
+    is its validation split; several sources are blended by their weights (:mod:`harness.data.mixture`).
 
     Raises:
-        DataError: the training split has fewer sequences than one global batch, or
-            validation is requested but the held-out split holds no sequence.
+        DataError: a source that cannot be read, an empty source, two sources with the same files,
+            a training split smaller than one global batch, or a validation split without a sequence;
+            a mixture's messages name the source.
     """
-    tokenizer, store = load_token_store(data, tok_cfg)
+    specs = source_specs(data)
+    tokenizer, stores = _stores(specs, tok_cfg)
+    splits = {s.name: _split(stores[s.name], s, need_val) for s in specs}
+    if len(specs) == 1 and not data.sources:
+        train, val = splits["data"]
+        _check_sizes(specs[0], len(train), global_batch_size)
+        if need_val:
+            _check_val(specs[0], stores["data"], val)
+        return DataBundle(tokenizer, stores, train, val)
+    names = [s.name for s in specs]
+    weights = normalized([s.weight for s in specs])
+    order = BlendOrder([Segment(0, weights, tuple(0 for _ in specs))])
+    train = BlendedSequences(names, [splits[n][0] for n in names], order, seed)
+    _check_sizes(SourceSpec("mixture", data, 1.0, "data.sources"), len(train), global_batch_size)
+    for spec in specs if need_val else []:
+        _check_val(spec, stores[spec.name], splits[spec.name][1])
+    val = {n: splits[n][1] for n in names} if need_val else None
+    return DataBundle(tokenizer, stores, train, None, val, dict(zip(names, weights)))
+
+
+def _stores(specs: list[SourceSpec], tok_cfg: TokenizerConfig):
+    """The shared tokenizer and every source's store (sources resolved first: same files are an error)."""
+    if len(specs) == 1:
+        with _naming(specs[0]):
+            tokenizer, store = load_token_store(specs[0].data, tok_cfg)
+        return tokenizer, {specs[0].name: store}
+    readers, seen = {}, {}
+    for spec in specs:
+        with _naming(spec):
+            if is_prepared_dir(spec.data.path):
+                files = (os.path.realpath(spec.data.path),)
+            else:
+                corpus = resolve_corpus(spec.data.path, spec.data.format, spec.data.hub_name)
+                files, readers[spec.name] = (
+                    tuple(os.path.realpath(f) for f in corpus.files),
+                    _Reader(corpus, spec.data, spec),
+                )
+        for other, other_files in seen.items():
+            if set(files) & set(other_files):
+                raise DataError(
+                    f"{spec.key} and data.sources.{other} resolve to the same files "
+                    f"({sorted(set(files) & set(other_files))[0]}); give each source its own files"
+                )
+        seen[spec.name] = files
+    _cache_dir(specs[0].data)
+    tokenizer = (
+        None  # all sources prepared, no tokenizer.path: the first store's, which the others must match
+    )
+    if tok_cfg.path:
+        tokenizer = load_tokenizer(tok_cfg.path, tok_cfg.eos_token)
+    elif readers:
+        tokenizer = _tokenizer(tok_cfg, list(readers.values()), specs[0].data.cache_dir)
+    stores = {}
+    for spec in specs:
+        with _naming(spec):
+            tokenizer, stores[spec.name] = load_token_store(spec.data, tok_cfg, tokenizer=tokenizer)
+    return tokenizer, stores
+
+
+def _split(store: TokenStore, spec: SourceSpec, need_val: bool):
+    data = spec.data
     n = store.num_tokens
     n_val = int(n * data.val_fraction) if need_val else 0
     train = PackedSequences(store.tokens[: n - n_val], data.seq_len)
     val = PackedSequences(store.tokens[n - n_val :], data.seq_len) if n_val else None
-    if len(train) < global_batch_size:
+    if spec.key != "data.path" and len(train) == 0:
+        raise DataError(f"{spec.key}: {n:,} tokens hold no training sequence of data.seq_len={data.seq_len}")
+    return train, val
+
+
+def _check_val(spec: SourceSpec, store: TokenStore, val) -> None:
+    """A validation split (when one is needed) must hold at least one sequence."""
+    if val is None or len(val) == 0:
+        data = spec.data
+        where = "" if spec.key == "data.path" else f"{spec.key}: "
+        n_val = int(store.num_tokens * data.val_fraction)
         raise DataError(
-            f"data.path: the corpus is too small for one batch: {n - n_val:,} training tokens make "
-            f"{len(train)} "
-            f"sequences of data.seq_len={data.seq_len}, but train.global_batch_size={global_batch_size}; "
+            f"{where}data.val_fraction={data.val_fraction} holds out {n_val:,} "
+            f"tokens, fewer than one sequence of data.seq_len={data.seq_len} + 1; raise data.val_fraction or "
+            "set eval.every=0"
+        )
+
+
+def _check_sizes(spec: SourceSpec, sequences: int, global_batch_size: int) -> None:
+    if sequences < global_batch_size:
+        raise DataError(
+            f"{spec.key}: the corpus is too small for one batch: {sequences} training sequences of "
+            f"data.seq_len={spec.data.seq_len}, but train.global_batch_size={global_batch_size}; "
             "use a larger corpus or lower data.seq_len / train.global_batch_size"
         )
-    if need_val and (val is None or len(val) == 0):
-        raise DataError(
-            f"data.val_fraction={data.val_fraction} holds out {n_val:,} tokens, fewer than one sequence of "
-            f"data.seq_len={data.seq_len} + 1; raise data.val_fraction or set eval.every=0"
-        )
-    return DataBundle(tokenizer, store, train, val)

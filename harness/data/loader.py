@@ -41,31 +41,61 @@ class PackedSequences:
 
 @dataclass
 class MicroBatch:
-    """One forward/backward's inputs: ``input_ids`` and ``labels``, both ``(batch, seq_len)`` int64.
+    """One forward/backward's inputs: ``input_ids`` and ``labels``, both ``(batch, seq_len)`` int64,
+    and with document masking ``position_ids`` (``(batch, seq_len)``, restarting at every document).
 
     ``labels`` are the next tokens; positions equal to ``IGNORE_INDEX`` are not trained on.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     @classmethod
-    def from_sequences(cls, seqs: torch.Tensor) -> MicroBatch:
-        """Split ``(batch, seq_len + 1)`` windows into inputs and shifted labels."""
-        return cls(seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous())
+    def from_sequences(cls, seqs: torch.Tensor, eos_id: int | None = None) -> MicroBatch:
+        """Split ``(batch, seq_len + 1)`` windows into inputs and shifted labels.
+
+        With ``eos_id`` (``data.document_mask``) each document of a packed window is its own sequence:
+        positions restart after every EOS (``transformers`` then masks attention to each document,
+        as Llama 3's pretraining did), and the target that would cross a boundary (the next
+        document's first token, predicted at the EOS) is ignored, so a window [A, EOS, B] trains
+        exactly as A+EOS and B would separately.
+        """
+        inputs, labels = seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+        if eos_id is None:
+            return cls(inputs, labels)
+        is_eos = inputs == eos_id
+        starts = torch.zeros_like(is_eos)
+        starts[:, 0] = True
+        starts[:, 1:] = is_eos[:, :-1]
+        idx = torch.arange(inputs.shape[1]).expand_as(inputs)
+        last_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+        labels = labels.masked_fill(is_eos, IGNORE_INDEX)
+        return cls(inputs, labels, (idx - last_start).contiguous())
 
     def num_targets(self) -> torch.Tensor:
         """Number of trained target tokens (labels != IGNORE_INDEX), a 0-d int64 tensor."""
         return (self.labels != IGNORE_INDEX).sum()
 
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the model's forward."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids}
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+
     def pin_memory(self) -> MicroBatch:
         """Page-locked copies, so that ``to(cuda, non_blocking=True)`` overlaps with compute."""
-        return MicroBatch(self.input_ids.pin_memory(), self.labels.pin_memory())
+        pos = self.position_ids.pin_memory() if self.position_ids is not None else None
+        return MicroBatch(self.input_ids.pin_memory(), self.labels.pin_memory(), pos)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> MicroBatch:
+        pos = (
+            self.position_ids.to(device, non_blocking=non_blocking) if self.position_ids is not None else None
+        )
         return MicroBatch(
             self.input_ids.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
+            pos,
         )
 
 
@@ -73,27 +103,40 @@ class StepLoader:
     """Gives each rank its micro-batches for a planned optimizer step.
 
     Epoch ``e`` visits sequences in the permutation ``default_rng([seed, e])``, so the order
-    depends only on the seed and the data position (epoch, offset) stored in checkpoints.
-    A step's sequences ``perm[offset : offset + global_batch_size]`` are cut into global
-    micro-batches of ``micro_batch_size * world_size``; rank ``r`` takes the ``r``-th slice
-    of ``micro_batch_size`` from each, so every rank reads only its own shard.
+    depends only on the seed and the data position (epoch, offset) stored in checkpoints; a
+    mixture's blended stream is already in its (seeded) order, so epoch ``e`` visits its global
+    samples ``e*N .. (e+1)*N - 1``. A step's sequences ``perm[offset : offset + global_batch_size]``
+    are cut into global micro-batches of ``micro_batch_size * world_size``; rank ``r`` takes the
+    ``r``-th slice of ``micro_batch_size`` from each, so every rank reads only its own shard.
+    ``eos_id`` turns on document masking (see :meth:`MicroBatch.from_sequences`).
     """
 
     def __init__(
-        self, sequences: PackedSequences, seed: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+        self,
+        sequences,
+        seed: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        eos_id: int | None = None,
     ):
         self.sequences = sequences
         self.seed = seed
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.world_size = world_size
+        self.eos_id = eos_id
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the sequences (int64 indices)."""
         if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.sequences))
+            n = len(self.sequences)
+            if hasattr(self.sequences, "order"):  # a mixture: global sample numbers, already blended
+                self._perm = np.arange(epoch * n, (epoch + 1) * n, dtype=np.int64)
+            else:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
             self._perm_epoch = epoch
         return self._perm
 
@@ -109,8 +152,15 @@ class StepLoader:
         out = []
         for k in range(info.gradient_accumulation_steps):
             mine = indices[k * m * w + self.rank * m : k * m * w + (self.rank + 1) * m]
-            out.append(MicroBatch.from_sequences(self.sequences.get(mine)))
+            out.append(MicroBatch.from_sequences(self.sequences.get(mine), self.eos_id))
         return out
+
+    def tokens_by_source(self, info: StepInfo) -> dict[str, int] | None:
+        """A mixture's tokens of step ``info`` (all ranks) by source; None for one source."""
+        if not hasattr(self.sequences, "counts_by_source"):
+            return None
+        counts = self.sequences.counts_by_source(self.step_indices(info))
+        return {name: n * self.sequences.seq_len for name, n in counts.items()}
 
 
 class _StepStream(torch.utils.data.IterableDataset):
@@ -154,6 +204,9 @@ class PrefetchLoader:
         self.workers, self.pin_memory, self.prefetch_factor = workers, pin_memory, prefetch_factor
         self._it = None
 
+    def tokens_by_source(self, info: StepInfo) -> dict[str, int] | None:
+        return self.loader.tokens_by_source(info)
+
     def micro_batches(self, info: StepInfo) -> list[MicroBatch]:
         """This rank's micro-batches for ``info`` (the next step of the plan)."""
         if self._it is None:
@@ -174,10 +227,20 @@ class PrefetchLoader:
 
 
 def validation_batches(
-    sequences: PackedSequences, num_batches: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    sequences: PackedSequences,
+    num_batches: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    eos_id: int | None = None,
 ) -> list[MicroBatch]:
     """A fixed validation set: the first ``num_batches * micro_batch_size * world_size`` sequences, in
-    order."""
+    order, this rank's share of each global micro-batch.
+
+    Every rank gets the same number of micro-batches (sharded backends gather parameters in every
+    forward, so a rank that skipped one would hang the others): where a short last batch leaves a
+    rank nothing, it gets one sequence with every label ``IGNORE_INDEX`` (no loss, no targets).
+    """
     n = min(len(sequences), num_batches * micro_batch_size * world_size)
     idx = np.arange(n)
     out = []
@@ -185,7 +248,10 @@ def validation_batches(
     for k in range(0, n, per):
         mine = idx[k + rank * micro_batch_size : min(n, k + (rank + 1) * micro_batch_size)]
         if len(mine):
-            out.append(MicroBatch.from_sequences(sequences.get(mine)))
+            out.append(MicroBatch.from_sequences(sequences.get(mine), eos_id))
+        else:
+            mb = MicroBatch.from_sequences(sequences.get(idx[:1]), eos_id)
+            out.append(MicroBatch(mb.input_ids, torch.full_like(mb.labels, IGNORE_INDEX), mb.position_ids))
     return out
 
 
@@ -199,10 +265,12 @@ def build_loader(
     device_type: str,
     plan: IterationPlan,
     max_steps: int,
+    eos_id: int | None = None,
 ) -> StepLoader | PrefetchLoader:
     """The step loader of this rank; with ``workers`` > 0 (``data.loader_workers``; None: 2 on CUDA,
-    0 on CPU) its next steps are prepared by worker processes (same batches, same order)."""
-    loader = StepLoader(sequences, seed, micro_batch_size, rank, world_size)
+    0 on CPU) its next steps are prepared by worker processes (same batches, same order);
+    ``eos_id`` turns on document masking."""
+    loader = StepLoader(sequences, seed, micro_batch_size, rank, world_size, eos_id)
     if workers is None:
         workers = 2 if device_type == "cuda" else 0
     if workers == 0:

@@ -35,7 +35,11 @@ class Segment:
     counts: tuple[int, ...]
 
     def to_dict(self, names: list[str]) -> dict:
-        return {"start": self.start, "weights": dict(zip(names, self.weights)), "counts": dict(zip(names, self.counts))}
+        return {
+            "start": self.start,
+            "weights": dict(zip(names, self.weights)),
+            "counts": dict(zip(names, self.counts)),
+        }
 
 
 def normalized(weights: list[float]) -> tuple[float, ...]:
@@ -137,7 +141,9 @@ class BlendedSequences:
         if key not in self._perms:
             if len(self._perms) > 8:
                 self._perms.clear()
-            self._perms[key] = np.random.default_rng([self.seed, 1 + j, epoch]).permutation(len(self.sources[j]))
+            self._perms[key] = np.random.default_rng([self.seed, 1 + j, epoch]).permutation(
+                len(self.sources[j])
+            )
         return self._perms[key]
 
     def locate(self, global_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,8 +154,10 @@ class BlendedSequences:
         sources, numbers = self.order.assign(start, count)
         sizes = np.array([len(s) for s in self.sources], dtype=np.int64)
         epochs = numbers // sizes[sources]
-        index = np.array([self.permutation(j, e)[k % sizes[j]] for j, e, k in zip(sources, epochs, numbers)],
-                         dtype=np.int64)
+        index = np.array(
+            [self.permutation(j, e)[k % sizes[j]] for j, e, k in zip(sources, epochs, numbers)],
+            dtype=np.int64,
+        )
         return sources, epochs, index
 
     def get(self, global_ids: np.ndarray) -> torch.Tensor:
@@ -168,3 +176,58 @@ class BlendedSequences:
         sources, _ = self.order.assign(int(global_ids[0]), len(global_ids))
         counts = np.bincount(sources, minlength=len(self.names))
         return {n: int(c) for n, c in zip(self.names, counts)}
+
+
+def resume_mixture(
+    train: BlendedSequences, weights: dict[str, float], saved: dict | None, allow_change: bool, path: str
+) -> tuple[int | None, str | None]:
+    """Continue a checkpoint's mixture: its segments when the sources and weights are the same; a new
+    segment from its sample position when they differ and ``data.allow_mixture_change`` is set.
+
+    Returns:
+        ``(global sample position to resume at, message)`` for a changed mixture, else ``(None, None)``.
+    Raises:
+        CheckpointError: the mixture differs and ``allow_change`` is off (the difference shown), or the
+            checkpoint has no mixture while this run has one.
+    """
+    from harness.errors import CheckpointError
+
+    if saved is None:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on one source (data.path), this run on a mixture "
+            "(data.sources); use a new run_name / hydra.run.dir"
+        )
+    names = train.names
+    before = {n: round(w, 12) for n, w in saved["weights"].items()}
+    now = {n: round(w, 12) for n, w in weights.items()}
+    if before == now:
+        train.order = BlendOrder([_segment(s, names) for s in saved["segments"]])
+        return None, None
+    diff = _diff(before, now)
+    if not allow_change:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on another mixture ({diff}); set data.allow_mixture_change=true "
+            "to "
+            "continue with the new one (every source from its current position), or use a new run_name"
+        )
+    g = int(saved["samples"])
+    counts = tuple(int(saved["counts"].get(n, 0)) for n in names)
+    train.order = BlendOrder([Segment(g, normalized([weights[n] for n in names]), counts)])
+    shown = ", ".join(f"{n} at sample {c}" for n, c in zip(names, counts))
+    return g, f"mixture changed ({diff}): the new weights apply from here, each source continues ({shown})"
+
+
+def _segment(d: dict, names: list[str]) -> Segment:
+    return Segment(
+        int(d["start"]),
+        tuple(float(d["weights"][n]) for n in names),
+        tuple(int(d["counts"][n]) for n in names),
+    )
+
+
+def _diff(before: dict, now: dict) -> str:
+    parts = [f"-{n}" for n in before if n not in now] + [f"+{n}" for n in now if n not in before]
+    parts += [
+        f"{n} weight {before[n]:.4g} -> {now[n]:.4g}" for n in now if n in before and before[n] != now[n]
+    ]
+    return ", ".join(parts)

@@ -3,7 +3,8 @@
 A store (format ``harness-tokens-v2``) is a directory::
 
     shards/tokens_PPP_KKKKK.bin   token ids of worker P's K-th shard, each document followed by EOS,
-                                  at most ``max_shard_bytes`` each (uint16 when the vocabulary fits, else uint32)
+                                  at most ``max_shard_bytes`` each (uint16 when the vocabulary fits,
+                                  else uint32)
     documents.npy                 int64 token offset of every document's first token, in store order
     tokenizer/                    the tokenizer that produced them (``save_pretrained``)
     meta.json                     format, dtype, token and document counts, EOS id, tokenizer fingerprint,
@@ -51,6 +52,7 @@ class ShardedTokens:
                 raise ValueError("ShardedTokens slices take step 1")
             return ShardedTokens(self.maps, self.start + a, self.start + max(a, b))
         idx = np.asarray(key, dtype=np.int64)
+        idx = np.where(idx < 0, idx + len(self), idx)
         flat = idx.reshape(-1) + self.start
         if flat.size and (flat.min() < self.start or flat.max() >= self.stop):
             raise IndexError("token index out of range")
@@ -77,7 +79,9 @@ def open_shards(path: str, meta: dict) -> ShardedTokens:
     for shard in meta["shards"]:
         file = os.path.join(path, shard["file"])
         if not os.path.isfile(file) or os.path.getsize(file) != shard["tokens"] * dtype.itemsize:
-            raise ValueError(f"{file} is missing or not {shard['tokens'] * dtype.itemsize} bytes as meta.json says")
+            raise ValueError(
+                f"{file} is missing or not {shard['tokens'] * dtype.itemsize} bytes as meta.json says"
+            )
         if shard["tokens"]:
             maps.append(np.memmap(file, dtype=dtype, mode="r", shape=(shard["tokens"],)))
     return ShardedTokens(maps)
@@ -97,8 +101,9 @@ class _Part:
 
 
 def _write_part(dataset, tokenizer, part: _Part) -> tuple[list[dict], np.ndarray]:
-    """Tokenize part ``part.index`` of ``dataset`` into bounded shard files; returns the shards
-    (file, tokens) and the documents' start offsets within the part."""
+    """Tokenize part ``part.index`` of ``dataset`` into shard files of at most
+    ``part.max_shard_tokens`` tokens (a document may span two); returns the shards (file, tokens)
+    and the documents' start offsets within the part."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     shard_ds = dataset.shard(num_shards=part.num_parts, index=part.index, contiguous=True)
     dtype = np.dtype(part.dtype)
@@ -123,12 +128,15 @@ def _write_part(dataset, tokenizer, part: _Part) -> tuple[list[dict], np.ndarray
             if not doc:
                 continue
             arr = np.asarray([*doc, part.eos], dtype=dtype)
-            if buffered and buffered + len(arr) > part.max_shard_tokens:
-                flush()
             starts.append(offset)
-            buf.append(arr)
-            buffered += len(arr)
             offset += len(arr)
+            while len(arr):  # a document longer than the room left continues in the next shard
+                room = part.max_shard_tokens - buffered
+                buf.append(arr[:room])
+                buffered += min(room, len(arr))
+                arr = arr[room:]
+                if buffered == part.max_shard_tokens:
+                    flush()
     if buffered:
         flush()
     return shards, np.asarray(starts, dtype=np.int64)
@@ -138,15 +146,18 @@ def _run_part(args):
     return _write_part(*args)
 
 
-def write_parts(tmp: str, dataset, column: str, tokenizer, num_proc: int, dtype: str,
-                max_shard_bytes: int) -> tuple[list[dict], np.ndarray]:
+def write_parts(
+    tmp: str, dataset, column: str, tokenizer, num_proc: int, dtype: str, max_shard_bytes: int
+) -> tuple[list[dict], np.ndarray]:
     """Tokenize ``dataset[column]`` into ``tmp/shards/`` with ``num_proc`` workers; returns the shard
     list in store order and the documents' global start offsets."""
     os.makedirs(os.path.join(tmp, "shards"), exist_ok=True)
     n = max(1, min(num_proc, len(dataset)))
     max_tokens = max(1, max_shard_bytes // np.dtype(dtype).itemsize)
-    parts = [(dataset, tokenizer, _Part(i, n, tmp, column, dtype, tokenizer.eos_token_id, max_tokens))
-             for i in range(n)]
+    parts = [
+        (dataset, tokenizer, _Part(i, n, tmp, column, dtype, tokenizer.eos_token_id, max_tokens))
+        for i in range(n)
+    ]
     if n == 1:
         results = [_run_part(parts[0])]
     else:

@@ -1,39 +1,44 @@
-"""Token stores: a corpus tokenized once into a flat token file that training memory-maps.
+"""Token stores: a corpus tokenized once into memory-mappable shards that training reads.
 
-A store is a directory::
-
-    tokens.bin      all documents' token ids, each document followed by EOS (uint16 or uint32)
-    tokenizer/      the tokenizer that produced them (``save_pretrained``)
-    meta.json       dtype, token and document counts, EOS id, fingerprints -- written last
-
-It is written into a temporary sibling directory and renamed when complete, so a store
-that has ``meta.json`` is whole. The tokenization cache and ``python -m harness.prepare_data``
-write the same format.
+The current format is ``harness-tokens-v2`` (:mod:`harness.data.shards`: bounded shard files, a
+document index, ``meta.json`` written last, written by worker processes, atomically). Stores of
+the earlier single-file format ``harness-tokens-v1`` (``tokens.bin``) are still read. The
+tokenization cache and ``python -m harness.prepare_data`` write the same format.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from harness.data.shards import DEFAULT_MAX_SHARD_BYTES, FORMAT_V2, finish, open_shards, temp_dir, write_parts
 from harness.data.sources import STORE_META
 from harness.errors import DataError
+from harness.faults import Faults
 
-FORMAT = "harness-tokens-v1"
+FORMAT = FORMAT_V2
+FORMAT_V1 = "harness-tokens-v1"
 
 
 @dataclass(frozen=True)
 class TokenStore:
-    """A read-only view of a token store: ``tokens`` is a 1-D ``np.memmap`` of ``num_tokens`` ids."""
+    """A read-only view of a token store.
+
+    Attributes:
+        path: the store directory.
+        tokens: the 1-D token stream (``np.memmap`` for v1, :class:`ShardedTokens` for v2).
+        meta: ``meta.json``.
+        documents: int64 token offsets of each document's first token (None for v1 stores).
+    """
 
     path: str
-    tokens: np.ndarray
+    tokens: object
     meta: dict
+    documents: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -41,10 +46,10 @@ class TokenStore:
 
 
 def open_store(path: str) -> TokenStore:
-    """Memory-map a complete token store.
+    """Memory-map a complete token store (v2 shards or a v1 ``tokens.bin``).
 
     Raises:
-        DataError: ``meta.json`` is missing or does not describe ``tokens.bin``.
+        DataError: ``meta.json`` is missing, or does not describe the files beside it.
     """
     meta_path = os.path.join(path, STORE_META)
     try:
@@ -52,81 +57,75 @@ def open_store(path: str) -> TokenStore:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"data.path: {path!r} is not a complete token store ({meta_path}: {e})") from e
-    if meta.get("format") != FORMAT:
+    if meta.get("num_tokens") == 0:
+        raise DataError(f"data.path: {path!r} holds no tokens")
+    if meta.get("format") == FORMAT_V2:
+        try:
+            tokens = open_shards(path, meta)
+        except ValueError as e:
+            raise DataError(f"data.path: {e}") from e
+        documents = np.load(os.path.join(path, "documents.npy"), mmap_mode="r")
+        return TokenStore(path, tokens, meta, documents)
+    if meta.get("format") != FORMAT_V1:
         raise DataError(f"data.path: {meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     bin_path = os.path.join(path, "tokens.bin")
     dtype = np.dtype(meta["dtype"])
     expected = int(meta["num_tokens"]) * dtype.itemsize
     if not os.path.isfile(bin_path) or os.path.getsize(bin_path) != expected:
         raise DataError(f"data.path: {bin_path} is missing or not {expected} bytes as {meta_path} says")
-    if meta["num_tokens"] == 0:
-        raise DataError(f"data.path: {path!r} holds no tokens")
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(int(meta["num_tokens"]),))
-    return TokenStore(path, tokens, meta)
+    return TokenStore(
+        path, np.memmap(bin_path, dtype=dtype, mode="r", shape=(int(meta["num_tokens"]),)), meta
+    )
 
 
-def write_store(target: str, dataset, column: str, tokenizer, num_proc: int, extra_meta: dict) -> TokenStore:
-    """Tokenize ``dataset[column]`` with ``tokenizer`` into a store at ``target`` (atomically).
+def write_store(
+    target: str,
+    dataset,
+    column: str,
+    tokenizer,
+    num_proc: int,
+    extra_meta: dict,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> TokenStore:
+    """Tokenize ``dataset[column]`` with ``tokenizer`` into a sharded store at ``target`` (atomically).
 
-    Documents are tokenized without special tokens, joined with EOS, and empty documents
-    are skipped. ``num_proc`` worker processes run ``datasets.Dataset.map``.
+    Documents are tokenized without special tokens, each followed by EOS; empty documents are
+    skipped. ``num_proc`` worker processes each write the shards of one contiguous part.
 
     Raises:
         DataError: no document yields a token (empty corpus).
     """
-    eos = tokenizer.eos_token_id
     vocab = len(tokenizer)
-    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-
-    def encode(batch):
-        return {"input_ids": tokenizer(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
-
-    tokenized = dataset.map(
-        encode,
-        batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=dataset.column_names,
-        desc=None,
-    )
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    os.chmod(tmp, 0o755)
+    dtype = np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32).name
+    tmp = temp_dir(target)
     try:
-        num_tokens = num_docs = 0
-        with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
-            for batch in tokenized.iter(batch_size=1024):
-                parts = []
-                for ids in batch["input_ids"]:
-                    if ids:
-                        parts.append(np.asarray(ids, dtype=dtype))
-                        parts.append(np.asarray([eos], dtype=dtype))
-                        num_docs += 1
-                if parts:
-                    arr = np.concatenate(parts)
-                    f.write(arr.tobytes())
-                    num_tokens += arr.size
+        start = time.perf_counter()
+        shards, documents = write_parts(tmp, dataset, column, tokenizer, num_proc, dtype, max_shard_bytes)
+        num_tokens = sum(s["tokens"] for s in shards)
         if num_tokens == 0:
             raise DataError(
                 f"data.path: every document of {extra_meta.get('source', 'the corpus')} is empty (0 tokens)"
             )
+        np.save(os.path.join(tmp, "documents.npy"), documents)
+        Faults.from_env().on_store_written()
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         meta = {
-            "format": FORMAT,
-            "dtype": np.dtype(dtype).name,
+            "format": FORMAT_V2,
+            "dtype": dtype,
             "num_tokens": num_tokens,
-            "num_documents": num_docs,
-            "eos_token_id": eos,
+            "num_documents": len(documents),
+            "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": vocab,
+            "shards": shards,
+            "max_shard_bytes": max_shard_bytes,
+            "num_proc": num_proc,
+            "write_seconds": round(time.perf_counter() - start, 3),
             **extra_meta,
         }
-        with open(os.path.join(tmp, STORE_META), "w") as f:
-            json.dump(meta, f, indent=2)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        finish(tmp, target, meta)
     except BaseException:
+        import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return open_store(target)

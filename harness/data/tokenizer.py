@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 
@@ -12,28 +13,62 @@ from harness.errors import DataError
 EOS = "<|endoftext|>"
 
 
-def load_tokenizer(path: str):
-    """Load a tokenizer directory with ``AutoTokenizer.from_pretrained`` offline.
+_EOS_LIKE = re.compile(r"^(<\|?(end|eos|eot|im_end)[a-z_]*\|?>|</s>|\[SEP\]|<\|endoftext\|>)$", re.IGNORECASE)
+
+
+def load_tokenizer(path: str, eos_token: str | None = None):
+    """Load a tokenizer offline: a directory ``AutoTokenizer.from_pretrained`` reads, a directory
+    holding only ``tokenizer.json`` (as GPT-NeoX/OLMo and Llama 3 release them), or a
+    ``tokenizer.json`` file. ``eos_token`` (``tokenizer.eos_token``) names the document separator
+    when the tokenizer declares none (or overrides the declared one).
 
     Raises:
-        DataError: the directory is missing or lacks the tokenizer files.
+        DataError: no tokenizer at ``path``, ``eos_token`` not in the vocabulary, or no EOS at all
+            (the message lists the EOS-like tokens of the vocabulary and the key to set).
     """
-    from transformers import AutoTokenizer
+    tok = _load(path)
+    if eos_token is not None:
+        if eos_token not in tok.get_vocab():
+            raise DataError(f"tokenizer.eos_token={eos_token!r} is not in the vocabulary of {path!r}")
+        tok.eos_token = eos_token
+    if tok.eos_token_id is None:
+        found = sorted(t for t in tok.get_vocab() if _EOS_LIKE.match(t))[:6]
+        hint = (
+            f"EOS-like tokens in its vocabulary: {', '.join(found)}"
+            if found
+            else "no EOS-like token in its vocabulary"
+        )
+        example = found[0] if found else "<eos>"
+        raise DataError(
+            f"tokenizer.path: the tokenizer in {path!r} declares no EOS token to separate documents "
+            f"({hint}); set tokenizer.eos_token (quoted on the command line: "
+            f"'tokenizer.eos_token=\"{example}\"')"
+        )
+    return tok
+
+
+def _load(path: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     expanded = os.path.expanduser(path)
-    if not os.path.isdir(expanded):
-        raise DataError(f"tokenizer.path: {path!r} is not a directory")
+    only_json = os.path.isdir(expanded) and not os.path.isfile(
+        os.path.join(expanded, "tokenizer_config.json")
+    )
+    json_file = os.path.join(expanded, "tokenizer.json") if only_json else expanded
     try:
-        tok = AutoTokenizer.from_pretrained(expanded, local_files_only=True)
+        if os.path.isfile(json_file) and json_file.endswith(".json"):
+            return PreTrainedTokenizerFast(tokenizer_file=json_file)
+        if not os.path.isdir(expanded):
+            raise DataError(f"tokenizer.path: {path!r} is not a directory or a tokenizer.json file")
+        return AutoTokenizer.from_pretrained(expanded, local_files_only=True)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"tokenizer.path: cannot load a tokenizer from {path!r} (need tokenizer.json, or vocab/merges "
             f"or tokenizer.model, with tokenizer_config.json): {type(e).__name__}: "
             f"{' '.join(str(e).split())[:300]}"
         ) from e
-    if tok.eos_token_id is None:
-        raise DataError(f"tokenizer.path: the tokenizer in {path!r} has no EOS token to separate documents")
-    return tok
 
 
 def tokenizer_fingerprint(tok) -> str:

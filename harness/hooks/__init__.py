@@ -22,6 +22,7 @@ from harness.hooks.evaluation import EvalHook
 from harness.hooks.export import ExportHook
 from harness.hooks.faults import FaultHook
 from harness.hooks.metrics import MetricsHook
+from harness.hooks.mixture import MixtureHook
 from harness.hooks.spikes import LossSpikeHook
 from harness.hooks.stop import StopHook, StopSignal
 
@@ -33,18 +34,22 @@ __all__ = [
     "Hook",
     "LossSpikeHook",
     "MetricsHook",
+    "MixtureHook",
     "StopHook",
     "StopSignal",
     "default_hooks",
 ]
 
 
-def default_hooks(cfg, env, faults, val_sequences, micro_batch_size: int, metrics) -> list[Hook]:
-    """The hooks of a training run, in the order they are called: faults, evaluation and early
-    stopping, loss spikes, the metrics sinks, stop requests, checkpoint cadence, export."""
+def default_hooks(cfg, env, faults, data, micro_batch_size: int, metrics, loader) -> list[Hook]:
+    """The hooks of a training run, in the order they are called: faults, a mixture's tokens by
+    source, evaluation and early stopping, loss spikes, the metrics sinks, stop requests, checkpoint
+    cadence, export."""
+    eos = data.tokenizer.eos_token_id if cfg.data.document_mask else None
     return [
         FaultHook(faults),
-        EvalHook.from_config(cfg.eval, val_sequences, micro_batch_size, env),
+        MixtureHook(loader),
+        EvalHook.from_config(cfg.eval, data, micro_batch_size, env, eos),
         LossSpikeHook.from_config(cfg.train),
         MetricsHook(metrics),
         StopHook.from_config(cfg.train),

@@ -12,19 +12,25 @@ log = logging.getLogger("harness")
 
 class EvalHook(Hook):
     """Fills ``record.val_loss`` on evaluation steps (token-mean loss over a fixed set of validation
-    micro-batches, all ranks) and stops the run after ``patience`` evaluations without improvement."""
+    micro-batches, all ranks; for a mixture also ``record.val_loss_by_source``, one validation split
+    per source, and ``val_loss`` over all of them) and stops the run after ``patience`` evaluations
+    without improvement."""
 
-    def __init__(self, every: int, patience: int | None, batches: list):
+    def __init__(self, every: int, patience: int | None, batches: dict[str, list]):
         self.every, self.patience, self.batches = every, patience, batches
 
     @classmethod
-    def from_config(cls, cfg, val_sequences, micro_batch_size: int, env) -> EvalHook:
-        """The ``eval`` section over this rank's share of the held-out sequences (None: no validation)."""
-        batches = []
-        if val_sequences is not None and cfg.every:
-            batches = validation_batches(
-                val_sequences, cfg.batches, micro_batch_size, env.rank, env.world_size
-            )
+    def from_config(cls, cfg, data, micro_batch_size: int, env, eos_id: int | None = None) -> EvalHook:
+        """The ``eval`` section over this rank's share of each source's held-out sequences."""
+        splits = (
+            data.val_by_source if data.is_mixture else ({"data": data.val} if data.val is not None else {})
+        )
+        batches = {}
+        if cfg.every and splits:
+            for name, seqs in splits.items():
+                batches[name] = validation_batches(
+                    seqs, cfg.batches, micro_batch_size, env.rank, env.world_size, eos_id
+                )
         return cls(cfg.every, cfg.patience, batches)
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -33,7 +39,12 @@ class EvalHook(Hook):
     def on_step_end(self, trainer, record) -> None:
         if not self.due(record.step, trainer.max_steps):
             return
-        record.val_loss = trainer.evaluate(self.batches)
+        sums = {name: trainer.evaluate_sums(batches) for name, batches in self.batches.items()}
+        loss = sum(s for s, _ in sums.values())  # 0-d tensors: one source gives exactly its own ratio
+        targets = sum(t for _, t in sums.values())
+        record.val_loss = (loss / targets.clamp(min=1)).item()
+        if "data" not in sums:
+            record.val_loss_by_source = {name: (s / t.clamp(min=1)).item() for name, (s, t) in sums.items()}
         self.update(trainer.state, record.val_loss)
 
     def update(self, state, val_loss: float) -> None:

@@ -1,0 +1,183 @@
+"""Documents: masking inside packed sequences (loss equality with separate sequences), the sharded
+token store (round trip at 1 and 2 workers, many shards, document offsets, a killed prepare), and
+tokenizers given as a bare ``tokenizer.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, compose, read_metrics, train_small
+
+from harness.config import to_object
+from harness.data import load_token_store
+from harness.data.loader import MicroBatch
+from harness.data.tokenizer import load_tokenizer
+from harness.errors import DataError
+from harness.model import build_model
+from harness.trainer import token_loss_sum
+
+EOS = 0
+
+
+def _model(arch: str):
+    cfg = to_object(
+        compose(
+            f"model.arch={arch}",
+            "model.hidden_size=64",
+            "model.num_layers=2",
+            "model.num_heads=4",
+            "model.num_kv_heads=4",
+            "model.intermediate_size=128",
+        )
+    )
+    return build_model(cfg.model, 64, seed=3).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_masked_packed_loss_equals_the_documents_apart(arch):
+    """[A, EOS, B] with masking: the summed loss is that of A+EOS and B as separate sequences."""
+    model = _model(arch)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(1, 64, (11,), generator=gen), torch.randint(1, 64, (13,), generator=gen)
+    packed = torch.cat([a, torch.tensor([EOS]), b])[None]
+    with torch.no_grad():
+        masked = token_loss_sum(model, MicroBatch.from_sequences(packed, EOS), None)
+        plain = token_loss_sum(model, MicroBatch.from_sequences(packed), None)
+        apart = token_loss_sum(
+            model, MicroBatch.from_sequences(torch.cat([a, torch.tensor([EOS])])[None]), None
+        ) + token_loss_sum(model, MicroBatch.from_sequences(b[None]), None)
+    mb = MicroBatch.from_sequences(packed, EOS)
+    assert mb.position_ids[0].tolist() == list(range(12)) + list(range(12))  # A and its EOS, then B
+    assert mb.num_targets().item() == 11 + 12  # A's 10 next tokens + EOS, then B's 12
+    assert torch.isclose(masked, apart, rtol=1e-5, atol=0), (masked, apart)
+    assert not torch.isclose(plain, apart, rtol=1e-3), "without masking B attends to A"
+
+
+def test_a_short_run_with_document_masking(tmp_path, small_corpus, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="harness"):
+        train_small(tmp_path, small_corpus, "train.max_steps=3", "data.document_mask=true", "eval.every=3")
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in recs)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("document mask:")]
+    assert lines == [
+        "document mask: SDPA with a block-diagonal causal mask (transformers, from the position_ids "
+        "resets) on cpu"
+    ]
+
+
+def _prepare(out, corpus, *extra):
+    from harness.prepare_data import prepare
+
+    cfg = compose(
+        "tokenizer.train_vocab_size=300",
+        f"data.path={corpus}",
+        f"prepare.output_dir={out}",
+        *extra,
+        schema="prepare",
+    )
+    return prepare(cfg)
+
+
+def test_sharded_store_round_trip_at_one_and_two_workers(tmp_path, small_corpus):
+    one = _prepare(tmp_path / "one", small_corpus, "data.num_proc=1", "prepare.max_shard_mb=0.02")
+    two = _prepare(tmp_path / "two", small_corpus, "data.num_proc=2", "prepare.max_shard_mb=0.02")
+    cfg = to_object(compose("tokenizer.train_vocab_size=300", f"data.path={small_corpus}"))
+    tok, cached = load_token_store(cfg.data, cfg.tokenizer)
+    stores = [
+        load_token_store(to_object(compose(f"data.path={p}")).data, cfg.tokenizer)[1] for p in (one, two)
+    ]
+    for store in stores:
+        meta = store.meta
+        assert meta["format"] == "harness-tokens-v2" and meta["dtype"] == "uint16"
+        assert np.array_equal(np.asarray(store.tokens), np.asarray(cached.tokens))
+        assert len(meta["shards"]) >= 10 and sum(s["tokens"] for s in meta["shards"]) == store.num_tokens
+        assert all(
+            os.path.getsize(os.path.join(store.path, s["file"])) <= 0.02 * 2**20 for s in meta["shards"]
+        )
+        docs = np.asarray(store.documents)
+        assert docs[0] == 0 and len(docs) == meta["num_documents"] == 12
+        assert (np.asarray(store.tokens)[docs[1:] - 1] == tok.eos_token_id).all()  # each follows an EOS
+    assert stores[1].meta["num_proc"] == 2 and {s["file"][:17] for s in stores[1].meta["shards"]} == {
+        "shards/tokens_000",
+        "shards/tokens_001",
+    }
+
+
+def test_a_killed_prepare_leaves_no_store_and_a_rerun_cleans_up(tmp_path, small_corpus):
+    out = tmp_path / "store"
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.prepare_data",
+        "tokenizer.train_vocab_size=300",
+        f"data.path={small_corpus}",
+        f"prepare.output_dir={out}",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HARNESS_FAULT": "store_sleep:60"})
+    deadline = time.time() + 120
+    while not any(
+        p.name.startswith(".tmp-store") and (p / "documents.npy").exists() for p in tmp_path.iterdir()
+    ):
+        assert time.time() < deadline and proc.poll() is None, "prepare never reached its shards"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    with pytest.raises(DataError, match="not a complete token store"):
+        from harness.data.store import open_store
+
+        open_store(str(next(tmp_path.iterdir())))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # the dead writer's temporary is gone
+    assert json.loads((out / "meta.json").read_text())["num_documents"] == 12
+
+
+@pytest.fixture
+def bare_gpt2(tmp_path, shared_data):
+    """GPT-2's ``tokenizer.json`` alone in a directory (no tokenizer_config.json: no declared EOS)."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(f"{shared_data}/tokenizers/gpt2/tokenizer.json", bare / "tokenizer.json")
+    return bare
+
+
+def test_a_bare_tokenizer_json_needs_an_eos_and_names_the_candidates(bare_gpt2):
+    for path in (bare_gpt2, bare_gpt2 / "tokenizer.json"):
+        with pytest.raises(DataError) as e:
+            load_tokenizer(str(path))
+        assert "declares no EOS token" in str(e.value) and "<|endoftext|>" in str(e.value)
+        assert """set tokenizer.eos_token (quoted on the command line: 'tokenizer.eos_token="<|""" in str(
+            e.value
+        )
+        tok = load_tokenizer(str(path), "<|endoftext|>")
+        assert tok.eos_token_id == 50256 and tok("Hello world", add_special_tokens=False)["input_ids"] == [
+            15496,
+            995,
+        ]
+    with pytest.raises(DataError, match=r"tokenizer.eos_token='<eos>' is not in the vocabulary"):
+        load_tokenizer(str(bare_gpt2), "<eos>")
+
+
+def test_training_with_a_bare_tokenizer_json(tmp_path, bare_gpt2, small_corpus):
+    state = train_small(
+        tmp_path,
+        small_corpus,
+        f"tokenizer.path={bare_gpt2 / 'tokenizer.json'}",
+        'tokenizer.eos_token="<|endoftext|>"',
+        "train.max_steps=2",
+        "eval.every=0",
+        "checkpoint.export_hf=false",
+    )
+    assert state.step == 2
