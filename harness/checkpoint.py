@@ -406,19 +406,29 @@ class CheckpointManager:
     (atomic, every rank its part, RNG states, tokenizer, ``keep_last``), and restore.
 
     ``identity`` holds what a checkpoint must match to be resumed by this run (``model`` shape,
-    ``data`` corpus/tokenizer/seq_len); a mismatch is refused naming the keys.
+    ``data`` corpus/tokenizer/seq_len); a mismatch is refused naming the keys, except the
+    ``section.key`` names in ``unchecked`` (still written into every checkpoint).
     """
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: str, env, backend, identity: dict, faults: Faults):
+    def __init__(
+        self, cfg: CheckpointConfig, run_dir: str, env, backend, identity: dict, faults: Faults, unchecked=()
+    ):
         self.cfg, self.run_dir, self.env, self.backend = cfg, run_dir, env, backend
-        self.identity, self.faults = identity, faults
+        self.identity, self.faults, self.unchecked = identity, faults, set(unchecked)
         self.root = os.path.join(run_dir, "checkpoints")
 
     @classmethod
     def from_config(
-        cls, cfg: CheckpointConfig, run_dir: str, env, backend, identity: dict, faults: Faults | None = None
+        cls,
+        cfg: CheckpointConfig,
+        run_dir: str,
+        env,
+        backend,
+        identity: dict,
+        faults: Faults | None = None,
+        unchecked=(),
     ) -> CheckpointManager:
-        return cls(cfg, run_dir, env, backend, identity, faults or Faults())
+        return cls(cfg, run_dir, env, backend, identity, faults or Faults(), unchecked)
 
     # -- choosing the checkpoint to resume from (no model needed) ---------------------------------
 
@@ -506,15 +516,22 @@ class CheckpointManager:
         }
         for section, now in self.identity.items():
             before = saved.get(section, {})
-            diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "name"}
+            diff = {
+                k: (before.get(k), v)
+                for k, v in now.items()
+                if before.get(k) != v and k != "name" and f"{section}.{k}" not in self.unchecked
+            }
             if diff:
+                fix = fixes[section]
+                if "sources" in diff:
+                    fix += " (or data.allow_mixture_change=true to continue with the new sources)"
                 shown = ", ".join(
                     f"{section}.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items())
                 )
                 raise CheckpointError(
                     f"checkpoint {path} was written with a different {section} ({shown}); use a new run_name "
                     "/ "
-                    f"hydra.run.dir, or {fixes[section]}"
+                    f"hydra.run.dir, or {fix}"
                 )
 
     # -- save and restore --------------------------------------------------------------------------

@@ -166,6 +166,28 @@ def count_parameters(net: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+def check_attention(model: ModelConfig, device_type: str) -> None:
+    """Refuse an attention kernel this machine cannot run, before any model exists.
+
+    Raises:
+        ConfigError: ``flash_attention_2`` without a CUDA device or without the ``flash-attn`` package.
+    """
+    if model.attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if device_type != "cuda":
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 runs on CUDA GPUs only (this run is on "
+            f"{device_type}); use model.attn_implementation=sdpa"
+        )
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+            "(pip install flash-attn); or use model.attn_implementation=sdpa"
+        )
+
+
 def document_mask_path(model: ModelConfig, device_type: str) -> str:
     """How ``data.document_mask`` reaches attention for this model and device (a sentence for the log).
 

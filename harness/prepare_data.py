@@ -71,8 +71,11 @@ def prepare(cfg) -> str:
             "prepare_data writes one source (data.path); prepare each source of data.sources on "
             "its own and give the stores as the sources' paths"
         )
-    if not cfg.prepare.max_shard_mb > 0:
-        raise ConfigError(f"prepare.max_shard_mb={cfg.prepare.max_shard_mb} must be > 0")
+    if not cfg.prepare.max_shard_mb >= 0.01:
+        raise ConfigError(
+            f"prepare.max_shard_mb={cfg.prepare.max_shard_mb} must be >= 0.01 (10 KiB; shards of about 1024 "
+            "MB suit file systems best)"
+        )
     max_bytes = int(cfg.prepare.max_shard_mb * 2**20)
     _, store = load_token_store(cfg.data, cfg.tokenizer, output_dir=target, max_shard_bytes=max_bytes)
     seconds = time.perf_counter() - start
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); no store was written (a rerun starts over)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -38,7 +38,7 @@ from harness.exits import exit_code, report_exit
 from harness.faults import Faults
 from harness.hooks import Hook, default_hooks
 from harness.metrics import MetricsLogger, StepMetrics, StepTimer, Throughput, max_memory_bytes, step_log
-from harness.model import build_model, document_mask_path, model_stats, resolve_vocab_size
+from harness.model import build_model, check_attention, document_mask_path, model_stats, resolve_vocab_size
 from harness.parallel import Backend, ParallelDims, build_backend
 from harness.rundir import RunDir
 from harness.schedule import DataPosition, StepInfo, TrainingSchedule, build_schedule
@@ -262,6 +262,7 @@ class Trainer:
     def _check(cfg: JobConfig, env: DistEnv, run_dir: str) -> _Checked:
         """Everything before a model: config, backend (process group, mesh), data, plan, resume point."""
         batch = validate(cfg, env.world_size)
+        check_attention(cfg.model, env.device.type)
         dims = ParallelDims.from_config(cfg.parallel, env.world_size)
         backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
         data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, cfg.eval.every > 0, cfg.seed)
@@ -271,9 +272,10 @@ class Trainer:
             "model": {**asdict(cfg.model), "vocab_size": vocab_size, "name": None},
             "data": data.identity(cfg.data),
         }
-        if cfg.data.allow_mixture_change:
-            identity["data"].pop("sources", None)  # the mixture is compared (and continued) on its own
-        checkpoints = ckpt.CheckpointManager.from_config(cfg.checkpoint, run_dir, env, backend, identity)
+        unchecked = ["data.sources"] if cfg.data.allow_mixture_change else []  # compared by _resume_mixture
+        checkpoints = ckpt.CheckpointManager.from_config(
+            cfg.checkpoint, run_dir, env, backend, identity, unchecked=unchecked
+        )
         resume_from = checkpoints.find_resume()
         resume_state = ckpt.read_state(resume_from) if resume_from else None
         note = _resume_mixture(cfg, data, resume_from, resume_state)

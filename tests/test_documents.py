@@ -21,7 +21,7 @@ from harness.config import to_object
 from harness.data import load_token_store
 from harness.data.loader import MicroBatch
 from harness.data.tokenizer import load_tokenizer
-from harness.errors import DataError
+from harness.errors import ConfigError, DataError
 from harness.model import build_model
 from harness.trainer import token_loss_sum
 
@@ -92,6 +92,8 @@ def _prepare(out, corpus, *extra):
 def test_sharded_store_round_trip_at_one_and_two_workers(tmp_path, small_corpus):
     one = _prepare(tmp_path / "one", small_corpus, "data.num_proc=1", "prepare.max_shard_mb=0.02")
     two = _prepare(tmp_path / "two", small_corpus, "data.num_proc=2", "prepare.max_shard_mb=0.02")
+    with pytest.raises(ConfigError, match=r"prepare.max_shard_mb=1e-06 must be >= 0.01"):
+        _prepare(tmp_path / "tiny", small_corpus, "prepare.max_shard_mb=0.000001")
     cfg = to_object(compose("tokenizer.train_vocab_size=300", f"data.path={small_corpus}"))
     tok, cached = load_token_store(cfg.data, cfg.tokenizer)
     stores = [
@@ -181,3 +183,22 @@ def test_training_with_a_bare_tokenizer_json(tmp_path, bare_gpt2, small_corpus):
         "checkpoint.export_hf=false",
     )
     assert state.step == 2
+
+
+def test_flash_attention_2_is_refused_on_cpu_before_any_model(tmp_path, small_corpus, capsys, monkeypatch):
+    import harness.train as harness_train
+    import harness.trainer
+
+    monkeypatch.setattr(harness.trainer, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    argv = [
+        "model.attn_implementation=flash_attention_2",
+        "data.document_mask=true",
+        f"data.path={small_corpus}",
+    ]
+    code = harness_train.run_cli(compose(*argv), str(tmp_path / "run"), argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == [
+        "error: model.attn_implementation=flash_attention_2 runs on CUDA GPUs only (this run is on cpu); "
+        "use model.attn_implementation=sdpa"
+    ]
+    assert not (tmp_path / "run").exists()

@@ -173,6 +173,11 @@ def test_a_changed_mixture_is_refused_or_continued_from_each_sources_position(tm
             drawn[k] += v // 32
     total = sum(drawn.values())
     assert abs(drawn["big"] - 0.8 * total) < 1  # the new weights from the resume step on
+    longer = ["train.max_steps=10", "checkpoint.export_hf=false", "eval.every=0"]
+    train_small(
+        tmp_path, two_sources[0], _mix(*two_sources, 0.8, 0.2), *longer
+    )  # the new mixture is the run's now
+    assert [r["step"] for r in read_metrics(tmp_path)][-3:] == [8, 9, 10]
 
 
 def test_plan_prints_each_source_and_warns_about_many_epochs(two_sources):
@@ -205,6 +210,15 @@ BAD = [
         "{big: {path: '{big}'}, gone: {path: /nonexistent/*.jsonl}}",
         "data.sources.gone: '/nonexistent/*.jsonl' matches no",
     ),
+    (
+        "{big: {path: '{big}'}, linked: {path: '{hardlink}'}}",
+        "data.sources.linked and data.sources.big resolve to the same",
+    ),
+    (
+        "{big: {path: '{big}', format: xml}}",
+        "data.sources.big.format='xml' is not one of text, json, parquet",
+    ),
+    ("{big: {path: '{big}', sample_by: word}}", "data.sources.big.sample_by='word' is not one of document"),
 ]
 
 
@@ -219,7 +233,9 @@ def test_a_bad_source_is_one_line_naming_it_before_any_model(
 
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "notext.jsonl").write_text('{"body": "words"}\n' * 20)
+    os.link(two_sources[0], tmp_path / "hardlink.jsonl")
     fill = {
+        "{hardlink}": str(tmp_path / "hardlink.jsonl"),
         "{big}": two_sources[0],
         "{empty}": str(tmp_path / "empty.jsonl"),
         "{notext}": str(tmp_path / "notext.jsonl"),

@@ -97,6 +97,12 @@ def _source_spec(name: str, src, data: DataConfig) -> SourceSpec:
     if not math.isfinite(src.weight):
         raise ConfigError(f"{key}.weight={src.weight!r} must be a finite number > 0")
     own = {k: getattr(src, k) for k in ("format", "text_field", "sample_by") if getattr(src, k) is not None}
+    from harness.config.validate import CHOICES  # the same choices as data.format / data.sample_by
+
+    for k, allowed in CHOICES["data"].items():
+        if k in own and own[k] not in allowed:
+            choices = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{key}.{k}={own[k]!r} is not one of {choices}")
     return SourceSpec(name, dataclasses.replace(data, path=src.path, **own), float(src.weight), key)
 
 
@@ -159,10 +165,13 @@ def _prepared(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer):
     if tokenizer is None:
         return load_tokenizer(os.path.join(data.path, "tokenizer")), store
     if tokenizer_fingerprint(tokenizer) != store.meta.get("tokenizer_fingerprint"):
-        raise DataError(
-            f"tokenizer.path={tok_cfg.path!r} is not the tokenizer that prepared {data.path!r}; "
+        given = f"tokenizer.path={tok_cfg.path!r}" if tok_cfg.path else "the tokenizer of the other sources"
+        fix = (
             "drop tokenizer.path to use the store's own tokenizer"
+            if tok_cfg.path
+            else f"set tokenizer.path={os.path.join(data.path, 'tokenizer')} (sources share one tokenizer)"
         )
+        raise DataError(f"{given} is not the tokenizer that prepared {data.path!r}; {fix}")
     return tokenizer, store
 
 
@@ -317,19 +326,22 @@ def _stores(specs: list[SourceSpec], tok_cfg: TokenizerConfig):
                     tuple(os.path.realpath(f) for f in corpus.files),
                     _Reader(corpus, spec.data, spec),
                 )
-        for other, other_files in seen.items():
-            if set(files) & set(other_files):
+        ids = {_file_id(f): f for f in files}  # device + inode: symlinks, relative paths and hard links
+        for other, other_ids in seen.items():
+            if ids.keys() & other_ids.keys():
+                shared = sorted(ids[i] for i in ids.keys() & other_ids.keys())[0]
                 raise DataError(
-                    f"{spec.key} and data.sources.{other} resolve to the same files "
-                    f"({sorted(set(files) & set(other_files))[0]}); give each source its own files"
+                    f"{spec.key} and data.sources.{other} resolve to the same files ({shared}); "
+                    "give each source its own files"
                 )
-        seen[spec.name] = files
+        seen[spec.name] = ids
     _cache_dir(specs[0].data)
-    tokenizer = (
-        None  # all sources prepared, no tokenizer.path: the first store's, which the others must match
-    )
+    prepared = [s.data.path for s in specs if s.name not in readers]
+    tokenizer = None
     if tok_cfg.path:
         tokenizer = load_tokenizer(tok_cfg.path, tok_cfg.eos_token)
+    elif prepared:  # no tokenizer.path: the first prepared store's, which every other source then uses
+        tokenizer = load_tokenizer(os.path.join(prepared[0], "tokenizer"))
     elif readers:
         tokenizer = _tokenizer(tok_cfg, list(readers.values()), specs[0].data.cache_dir)
     stores = {}
@@ -337,6 +349,11 @@ def _stores(specs: list[SourceSpec], tok_cfg: TokenizerConfig):
         with _naming(spec):
             tokenizer, stores[spec.name] = load_token_store(spec.data, tok_cfg, tokenizer=tokenizer)
     return tokenizer, stores
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _split(store: TokenStore, spec: SourceSpec, need_val: bool):

@@ -142,6 +142,13 @@ def _write_part(dataset, tokenizer, part: _Part) -> tuple[list[dict], np.ndarray
     return shards, np.asarray(starts, dtype=np.int64)
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent (which removes the temporary store), so no worker tracebacks."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_part(args):
     return _write_part(*args)
 
@@ -163,7 +170,7 @@ def write_parts(
     else:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(n) as pool:
+        with multiprocessing.get_context("fork").Pool(n, initializer=_ignore_sigint) as pool:
             results = pool.map(_run_part, parts)
     shards, starts, offset = [], [], 0
     for part_shards, part_starts in results:
