@@ -64,11 +64,14 @@ def corpus_bytes(corpus_args: list[str]) -> int:
     return sum(os.path.getsize(f) for f in resolve_corpus(cfg.data.path, cfg.data.format).files)
 
 
-def data_wait(steps: int) -> tuple[float, float]:
+def run_records(overrides: list[str], steps: int) -> list[dict]:
+    """The records of steps 2..``steps`` of the default run (full batch, no evaluation, no checkpoint)
+    with ``overrides``, trained in a temporary run directory."""
     from harness.train import run
 
     cfg = _cfg(
         [
+            *overrides,
             f"train.max_steps={steps}",
             "eval.every=0",
             "checkpoint.every=0",
@@ -80,7 +83,11 @@ def data_wait(steps: int) -> tuple[float, float]:
     )
     with tempfile.TemporaryDirectory() as tmp:
         run(cfg, tmp)
-        recs = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
+        return [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
+
+
+def data_wait(steps: int) -> tuple[float, float]:
+    recs = run_records([], steps)
     share = statistics.median(r["data_s"] / r["step_time_s"] for r in recs)
     return share, statistics.median(r["data_s"] for r in recs)
 

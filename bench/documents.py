@@ -14,47 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.data import _cfg, run_records  # noqa: E402  (the same default run as the data benchmark)
 
 CORPORA = {"stdlib (documents = modules)": [], "stdlib by paragraph": ["data.sample_by=paragraph"]}
 
 
-def _cfg(overrides):
-    from hydra import compose, initialize_config_dir
-
-    import harness.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 def tokens_per_second(corpus: list[str], mask: bool, steps: int) -> float:
     """Median tokens/s over steps 2..``steps`` of the default run with ``data.document_mask=mask``."""
-    from harness.train import run
-
-    cfg = _cfg(
-        [
-            *corpus,
-            f"data.document_mask={str(mask).lower()}",
-            f"train.max_steps={steps}",
-            "eval.every=0",
-            "checkpoint.every=0",
-            "checkpoint.export_hf=false",
-            "schedule.batch_warmup.start_global_batch_size=null",
-            "logging.wandb.mode=disabled",
-            "logging.progress=off",
-        ]
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        run(cfg, tmp)
-        recs = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
+    recs = run_records([*corpus, f"data.document_mask={str(mask).lower()}"], steps)
     return statistics.median(r["tokens_per_second"] for r in recs)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(REPO / "configs")
+# two training processes on this machine: append the module and its arguments
+TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 # Small enough for seconds per run on 2 cores, big enough to exercise every feature.
 SMALL = [

@@ -8,11 +8,10 @@ import json
 import logging
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SMALL, compose, read_metrics, train_small
+from conftest import REPO, SMALL, TORCHRUN2, compose, read_metrics, train_small
 
 from harness.config import to_object
 from harness.data import build_data, source_specs
@@ -257,11 +256,7 @@ def test_fsdp_world2_mixture_resume_is_bitwise(tmp_path, two_sources):
 
     def launch(run_dir, *extra):
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *TORCHRUN2,
             "-m",
             "harness.train",
             *SMALL,

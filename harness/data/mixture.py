@@ -56,7 +56,8 @@ class BlendOrder:
 
     def __init__(self, segments: list[Segment]):
         self.segments = segments
-        self._checkpoints: dict[int, np.ndarray] = {}  # chunk start -> source counters before it
+        self._bounds: dict[tuple[int, int], list[int]] = {}  # (segment start, chunk start) -> counters
+        self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # the last few chunks' draws
 
     def _segment(self, g: int) -> Segment:
         seg = self.segments[0]
@@ -67,57 +68,62 @@ class BlendOrder:
 
     def assign(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Sources (int64) and per-source sample numbers (int64) of samples ``start .. start+count-1``."""
-        sources = np.empty(count, dtype=np.int64)
-        numbers = np.empty(count, dtype=np.int64)
-        g, out = start, 0
-        while out < count:
+        sources, numbers = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+        g, stop = start, start + count
+        while g < stop:
             seg = self._segment(g)
             nxt = [s.start for s in self.segments if s.start > g]
-            stop = min(start + count, nxt[0] if nxt else start + count)
-            n = stop - g
-            s, k = self._draw(seg, g, n)
-            sources[out : out + n], numbers[out : out + n] = s, k
-            out, g = out + n, stop
-        return sources, numbers
+            end = min(stop, nxt[0] if nxt else stop)
+            base = seg.start + (g - seg.start) // _CHUNK * _CHUNK
+            src, num = self._chunk(seg, base)
+            end = min(end, base + _CHUNK)
+            sources.append(src[g - base : end - base])
+            numbers.append(num[g - base : end - base])
+            g = end
+        return np.concatenate(sources), np.concatenate(numbers)
 
-    def _draw(self, seg: Segment, g: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        base = seg.start + (g - seg.start) // _CHUNK * _CHUNK
-        counts = self._counts_at(seg, base)
+    def _chunk(self, seg: Segment, base: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``_CHUNK`` draws of ``seg`` from sample ``base`` (a chunk boundary), computed once and kept
+        for the next calls (a step asks for a few samples of the same chunk several times)."""
+        key = (seg.start, base)
+        if key in self._chunks:
+            return self._chunks[key]
+        c = self._counts_at(seg, base)
+        drawn = [x - x0 for x, x0 in zip(c, seg.counts)]
         w = seg.weights
-        src, num = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-        drawn = [c - c0 for c, c0 in zip(counts, seg.counts)]
-        c = list(counts)
-        for i in range(base, g + n):
-            m = i - seg.start + 1
+        src, num = np.empty(_CHUNK, dtype=np.int64), np.empty(_CHUNK, dtype=np.int64)
+        for t in range(_CHUNK):
+            m = base + t - seg.start + 1
             j = max(range(len(w)), key=lambda s: w[s] * m - drawn[s])
-            if i >= g:
-                src[i - g], num[i - g] = j, c[j]
+            src[t], num[t] = j, c[j]
             c[j] += 1
             drawn[j] += 1
-            if (i + 1 - seg.start) % _CHUNK == 0:
-                self._checkpoints.setdefault(i + 1, np.asarray(c, dtype=np.int64))
+        self._bounds[(seg.start, base + _CHUNK)] = c
+        if len(self._chunks) >= 4:
+            self._chunks.pop(next(iter(self._chunks)))
+        self._chunks[key] = (src, num)
         return src, num
 
     def _counts_at(self, seg: Segment, base: int) -> list[int]:
         """The sources' counters before sample ``base`` (a chunk boundary of ``seg``), replaying whole
-        chunks forward from the last cached boundary."""
+        chunks forward from the last known boundary."""
         if base == seg.start:
             return list(seg.counts)
-        cached = max((b for b in self._checkpoints if seg.start < b <= base), default=seg.start)
+        known = [b for s, b in self._bounds if s == seg.start and b <= base]
+        cached = max(known, default=seg.start)
         while cached < base:
-            self._draw(seg, cached, _CHUNK)  # caches the counters at cached + _CHUNK
+            self._chunk(seg, cached)  # records the counters at cached + _CHUNK
             cached += _CHUNK
-        return self._checkpoints[base].tolist()
+        return list(self._bounds[(seg.start, base)])
 
     def counts(self, g: int) -> list[int]:
         """Per-source sample counters before global sample ``g``."""
         seg = self._segment(g)
         base = seg.start + (g - seg.start) // _CHUNK * _CHUNK
-        out = self._counts_at(seg, base)
+        out = np.asarray(self._counts_at(seg, base), dtype=np.int64)
         if g > base:
-            for j in self._draw(seg, base, g - base)[0]:
-                out[j] += 1
-        return out
+            out += np.bincount(self._chunk(seg, base)[0][: g - base], minlength=len(out))
+        return out.tolist()
 
 
 class BlendedSequences:
@@ -207,8 +213,7 @@ def resume_mixture(
     if not allow_change:
         raise CheckpointError(
             f"checkpoint {path} was trained on another mixture ({diff}); set data.allow_mixture_change=true "
-            "to "
-            "continue with the new one (every source from its current position), or use a new run_name"
+            "to continue with the new one (every source from its current position), or use a new run_name"
         )
     g = int(saved["samples"])
     counts = tuple(int(saved["counts"].get(n, 0)) for n in names)
