@@ -552,6 +552,7 @@ class CheckpointManager:
             "format": self.backend.checkpoint_format,
             "parallel": self.backend.name,
             "world_size": self.env.world_size,
+            "mesh": {d: getattr(self.backend.dims, d) for d in ("dp_replicate", "dp_shard", "tp")},
             **self.identity,
         }
         path = save_checkpoint(

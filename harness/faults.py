@@ -5,6 +5,7 @@
 - ``raise:S[:R]``          raise ``RuntimeError("injected fault at step S")`` as step S starts (on rank R,
                            default every rank); ``raise_once`` does it only in a job's first attempt
                            (``TORCHELASTIC_RESTART_COUNT`` unset or 0), for torchrun ``--max-restarts``
+- ``kill:S[:R]``           the process sends itself SIGKILL as step S starts (on rank R): no cleanup at all
 - ``slow:T[:R]``           every step sleeps T seconds as it starts (on rank R): a slow rank, a long run
 - ``nan_loss:S[:R]``       the first micro-batch's loss of step S is NaN (on rank R)
 - ``checkpoint_sleep:T``   every checkpoint sleeps T seconds after its files are written, before its
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +52,8 @@ class Faults:
         for kind, arg in self.items:
             if kind == "raise" and step == arg:
                 raise RuntimeError(f"injected fault at step {step}")
+            if kind == "kill" and step == arg:
+                os.kill(os.getpid(), signal.SIGKILL)
             if kind == "slow":
                 time.sleep(arg)
 

@@ -54,6 +54,8 @@ class StepMetrics:
     comm_bytes: int  # bytes moved by this rank's collectives
     comm_busbw_gbps: float | None  # bus bandwidth of those collectives (None: no collectives)
     comm_bytes_by_op: dict | None  # comm_bytes per collective kind
+    # per mesh dimension: {dim: {comm_s, comm_bytes, calls, bytes_by_op}} (None: not measured)
+    comm_by_dim: dict | None
     tokens_per_second: float
     mfu: float
     max_memory_bytes: int

@@ -17,12 +17,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from harness.config import JobConfig, compose_checked, register_schema, to_object, validate
+from harness.config.validate import resolve_batch_sizes
 from harness.errors import ConfigError, DataError, HarnessError
+from harness.layouts import comm_per_step
 from harness.metrics import GPU_SPECS
 from harness.model import model_stats, resolve_vocab_size
+from harness.parallel.dims import ParallelDims
+from harness.parallel.tensor import check_tensor_parallel
 from harness.schedule import IterationPlan, TrainingSchedule, build_schedule
 
 MAX_USEFUL_EPOCHS = 4.0  # Muennighoff et al. 2023: beyond ~4 epochs repeated data is worth much less
@@ -87,6 +91,8 @@ class MemoryEstimate:
     activations: float
     activations_checkpointed: float
     device_memory: float | None
+    # tensor-parallel degree: the model state is split over shards x tp ranks
+    tp: int = 1
 
     @property
     def total(self) -> float:
@@ -138,6 +144,10 @@ class PlanReport:
     # a mixture's sources: name, weight, tokens and training sequences of the source, tokens and
     # sequences the run draws from it, and the epochs that makes
     sources: list[dict] | None = None
+    # per rank per full step: {mesh dim: {collective: bytes}} (harness.layouts; None: not estimated)
+    communication: dict | None = None
+    # parallel=fsdp with a Llama model: one row per tp degree (memory and communication per layout)
+    layouts: list[dict] | None = None
     warnings: list[str] = field(default_factory=list)
     flops_formula: str = (
         "6 * N_matmul + 12 * n_layers * hidden_size * seq_len per token (PaLM, Chowdhery et al. 2022, App. "
@@ -214,15 +224,31 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
 
 
 def memory_estimate(
-    cfg: PlanJobConfig, params: int, vocab: int, device_memory: float | None, world_size: int
+    cfg: PlanJobConfig,
+    params: int,
+    vocab: int,
+    device_memory: float | None,
+    world_size: int,
+    tp: int | None = None,
+    sequence_parallel: bool | None = None,
 ) -> MemoryEstimate:
-    """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks (see :class:`MemoryEstimate`)."""
+    """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks (see :class:`MemoryEstimate`);
+    ``tp`` / ``sequence_parallel`` override the config's (the layouts table).
+
+    Tensor parallelism divides the matrices by ``tp`` (norm gains stay whole) and, after Korthikanti et
+    al. 2022 (Sec. 4.2), the activations per layer to ``s b h (10 + 24 / tp)`` without sequence
+    parallelism and ``34 s b h / tp`` with it; the fp32 logits are divided only under loss parallelism.
+    """
+    from harness.layouts import tp_local_params
+
     m, par = cfg.model, cfg.parallel
-    p = float(params)
+    tp = par.tp if tp is None else tp
+    sp = par.sequence_parallel if sequence_parallel is None else sequence_parallel
+    p = float(tp_local_params(params, m.num_layers, m.hidden_size, tp) if tp > 1 else params)
     name = par.name
-    shards = world_size
+    shards = world_size // tp
     if name == "fsdp" and par.dp_replicate > 1:
-        shards = world_size // par.dp_replicate
+        shards = shards // par.dp_replicate
     layer = p / max(m.num_layers, 1)
     gathered = 0.0
     if name in ("none", "ddp"):
@@ -242,10 +268,11 @@ def memory_estimate(
     if getattr(par, "cpu_offload", False) or getattr(par, "offload_optimizer", False):
         opt_b = 0.0
     s, b, h, L = cfg.data.seq_len, cfg.train.micro_batch_size or 1, m.hidden_size, m.num_layers
-    logits = 8.0 * s * b * vocab
-    act = 34.0 * s * b * h * L + logits
-    act_ckpt = 2.0 * s * b * h * L + 34.0 * s * b * h + logits
-    return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory)
+    logits = 8.0 * s * b * vocab / (tp if par.loss_parallel else 1)
+    per_layer = 34.0 / tp if sp else 10.0 + 24.0 / tp
+    act = per_layer * s * b * h * L + logits
+    act_ckpt = 2.0 * s * b * h * L / (tp if sp else 1) + per_layer * s * b * h + logits
+    return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory, tp)
 
 
 def _dataset(cfg: PlanJobConfig, given):
@@ -288,6 +315,10 @@ def make_plan(
     mem = memory_estimate(cfg, stats.params, vocab, memory_bytes, gpus)
     ac = cfg.parallel.activation_checkpointing
     drawn = _drawn(mixture, last.tokens_total, cfg.data.seq_len) if mixture else None
+    dims = ParallelDims.from_config(cfg.parallel, gpus)
+    comm = comm_per_step(
+        cfg, stats.params, vocab, dims, batch.micro_batch_size, batch.gradient_accumulation_steps
+    )
     return PlanReport(
         dataset=f"mixture of {len(cfg.data.sources)} sources" if cfg.data.sources else str(cfg.data.path),
         dataset_tokens=tokens,
@@ -324,6 +355,8 @@ def make_plan(
         memory=mem,
         activation_checkpointing=ac,
         sources=drawn,
+        communication=comm,
+        layouts=layout_rows(cfg, stats.params, vocab, gpus, memory_bytes),
         warnings=_warnings(
             cfg,
             sched,
@@ -335,6 +368,46 @@ def make_plan(
             drawn,
         ),
     )
+
+
+TP_DEGREES = (1, 2, 4, 8)  # within one 8-GPU node
+
+
+def layout_rows(cfg: PlanJobConfig, params: int, vocab: int, gpus: int, device_memory) -> list[dict] | None:
+    """One row per ``tp`` in :data:`TP_DEGREES` dividing ``gpus`` (parallel=fsdp, Llama models only):
+    the mesh, the batch split, memory per device (activation checkpointing off and on) and bytes per rank
+    per step by mesh dimension; ``note`` says why a degree cannot run this config."""
+    if cfg.parallel.name != "fsdp" or cfg.model.arch != "llama":
+        return None
+    rows = []
+    for tp in (t for t in TP_DEGREES if t <= gpus and gpus % t == 0):
+        par = replace(cfg.parallel, tp=tp, sequence_parallel=cfg.parallel.sequence_parallel and tp > 1)
+        row = {"tp": tp, "note": None}
+        try:
+            check_tensor_parallel(cfg.model, tp, "fsdp")
+            dims = ParallelDims.from_config(par, gpus)
+            batch = resolve_batch_sizes(cfg.train, dims.dp, f"dp={dims.dp}")
+        except ConfigError as e:
+            rows.append({**row, "note": str(e)})
+            continue
+        c = replace(cfg, parallel=par)
+        mem = memory_estimate(c, params, vocab, device_memory, gpus, tp, par.sequence_parallel)
+        comm = comm_per_step(
+            c, params, vocab, dims, batch.micro_batch_size, batch.gradient_accumulation_steps
+        )
+        rows.append(
+            {
+                **row,
+                "dp_replicate": dims.dp_replicate,
+                "dp_shard": dims.dp_shard,
+                "micro_batch_size": batch.micro_batch_size,
+                "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+                "memory": mem.total,
+                "memory_checkpointed": mem.total_checkpointed,
+                "comm_bytes": {dim: sum(ops.values()) for dim, ops in comm.items()},
+            }
+        )
+    return rows
 
 
 def mixture_sources(cfg: PlanJobConfig) -> tuple[list[dict], int]:
@@ -576,7 +649,9 @@ def render_text(pl: PlanReport) -> str:
         f"({pl.peak_source})",
         f"at MFU {pl.mfu:.0%}        {_duration(pl.wall_seconds)} wall, {pl.gpu_hours:,.1f} GPU-hours",
         "",
-        f"== Memory per device ({m.backend}, model state over {m.shards} shard(s); estimate) ==",
+        f"== Memory per device ({m.backend}, model state over {m.shards} shard(s)"
+        + (f" x tp {m.tp}" if m.tp > 1 else "")
+        + "; estimate) ==",
         f"parameters         {m.params / gib:8.2f} GiB",
         f"gradients          {m.grads / gib:8.2f} GiB",
         f"optimizer states   {m.optimizer / gib:8.2f} GiB",
@@ -592,8 +667,51 @@ def render_text(pl: PlanReport) -> str:
         + (f"; device: {m.device_memory / gib:.0f} GiB" if m.device_memory else ""),
         "",
     ]
+    lines += _comm_lines(pl) + _layout_lines(pl)
     lines += [f"WARNING: {w}" for w in pl.warnings] or ["no warnings"]
     return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    """Bytes in decimal units (as bandwidths are quoted)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _comm_lines(pl: PlanReport) -> list[str]:
+    if pl.communication is None:
+        return []
+    lines = ["== Communication per step (per rank, by mesh dimension; estimate, scalars left out) =="]
+    for dim, ops in pl.communication.items():
+        parts = ", ".join(f"{op} {_gb(b)}" for op, b in ops.items())
+        lines.append(f"{dim:<18} {_gb(sum(ops.values()))}: {parts}")
+    if not pl.communication:
+        lines.append("none (one process)")
+    return [*lines, ""]
+
+
+def _layout_lines(pl: PlanReport) -> list[str]:
+    if not pl.layouts:
+        return []
+    gib = 2**30
+    lines = [
+        f"== Layouts on {pl.gpus} x {pl.gpu} (parallel=fsdp; mesh dp_replicate x dp_shard x tp; estimate) ==",
+        f"{'tp':>3} {'dp_rep x shard':>15} {'micro x acc':>12} {'GiB/device':>11} {'with AC':>8} "
+        f"{'tp bytes/step':>14} {'dp bytes/step':>14}",
+    ]
+    for r in pl.layouts:
+        if r["note"]:
+            lines.append(f"{r['tp']:>3}  cannot run: {r['note']}")
+            continue
+        dp = sum(b for d, b in r["comm_bytes"].items() if d != "tp")
+        lines.append(
+            f"{r['tp']:>3} {r['dp_replicate']:>7} x {r['dp_shard']:<5} "
+            f"{r['micro_batch_size']:>5} x {r['gradient_accumulation_steps']:<4} {r['memory'] / gib:>11.1f} "
+            f"{r['memory_checkpointed'] / gib:>8.1f} {_gb(r['comm_bytes'].get('tp', 0)):>14} {_gb(dp):>14}"
+        )
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,9 +109,10 @@ def token_loss_sum(
     )
     with ctx:
         logits = model(**mb.model_inputs()).logits
-    return F.cross_entropy(
+    loss = F.cross_entropy(
         logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss  # loss-parallel: a DTensor
 
 
 def forward_backward(
@@ -131,7 +132,7 @@ def forward_backward(
     num_targets = backend.all_reduce_sum(torch.stack([mb.num_targets() for mb in micro_batches]).sum())
     total = torch.zeros((), device=micro_batches[0].input_ids.device)
     for i, mb in enumerate(micro_batches):
-        with backend.accumulate(is_last=i == len(micro_batches) - 1):
+        with backend.accumulate(is_last=i == len(micro_batches) - 1), backend.loss_context():
             loss = token_loss_sum(model, mb, autocast_dtype) / num_targets
             if i == 0 and nan_loss:
                 loss = loss * float("nan")
@@ -188,13 +189,15 @@ class Trainer:
                 f"{self.state.tokens_total:,}",
             )
             self._warn_changed_settings(checked.resume_state)
+            _log_layout_change(checked.resume_state.get("mesh"), self.backend.dims)
         self.trained = not self.done
+        dims = self.backend.dims  # the tp ranks of one data-parallel rank read the same micro-batches
+        dp = (dims.dp_rank(env.rank), dims.dp)
         self.loader = build_loader(
             self.data.train,
             cfg.seed,
             checked.batch.micro_batch_size,
-            env.rank,
-            env.world_size,
+            *dp,
             cfg.data.loader_workers,
             env.device.type,
             self.plan,
@@ -207,7 +210,7 @@ class Trainer:
                 cfg.logging, run.path, self.max_steps, self.state.step, cfg.run_name, resolved
             )
         self.hooks: list[Hook] = default_hooks(
-            cfg, env, self.faults, self.data, checked.batch.micro_batch_size, metrics, self.loader
+            cfg, dp, self.faults, self.data, checked.batch.micro_batch_size, metrics, self.loader
         )
 
     # -- construction --------------------------------------------------------------------------
@@ -247,7 +250,10 @@ class Trainer:
             "config": resolved,
         }
         hydra = (composed, resolved, list(overrides)) if trains else None
-        agree = lambda flag: checked.backend.all_reduce_sum(torch.tensor(flag, device=env.device)).item()  # noqa: E731
+
+        def agree(flag: float) -> float:  # summed over every rank, tp ranks included
+            return checked.backend.all_reduce_sum(torch.tensor(flag, device=env.device), world=True).item()
+
         run = RunDir.open(run_dir, env, agree, invocation, hydra, LOGGERS)
         if env.is_main:
             _log_plan(cfg, env, checked)
@@ -409,6 +415,7 @@ class Trainer:
             comm_bytes=comm.comm_bytes,
             comm_busbw_gbps=comm.busbw_gbps,
             comm_bytes_by_op=comm.bytes_by_op,
+            comm_by_dim=comm.by_dim,
             tokens_per_second=tokens_per_second,
             mfu=self.throughput.mfu(tokens_per_second),
             max_memory_bytes=max_memory_bytes(self.env.device),
@@ -453,7 +460,8 @@ class Trainer:
         targets = torch.zeros((), device=device, dtype=torch.long)
         for mb in batches:
             mb = mb.to(device)
-            loss_sum += token_loss_sum(self.model, mb, self.autocast_dtype)
+            with self.backend.loss_context():
+                loss_sum += token_loss_sum(self.model, mb, self.autocast_dtype)
             targets += mb.num_targets()
         self.model.train()
         return self.backend.all_reduce_sum(loss_sum), self.backend.all_reduce_sum(targets)
@@ -610,6 +618,14 @@ def _data_line(data, seq_len: int) -> str:
     )
 
 
+def _log_layout_change(saved: dict | None, dims) -> None:
+    """One line when the checkpoint was written on another mesh (DCP reshards it on load)."""
+    now = {d: getattr(dims, d) for d in ("dp_replicate", "dp_shard", "tp")}
+    if saved and saved != now:
+        fmt = lambda m: " x ".join(f"{k} {v}" for k, v in m.items())  # noqa: E731
+        log.info("resharded from mesh %s to %s", fmt(saved), fmt(now))
+
+
 def _log_plan(cfg: JobConfig, env: DistEnv, c: _Checked) -> None:
     """The ``data:`` and ``plan:`` lines (the plan's tokens counted from the resume point) and the
     schedule's shortened warmups."""
@@ -620,15 +636,18 @@ def _log_plan(cfg: JobConfig, env: DistEnv, c: _Checked) -> None:
             c.schedule.max_steps, st["step"], DataPosition(st["epoch"], st["offset"]), st["tokens_total"]
         )
     log.info("%s", _data_line(c.data, cfg.data.seq_len))
-    b = c.batch
+    b, dims = c.batch, c.backend.dims
+    ranks = (
+        f"world {env.world_size}" if dims.tp == 1 else f"dp {dims.dp}; tp {dims.tp}, world {env.world_size}"
+    )
     log.info(
-        "plan: %d steps, global batch %d (micro %d x accumulation %d x world %d), %d iterations/epoch, %s "
+        "plan: %d steps, global batch %d (micro %d x accumulation %d x %s), %d iterations/epoch, %s "
         "tokens in total",
         c.schedule.max_steps,
         b.global_batch_size,
         b.micro_batch_size,
         b.gradient_accumulation_steps,
-        env.world_size,
+        ranks,
         plan.iterations_per_epoch(),
         f"{tokens:,}",
     )

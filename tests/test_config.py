@@ -89,7 +89,7 @@ def test_batch_arithmetic_errors_show_the_arithmetic():
         (["schedule.name=linear"], r"schedule.name='linear' is not one of cosine, constant, wsd"),
         (
             ["schedule.batch_warmup.start_global_batch_size=6"],
-            r"must both be multiples of micro_batch_size x world_size = 4",
+            r"must both be multiples of micro_batch_size x data-parallel ranks = 4",
         ),
         (["train.micro_batch_size=0"], r"train.micro_batch_size=0 must be a positive integer"),
         (["model.num_heads=3"], r"model.hidden_size=256 is not divisible by model.num_heads=3"),
@@ -105,7 +105,7 @@ def test_batch_arithmetic_errors_show_the_arithmetic():
             ["parallel=fsdp", "parallel.name=ddp"],
             r"parallel.name=ddp does not match the parallel config group",
         ),
-        (["parallel.tp=2"], r"parallel.tp=2: tensor parallelism is not supported yet"),
+        (["parallel.tp=2"], r"parallel.tp=2 needs parallel=fsdp"),
         (
             ["schedule.warmup_steps=-1", "schedule.decay_fraction=2"],
             r"schedule.warmup_steps=-1 must be >= 0; schedule.decay_fraction=2.0 must be in \[0, 1\]",

@@ -64,6 +64,15 @@ COMMANDS = {
         [*SHORT, *TINY],
     ),
     ".venv/bin/torchrun --standalone --nproc_per_node 8": ("skip", "8 processes of llama_1b: a GPU node"),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=fsdp parallel.tp=2": (
+        "run",
+        [*SHORT, *TINY],
+    ),
+    ".venv/bin/torchrun --nnodes 4": ("skip", "four nodes of 8 GPUs (Llama 3 70B)"),
+    ".venv/bin/python -m harness.plan model=llama3_8b model.vocab_size=128256 parallel=fsdp parallel.tp=2": (
+        "run",
+        [],
+    ),
     ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=deepspeed": (
         "run",
         [*SHORT, *TINY],
@@ -177,6 +186,11 @@ def test_readme_commands_run_as_written(tmp_path, shared_data):
         if "harness.plan data=mixture" in command:  # the README's table is this output
             table = README.read_text().split("== Mixture")[1].split("```")[0]
             assert table.strip() in proc.stdout.split("== Mixture")[1]
+        if "harness.plan" in command and "parallel.tp=2" in command:  # the README's tables are this output
+            section = README.read_text().split("## Tensor parallelism")[1]
+            for head in ("== Communication", "== Layouts"):
+                table = section.split(head)[1].split("```")[0]
+                assert table.strip() in proc.stdout.split(head)[1], head
         if "harness.train" in command and ("data.sources=" in command or "data=mixture" in command):
             records = [
                 json.loads(x) for x in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()

@@ -351,6 +351,7 @@ def test_progress_bar_shows_this_steps_values_and_log_lines_get_their_own_line(c
                 comm_bytes=0,
                 comm_busbw_gbps=None,
                 comm_bytes_by_op=None,
+                comm_by_dim=None,
                 tokens_per_second=1.0,
                 mfu=0.1,
                 max_memory_bytes=0,

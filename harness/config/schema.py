@@ -190,8 +190,12 @@ class ParallelConfig:
     name: str = "none"
     # collective timeout: a dead rank makes the others exit after this long
     timeout_s: float = 600.0
-    # tensor-parallel degree on the mesh dp_replicate x dp_shard x tp (reserved: 1)
+    # tensor-parallel degree on the mesh dp_replicate x dp_shard x tp (innermost: keep it within a node)
     tp: int = 1
+    # with tp > 1: shard norms and the residual stream along the sequence (Korthikanti et al. 2022)
+    sequence_parallel: bool = False
+    # with tp > 1: cross-entropy on vocabulary-sharded logits (no all-gather of the logits)
+    loss_parallel: bool = False
     # recompute the checkpointed blocks' activations in backward (none, ddp, fsdp)
     activation_checkpointing: bool = False
     # 1: every block (full); k: every k-th block (torchtitan's layer-selective)

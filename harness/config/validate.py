@@ -218,10 +218,11 @@ def check_parallel(p: ParallelConfig) -> None:
             f"parallel.activation_checkpointing_every={p.activation_checkpointing_every} must be "
             ">= 1 (1: every block; k: every k-th block)"
         )
-    if p.tp != 1:
-        raise ConfigError(
-            f"parallel.tp={p.tp}: tensor parallelism is not supported yet (the mesh reserves tp=1)"
-        )
+    if p.tp < 1:
+        raise ConfigError(f"parallel.tp={p.tp} must be >= 1 (1: no tensor parallelism)")
+    for key in ("sequence_parallel", "loss_parallel"):
+        if getattr(p, key) and p.tp == 1:
+            raise ConfigError(f"parallel.{key}=true needs parallel.tp > 1 (it splits work over the tp ranks)")
     BACKEND_CHECKS.get(type(p), lambda _: None)(p)
 
 
@@ -278,8 +279,9 @@ SECTION_CHECKS = {
 }
 
 
-def resolve_batch_sizes(train: TrainingConfig, world_size: int) -> BatchSizes:
-    """Derive the missing one of global/micro/accumulation from the two given.
+def resolve_batch_sizes(train: TrainingConfig, world_size: int, label: str = "world_size") -> BatchSizes:
+    """Derive the missing one of global/micro/accumulation from the two given, at ``world_size``
+    data-parallel ranks (``label`` names them in the messages).
 
     Raises:
         ConfigError: fewer than two given, a non-positive value, or values whose product does not
@@ -301,20 +303,20 @@ def resolve_batch_sizes(train: TrainingConfig, world_size: int) -> BatchSizes:
         if g % (k * w):
             raise ConfigError(
                 f"train.global_batch_size={g} is not divisible by gradient_accumulation_steps={k} x "
-                f"world_size={w} = {k * w}; change one of them"
+                f"{label}={w} = {k * w}; change one of them"
             )
         m = g // (k * w)
     elif k is None:
         if g % (m * w):
             raise ConfigError(
-                f"train.global_batch_size={g} is not divisible by micro_batch_size={m} x world_size="
-                f"{w} = {m * w}; change one of them or set train.gradient_accumulation_steps"
+                f"train.global_batch_size={g} is not divisible by micro_batch_size={m} x "
+                f"{label}={w} = {m * w}; change one of them or set train.gradient_accumulation_steps"
             )
         k = g // (m * w)
     elif g != m * k * w:
         raise ConfigError(
             f"train.global_batch_size={g} != micro_batch_size={m} x gradient_accumulation_steps={k} x "
-            f"world_size={w} = {m * k * w}; set one of them to null to derive it"
+            f"{label}={w} = {m * k * w}; set one of them to null to derive it"
         )
     return BatchSizes(g, m, k, w)
 
@@ -334,7 +336,7 @@ def check_batch_ramp(schedule: ScheduleConfig, batch: BatchSizes) -> None:
     if start % inc or (full - start) % inc:
         raise ConfigError(
             f"schedule.batch_warmup.start_global_batch_size={start} and train.global_batch_size="
-            f"{full} must both be multiples of micro_batch_size x world_size = {inc}"
+            f"{full} must both be multiples of micro_batch_size x data-parallel ranks = {inc}"
         )
 
 
@@ -373,8 +375,11 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
 
         document_mask_path(cfg.model, "cpu")
     from harness.parallel.dims import ParallelDims  # the mesh: its degrees must multiply to world_size
+    from harness.parallel.tensor import check_tensor_parallel
 
-    ParallelDims.from_config(cfg.parallel, world_size)
-    batch = resolve_batch_sizes(cfg.train, world_size)
+    check_tensor_parallel(cfg.model, cfg.parallel.tp, cfg.parallel.name)
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    label = "world_size" if dims.tp == 1 else f"data-parallel ranks (world_size / tp={dims.tp})"
+    batch = resolve_batch_sizes(cfg.train, dims.dp, label)
     check_batch_ramp(cfg.schedule, batch)
     return batch

@@ -41,15 +41,17 @@ __all__ = [
 ]
 
 
-def default_hooks(cfg, env, faults, data, micro_batch_size: int, metrics, loader) -> list[Hook]:
+def default_hooks(
+    cfg, dp: tuple[int, int], faults, data, micro_batch_size: int, metrics, loader
+) -> list[Hook]:
     """The hooks of a training run, in the order they are called: faults, a mixture's tokens by
     source, evaluation and early stopping, loss spikes, the metrics sinks, stop requests, checkpoint
-    cadence, export."""
+    cadence, export. ``dp``: this rank's ``(data-parallel rank, data-parallel ranks)``."""
     eos = data.tokenizer.eos_token_id if cfg.data.document_mask else None
     return [
         FaultHook(faults),
         MixtureHook(loader),
-        EvalHook.from_config(cfg.eval, data, micro_batch_size, env, eos),
+        EvalHook.from_config(cfg.eval, data, micro_batch_size, dp, eos),
         LossSpikeHook.from_config(cfg.train),
         MetricsHook(metrics),
         StopHook.from_config(cfg.train),

@@ -20,17 +20,16 @@ class EvalHook(Hook):
         self.every, self.patience, self.batches = every, patience, batches
 
     @classmethod
-    def from_config(cls, cfg, data, micro_batch_size: int, env, eos_id: int | None = None) -> EvalHook:
-        """The ``eval`` section over this rank's share of each source's held-out sequences."""
+    def from_config(cls, cfg, data, micro_batch_size: int, dp: tuple[int, int], eos_id=None) -> EvalHook:
+        """The ``eval`` section over this data-parallel rank's share (``dp = (rank, ranks)``) of each
+        source's held-out sequences."""
         splits = (
             data.val_by_source if data.is_mixture else ({"data": data.val} if data.val is not None else {})
         )
         batches = {}
         if cfg.every and splits:
             for name, seqs in splits.items():
-                batches[name] = validation_batches(
-                    seqs, cfg.batches, micro_batch_size, env.rank, env.world_size, eos_id
-                )
+                batches[name] = validation_batches(seqs, cfg.batches, micro_batch_size, *dp, eos_id)
         return cls(cfg.every, cfg.patience, batches)
 
     def due(self, step: int, max_steps: int) -> bool:

@@ -53,7 +53,9 @@ class StopSignal:
         local = [float(self.signum in (signal.SIGUSR1, signal.SIGTERM)), float(self.signum == signal.SIGINT)]
         flags = local
         if backend.env.world_size > 1:
-            flags = backend.all_reduce_sum(torch.tensor(local, device=backend.env.device)).tolist()
+            flags = backend.all_reduce_sum(
+                torch.tensor(local, device=backend.env.device), world=True
+            ).tolist()
         if flags[1] > 0:
             return "interrupt"
         return "preempt" if flags[0] > 0 else None

@@ -2,7 +2,8 @@
 
 A backend is built from its own config section (``Backend.from_config``) and the mesh
 (:class:`~harness.parallel.dims.ParallelDims`), then ``parallelize`` applies, in torchtitan's
-order: tensor parallelism (reserved) -> activation checkpointing -> ``torch.compile`` per block ->
+order: tensor parallelism (``parallel.tp > 1``, :mod:`harness.parallel.tensor`) -> activation
+checkpointing -> ``torch.compile`` per block ->
 the backend's data-parallel wrapping (FSDP2 sharding, DDP, device placement; DeepSpeed's engine
 wraps at ``build_optimizer``).
 """
@@ -31,6 +32,8 @@ class CommStats:
         comm_bytes: bytes moved by this rank's collectives (nccl-tests "size").
         busbw_gbps: bus bandwidth in GB/s (None when there were no collectives).
         bytes_by_op: ``comm_bytes`` split by collective (all_reduce, all_gather, reduce_scatter, ...).
+        by_dim: split by mesh dimension: ``{dim: {comm_s, comm_bytes, calls, bytes_by_op}}``
+            (``tp``, ``dp_shard``, ``dp_replicate``, ``dp``, ``world``; see ``harness.parallel.comm``).
     """
 
     comm_s: float = 0.0
@@ -38,6 +41,7 @@ class CommStats:
     comm_bytes: int = 0
     busbw_gbps: float | None = None
     bytes_by_op: dict | None = None
+    by_dim: dict | None = None
 
 
 def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -135,8 +139,14 @@ class Backend(ABC):
         return cls(env, cfg, dims)
 
     def parallelize(self, model: torch.nn.Module, compile_blocks: bool = False) -> torch.nn.Module:
-        """Apply, in order: (tensor parallelism, reserved) -> activation checkpointing -> compile ->
+        """Apply, in order: tensor parallelism over ``tp`` -> activation checkpointing -> compile ->
         :meth:`wrap`. Returns the module to call forward on."""
+        if self.dims.tp > 1:
+            from harness.parallel.tensor import apply_tensor_parallel
+
+            model.to(self.env.device)
+            tp_mesh = self.dims.mesh(self.env.device.type)["tp"]
+            apply_tensor_parallel(model, tp_mesh, self.cfg.sequence_parallel, self.cfg.loss_parallel)
         if self.cfg.activation_checkpointing:
             apply_activation_checkpointing(model, self.cfg.activation_checkpointing_every)
         if compile_blocks:
@@ -157,11 +167,19 @@ class Backend(ABC):
         """Context for one micro-batch; gradients are synchronized only when ``is_last``."""
         return contextlib.nullcontext()
 
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Around each micro-batch's loss and backward (loss-parallel cross-entropy under TP)."""
+        from harness.parallel.tensor import loss_context
+
+        return loss_context(self.dims.tp > 1 and self.cfg.loss_parallel)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over data-parallel ranks (identity on one process)."""
+    def all_reduce_sum(self, t: torch.Tensor, world: bool = False) -> torch.Tensor:
+        """Sum of ``t`` over the data-parallel ranks (``world``: over every rank); identity on one
+        process. The ``tp`` ranks of one data-parallel rank hold the same tokens and losses, so
+        step sums run over the data-parallel ranks only."""
         return t
 
     def clip_and_step(self, max_norm: float, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
@@ -175,7 +193,11 @@ class Backend(ABC):
             ``(norm before clipping (0-d tensor), stepped)``.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if max_norm > 0:
+        if self.dims.tp > 1:  # DTensors on the tp and (dp_shard, tp) meshes: their own global norm
+            from harness.parallel.tensor import clip_grad_norm_
+
+            norm = clip_grad_norm_(params, max_norm)
+        elif max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)

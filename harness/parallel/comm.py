@@ -15,6 +15,19 @@ collective:
   the end of the step, after the step's single synchronization. ``comm_exposed_s`` is None
   there (overlap with kernels on other streams needs the profiler).
 
+DTensor (tensor parallelism) issues functional collectives (``torch.distributed._functional_collectives``:
+``all_reduce``, ``all_gather_single``/``all_gather_tensor``, ``reduce_scatter_single``/``..._tensor``,
+``all_to_all_single``, which run ``torch.ops._c10d_functional`` kernels without passing through the
+functions above); :func:`install` wraps those module functions too. Each one is waited on at once
+(DTensor uses the result in its next op anyway): on CPU the call is synchronous and timed as such; on
+CUDA the wait only orders the streams, and the interval is read from CUDA events around it. Calls
+inside ``torch.compile``'d regions are not seen.
+
+Every call is attributed to the mesh dimension of its process group (``CommTracker.group_dims``,
+filled by the backend from :meth:`ParallelDims.group_dims`), so a step's record splits ``comm_s`` and
+``comm_bytes`` by dimension (``tp``, ``dp_shard``, ``dp_replicate``, ``dp`` for the flattened
+data-parallel group, ``world`` for the default group when no dimension spans the world).
+
 Bytes follow nccl-tests' "size": the tensor for all-reduce/broadcast, the gathered output for
 all-gather, the input for reduce-scatter. Bus bandwidth = bytes x factor / time with factor
 2(n-1)/n for all-reduce and (n-1)/n for all-gather, reduce-scatter and all-to-all
@@ -65,6 +78,36 @@ class _Call:
     start: float
     end: float | None = None
     work: object = None
+    group: str = ""  # process group name
+    events: tuple | None = None  # CUDA (start, end) events of a functional collective
+
+
+def _duration(c: _Call, cuda_timing: bool, now: float) -> float:
+    """Seconds of one call: CUDA events or the Work's GPU time with ``cuda_timing``, else wall time."""
+    if cuda_timing:
+        try:
+            if c.events is not None:
+                return c.events[0].elapsed_time(c.events[1]) / 1e3
+            if c.work is not None:
+                return c.work._get_duration() / 1e3
+        except RuntimeError:
+            return 0.0
+    return (c.end if c.end is not None else now) - c.start
+
+
+def _union_s(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (seconds)."""
+    if not spans:
+        return 0.0
+    spans = sorted(spans)
+    total, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + cur_e - cur_s
 
 
 @dataclass
@@ -75,6 +118,8 @@ class CommTracker:
     calls: list[_Call] = field(default_factory=list)
     blocked_s: float = 0.0
     enabled: bool = True
+    # process group name -> mesh dimension (unknown groups are reported under their own name)
+    group_dims: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
@@ -90,36 +135,40 @@ class CommTracker:
             calls = list(self.calls)
             blocked = self.blocked_s
         if not calls:
-            return CommStats(0.0, 0.0, 0, None, {})
+            return CommStats(0.0, 0.0, 0, None, {}, {})
+        now = time.perf_counter()
         nbytes = sum(c.nbytes for c in calls)
         by_op: dict[str, int] = {}
         for c in calls:
             by_op[c.kind] = by_op.get(c.kind, 0) + c.nbytes
         bus_bytes = sum(c.nbytes * _BUS_FACTOR[c.kind](max(c.group_size, 1)) for c in calls)
+        by_dim = self._by_dim(calls, now)
         if self.cuda_timing:
-            total = 0.0
-            for c in calls:
-                try:
-                    total += (
-                        c.work._get_duration() / 1e3 if c.work is not None else (c.end or c.start) - c.start
-                    )
-                except RuntimeError:
-                    total += 0.0
+            total = sum(_duration(c, True, now) for c in calls)
             exposed = None
         else:
-            now = time.perf_counter()
-            spans = sorted((c.start, c.end if c.end is not None else now) for c in calls)
-            total, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
-            for s, e in spans[1:]:
-                if s > cur_e:
-                    total += cur_e - cur_s
-                    cur_s, cur_e = s, e
-                else:
-                    cur_e = max(cur_e, e)
-            total += cur_e - cur_s
+            total = _union_s([(c.start, c.end if c.end is not None else now) for c in calls])
             exposed = min(blocked, total)
         busbw = bus_bytes / total / 1e9 if total > 0 else None
-        return CommStats(total, exposed, nbytes, busbw, by_op)
+        return CommStats(total, exposed, nbytes, busbw, by_op, by_dim)
+
+    def _by_dim(self, calls: list[_Call], now: float) -> dict[str, dict]:
+        """``{dim: {comm_s, comm_bytes, calls, bytes_by_op}}`` of the step's calls."""
+        groups: dict[str, list[_Call]] = {}
+        for c in calls:
+            groups.setdefault(self.group_dims.get(c.group, c.group or "world"), []).append(c)
+        out = {}
+        for dim, cs in sorted(groups.items()):
+            if self.cuda_timing:
+                seconds = sum(_duration(c, True, now) for c in cs)
+            else:
+                seconds = _union_s([(c.start, c.end if c.end is not None else now) for c in cs])
+            ops: dict[str, int] = {}
+            for c in cs:
+                ops[c.kind] = ops.get(c.kind, 0) + c.nbytes
+            out[dim] = {"comm_s": seconds, "comm_bytes": sum(c.nbytes for c in cs), "calls": len(cs)}
+            out[dim]["bytes_by_op"] = ops
+        return out
 
     # -- recording -------------------------------------------------------------------------
 
@@ -149,8 +198,18 @@ def _payload(args, kwargs, names: tuple[str, ...], spec) -> int:
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
+def _group_of(group) -> tuple[str, int]:
+    """``(name, size)`` of a c10d process group (None: the default group)."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        return pg.group_name, pg.size()
+    except Exception:
+        return "", 1
+
+
 def _wrap(fn, kind: str, spec):
     names = tuple(inspect.signature(fn).parameters)
+    group_index = names.index("group") if "group" in names else None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -158,11 +217,10 @@ def _wrap(fn, kind: str, spec):
         if tr is None or not tr.enabled:
             return fn(*args, **kwargs)
         group = kwargs.get("group")
-        try:
-            n = dist.get_world_size(group) if group is not None else dist.get_world_size()
-        except Exception:
-            n = 1
-        call = _Call(kind, _payload(args, kwargs, names, spec), n, time.perf_counter())
+        if group is None and group_index is not None and len(args) > group_index:
+            group = args[group_index]
+        name, n = _group_of(group)
+        call = _Call(kind, _payload(args, kwargs, names, spec), n, time.perf_counter(), group=name)
         work = fn(*args, **kwargs)
         if work is None:  # synchronous: the caller was blocked the whole time
             call.end = time.perf_counter()
@@ -176,6 +234,61 @@ def _wrap(fn, kind: str, spec):
                 call.work = work
         tr._record(call)
         return work
+
+    wrapper.__harness_wrapped__ = fn
+    return wrapper
+
+
+# torch.distributed._functional_collectives (DTensor): name -> kind; the payload is the first
+# argument (the output, input x group size, for all-gather). Both the torch 2.13 names and the older ones.
+_FUNCOL_OPS = {
+    "all_reduce": "all_reduce",
+    "all_gather_single": "all_gather",
+    "all_gather_tensor": "all_gather",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
+}
+
+
+def _funcol_group(funcol, group, tag: str) -> tuple[str, int]:
+    """``(name, size)`` of a functional collective's group (any of its RANK_TYPES forms)."""
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        name = funcol._resolve_group_name(group, tag)
+        return name, _resolve_process_group(name).size()
+    except Exception:
+        return "", 1
+
+
+def _wrap_funcol(fn, kind: str, funcol):
+    names = tuple(inspect.signature(fn).parameters)
+    gi = names.index("group")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tr = _TRACKER
+        if tr is None or not tr.enabled or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        x = args[0] if args else kwargs.get("self")
+        group = args[gi] if len(args) > gi else kwargs.get("group")
+        name, n = _funcol_group(funcol, group, kwargs.get("tag", args[gi + 1] if len(args) > gi + 1 else ""))
+        nbytes = x.numel() * x.element_size() * (n if kind == "all_gather" else 1)
+        call = _Call(kind, nbytes, n, time.perf_counter(), group=name)
+        if tr.cuda_timing and x.is_cuda:
+            call.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            call.events[0].record()
+        out = fn(*args, **kwargs)
+        if hasattr(out, "wait"):  # AsyncCollectiveTensor: CPU blocks here; CUDA orders the streams
+            out.wait()
+        call.end = time.perf_counter()
+        if call.events is not None:
+            call.events[1].record()
+        else:
+            tr._blocked(call.end - call.start)
+        tr._record(call)
+        return out
 
     wrapper.__harness_wrapped__ = fn
     return wrapper
@@ -205,6 +318,12 @@ def install(cuda_timing: bool = False) -> CommTracker:
             fn = getattr(dist, name, None)
             if fn is not None and not hasattr(fn, "__harness_wrapped__"):
                 setattr(dist, name, _wrap(fn, kind, spec))
+        from torch.distributed import _functional_collectives as funcol
+
+        for name, kind in _FUNCOL_OPS.items():
+            fn = getattr(funcol, name, None)
+            if fn is not None and not hasattr(fn, "__harness_wrapped__"):
+                setattr(funcol, name, _wrap_funcol(fn, kind, funcol))
         work_cls = torch._C._distributed_c10d.Work
         if not hasattr(work_cls.wait, "__harness_wrapped__"):
             work_cls.wait = _wrap_wait(work_cls.wait)

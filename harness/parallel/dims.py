@@ -4,7 +4,9 @@ One object, built once from the ``parallel`` section and the world size, says ho
 laid out: ``dp_replicate x dp_shard x tp`` (outermost to innermost, so ``tp`` stays inside a node).
 Data parallelism spans ``dp_replicate x dp_shard``: DDP replicates over all ranks, FSDP2 shards
 over ``dp_shard`` (and HSDP replicates over ``dp_replicate``), ZeRO shards over all ranks.
-``tp`` is reserved at 1.
+Tensor parallelism (``harness.parallel.tensor``) shards each layer over ``tp``; the ``tp`` ranks of
+one data-parallel rank read the same micro-batches, so the loss and the token counts are summed
+over the data-parallel ranks only (:meth:`ParallelDims.dp_group`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,37 @@ class ParallelDims:
             shape = tuple(getattr(self, name) for name in MESH_DIMS)
             self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         return self._mesh
+
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank of global ``rank`` (tp innermost: ``tp`` consecutive ranks share one)."""
+        return rank // self.tp
+
+    def dp_group(self, device_type: str):
+        """The process group of this rank's data-parallel peers (same tp coordinate); None when the
+        world is the data-parallel group (tp=1), or when there is one data-parallel rank."""
+        if self.tp == 1 or self.dp == 1:
+            return None
+        mesh = self.mesh(device_type)
+        sub = mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+        return sub._flatten("dp").get_group() if self.dp_replicate > 1 else sub.get_group()
+
+    def group_dims(self, device_type: str) -> dict[str, str]:
+        """``process group name -> mesh dimension`` for the dimensions of more than one rank (the
+        communication accounting's split); a dimension spanning the world owns the default group."""
+        import torch.distributed as dist
+
+        names: dict[str, str] = {}
+        if self.world_size == 1:
+            return names
+        mesh = self.mesh(device_type)
+        for dim in MESH_DIMS:
+            if getattr(self, dim) > 1:
+                names.setdefault(mesh.get_group(dim).group_name, dim)
+        dp = self.dp_group(device_type)
+        if dp is not None:
+            names.setdefault(dp.group_name, "dp")
+        names.setdefault(dist.group.WORLD.group_name, "world")
+        return names
 
     def fsdp_mesh(self, device_type: str):
         """The mesh FSDP2 shards over: ``dp_shard``, or ``(dp_replicate, dp_shard)`` for HSDP."""

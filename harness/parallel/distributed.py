@@ -34,6 +34,9 @@ class DistributedBackend(Backend):
         super().__init__(env, cfg, dims)
         self.tracker = comm.install(cuda_timing=env.device.type == "cuda") if comm_timing else None
         init_distributed(env, cfg.timeout_s)
+        self.dp_group = dims.dp_group(env.device.type)
+        if self.tracker is not None:
+            self.tracker.group_dims = dims.group_dims(env.device.type)
 
     @classmethod
     def from_config(
@@ -53,12 +56,15 @@ class DistributedBackend(Backend):
 
     def comm_stats(self) -> CommStats:
         if self.tracker is None:
-            return CommStats(0.0, None, 0, None, None)
+            return CommStats(0.0, None, 0, None, None, None)
         return self.tracker.stats()
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, t: torch.Tensor, world: bool = False) -> torch.Tensor:
         t = t.clone()
-        dist.all_reduce(t)
+        if world or self.dims.tp == 1:
+            dist.all_reduce(t)
+        elif self.dp_group is not None:
+            dist.all_reduce(t, group=self.dp_group)
         return t
 
     def barrier(self) -> None:
@@ -140,7 +146,8 @@ _DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class FSDPBackend(DistributedBackend):
-    """FSDP2: ``fully_shard`` on every transformer block and on the root.
+    """FSDP2: ``fully_shard`` on every transformer block and on the root, over ``dp_shard`` (2-D
+    with tensor parallelism over ``tp``; with one data-parallel rank, tensor parallelism alone).
 
     Gradients are reduce-scattered only on the step's last micro-batch
     (``set_requires_gradient_sync``); FSDP2 averages over ranks, so the loss is scaled by the
@@ -165,6 +172,8 @@ class FSDPBackend(DistributedBackend):
         offload = CPUOffloadPolicy() if c.cpu_offload else OffloadPolicy()
         if not c.cpu_offload:
             model = model.to(self.env.device)
+        if self.dims.dp == 1:  # tensor parallel only: nothing to shard over
+            return model
         kw = {"mesh": self.dims.fsdp_mesh(self.env.device.type), "mp_policy": mp, "offload_policy": offload}
         for block in transformer_blocks(model):
             fully_shard(block, reshard_after_forward=c.reshard_after_forward, **kw)
@@ -172,7 +181,8 @@ class FSDPBackend(DistributedBackend):
         return model
 
     def accumulate(self, is_last: bool):
-        self.model.set_requires_gradient_sync(is_last)
+        if self.dims.dp > 1:
+            self.model.set_requires_gradient_sync(is_last)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -1,0 +1,205 @@
+"""Tensor and sequence parallelism over the mesh's ``tp`` dimension (DTensor,
+``torch.distributed.tensor.parallel``), for the Llama-style ``transformers`` models.
+
+The plan is Megatron-LM's (Shoeybi et al. 2019, Sec. 3) as torchtitan writes it: in every block the
+attention q/k/v and MLP gate/up projections are column-wise (each rank holds ``heads / tp`` heads and
+``intermediate / tp`` MLP columns), the attention output and MLP down projections row-wise (their
+partial outputs are all-reduced); the token embedding is row-wise (vocabulary rows; its output
+all-reduced) and the LM head column-wise (vocabulary columns; logits all-gathered, or kept sharded
+for loss-parallel cross-entropy). With ``sequence_parallel`` (Korthikanti et al. 2022, Sec. 4.2.2) the
+residual stream between the projections is sharded along the sequence: the norms run on
+``seq / tp`` positions and each all-reduce becomes a reduce-scatter plus an all-gather (same bytes,
+activations divided by ``tp``). The model's preamble (rotary tables, masks) sees the whole sequence:
+the embedding output is replicated and the first block's input is split.
+
+Gradients: a replicated parameter used on sequence-sharded activations (the norm gains under
+sequence parallelism) gets a ``Partial`` gradient, and the row-wise embedding a ``Replicate`` one;
+:func:`align_grad_placements` brings every gradient to its parameter's placement before the norm and
+the optimizer (the bug class of torchtitan PR #3412). :func:`clip_grad_norm_` computes the global L2
+norm over DTensors on any mesh (each shard counted once, replicas not double counted) and adds the
+epsilon once (cf. pytorch #149768).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from harness.config import ModelConfig
+from harness.errors import ConfigError
+
+
+def check_tensor_parallel(model: ModelConfig, tp: int, backend: str) -> None:
+    """Refuse a ``tp`` the model or the backend cannot run, before anything is built.
+
+    Raises:
+        ConfigError: ``tp > 1`` with a backend other than fsdp, a GPT-2 model (fused ``c_attn``
+            Conv1D projections: no column-wise split of q/k/v), tied embeddings, or head, kv-head or
+            MLP widths not divisible by ``tp``.
+    """
+    if tp == 1:
+        return
+    if backend != "fsdp":
+        raise ConfigError(
+            f"parallel.tp={tp} needs parallel=fsdp (FSDP2 over dp_shard x tensor parallel over tp); "
+            f"parallel={backend} runs data parallelism only"
+        )
+    if model.arch != "llama":
+        raise ConfigError(
+            f"parallel.tp={tp}: tensor parallelism supports Llama-style models (model.arch=llama); "
+            f"model.arch={model.arch} fuses q/k/v into one Conv1D (c_attn) that cannot be split by heads"
+        )
+    if model.tie_word_embeddings:
+        raise ConfigError(
+            f"parallel.tp={tp} with model.tie_word_embeddings=true: the row-wise embedding and the "
+            "column-wise LM head cannot share one weight; set model.tie_word_embeddings=false"
+        )
+    from harness.model import intermediate_size
+
+    widths = {
+        "model.num_heads": model.num_heads,
+        "model.num_kv_heads": model.num_kv_heads or model.num_heads,
+        "model.intermediate_size": intermediate_size(model),
+    }
+    for key, value in widths.items():
+        if value % tp:
+            raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp} (each rank holds 1/tp)")
+
+
+def apply_tensor_parallel(
+    model: torch.nn.Module, tp_mesh, sequence_parallel: bool, loss_parallel: bool
+) -> None:
+    """Shard ``model`` (a ``LlamaForCausalLM``, on its device) over the 1-D ``tp_mesh`` in place.
+
+    With ``loss_parallel`` the logits stay sharded over the vocabulary (a DTensor ``Shard(-1)``; the
+    loss is computed under :func:`loss_context`); otherwise they are all-gathered to full
+    ``(batch, seq, vocab)`` tensors.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    # gathering a 2-D (dp_shard, tp) parameter for export is two all-gathers; DTensor warns each time
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    seq = Shard(1) if sequence_parallel else Replicate()
+    head = ColwiseParallel(
+        input_layouts=seq,
+        output_layouts=Shard(-1) if loss_parallel else Replicate(),
+        use_local_output=not loss_parallel,
+    )
+    top = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    top["lm_head"] = head
+    if sequence_parallel:
+        top["model.norm"] = SequenceParallel(use_local_output=True)
+        top["model.layers.0"] = PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+        )
+    parallelize_module(model, tp_mesh, top)
+    for block in model.model.layers:
+        plan = {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=seq),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=seq),
+        }
+        # The projections' shared input enters as one DTensor, so that their input gradients add up
+        # as Partial and are reduced once per module (an all-reduce, or a reduce-scatter under
+        # sequence parallelism) instead of once per projection.
+        plan["self_attn"] = PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": seq},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
+        )
+        plan["mlp"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+        if sequence_parallel:
+            plan["input_layernorm"] = SequenceParallel(use_local_output=True)
+            plan["post_attention_layernorm"] = SequenceParallel(use_local_output=True)
+        parallelize_module(block, tp_mesh, plan)
+
+
+def loss_context(loss_parallel: bool) -> contextlib.AbstractContextManager:
+    """Around the loss and its backward: ``torch.distributed.tensor.parallel.loss_parallel`` (the
+    cross-entropy of vocabulary-sharded logits without gathering them) or nothing."""
+    if not loss_parallel:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel as ctx
+
+    return ctx()
+
+
+def align_grad_placements(params) -> None:
+    """Redistribute every DTensor gradient to its parameter's placements (``Partial`` -> all-reduce,
+    ``Replicate`` -> local slice); plain tensors are left alone."""
+    from torch.distributed.tensor import DTensor
+
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
+def _sharded_groups(t) -> tuple:
+    """The process groups over which ``t``'s local squares must be summed (its sharded mesh dims)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return ()
+    mesh = t.device_mesh
+    # every placement but Replicate is a split (Shard, _StridedShard); Partial was refused before
+    return tuple(mesh.get_group(i) for i, p in enumerate(t.placements) if not p.is_replicate())
+
+
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of ``grads`` (tensors or DTensors on any meshes) as a plain fp32 0-d tensor,
+    equal on every rank: local sums of squares, summed over each sharded mesh dimension once
+    (replicated dimensions hold copies and are not summed). One all-reduce per distinct set of groups.
+
+    Raises:
+        ValueError: a gradient still ``Partial`` (call :func:`align_grad_placements` first).
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    sums: dict[tuple, torch.Tensor] = {}
+    groups: dict[tuple, tuple] = {}
+    for g in grads:
+        if isinstance(g, DTensor) and any(p.is_partial() for p in g.placements):
+            raise ValueError(f"gradient with placements {g.placements} is still Partial")
+        gs = _sharded_groups(g)
+        key = tuple(x.group_name for x in gs)
+        local = g.to_local() if isinstance(g, DTensor) else g
+        sq = local.detach().float().pow(2).sum()
+        sums[key] = sums[key] + sq if key in sums else sq
+        groups[key] = gs
+    total = torch.zeros((), device=grads[0].device if grads else "cpu")
+    for key, s in sums.items():
+        for group in groups[key]:
+            dist.all_reduce(s, group=group)
+        total = total + s
+    return total.sqrt()
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``params`` in place to global L2 norm ``max_norm`` (``<= 0``: measure
+    only), as ``torch.nn.utils.clip_grad_norm_``: coefficient ``max_norm / (norm + 1e-6)`` capped at 1,
+    the epsilon added once to the global norm. Returns the norm before clipping (plain 0-d tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    align_grad_placements(params)
+    grads = [p.grad for p in params]
+    norm = total_grad_norm(grads)
+    if max_norm > 0 and grads:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        torch._foreach_mul_(local, coef.to(local[0].device))
+    return norm
