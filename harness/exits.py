@@ -8,6 +8,7 @@ A tiny leaf module (standard library only) shared by ``harness.train`` and
 | 0   | done (or nothing left to train) |
 | 2   | a problem the user can fix: one ``error:`` line on stderr, nothing built, nothing lost |
 | 75  | stopped by SIGUSR1/SIGTERM after a complete checkpoint (``EX_TEMPFAIL``): requeue |
+| 124 | the hang watchdog fired: no step finished for ``parallel.hang_timeout_s`` (dumps in ``failures/``) |
 | 130 | stopped by Ctrl-C (SIGINT) after a complete checkpoint; rerun to continue |
 
 torchrun reports any failed worker as status 1 (after its ``ChildFailedError`` report), so
@@ -24,6 +25,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
+EXIT_HANG = 124
 EXIT_CODE_DIR_ENV = "HARNESS_EXIT_CODE_DIR"
 
 
@@ -43,14 +45,14 @@ def report_exit(rank: int, code: int) -> None:
 def combine_exit(launcher_rc: int, worker_codes: list[int]) -> int:
     """The node's exit status from the launcher's and the workers' reported ones.
 
-    When the launcher failed and every reported status is 0 or one of 2 / 75 / 130 (at least one
-    of them), that status is returned (2 wins over 130 over 75: a refused config is the cause,
-    the others stopped because of it); a crash (any other status, or none reported) keeps the
+    When the launcher failed and every reported status is 0 or one of 2 / 124 / 75 / 130 (at least
+    one of them), that status is returned (2 wins over 124 over 130 over 75: a refused config is the
+    cause, the others stopped because of it); a crash (any other status, or none reported) keeps the
     launcher's status.
     """
     if launcher_rc == 0 or not worker_codes:
         return launcher_rc
-    known = (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED)
+    known = (EXIT_USAGE, EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED)
     if not set(worker_codes) <= {EXIT_OK, *known}:
         return launcher_rc
     for code in known:

@@ -6,6 +6,10 @@
                            default every rank); ``raise_once`` does it only in a job's first attempt
                            (``TORCHELASTIC_RESTART_COUNT`` unset or 0), for torchrun ``--max-restarts``
 - ``kill:S[:R]``           the process sends itself SIGKILL as step S starts (on rank R): no cleanup at all
+- ``stop:S[:R]``           the process sends itself SIGSTOP as step S starts (on rank R): a rank that can
+                           no longer run Python (the hang watchdog tests)
+- ``slow_step:T[:R]``      every step's forward/backward takes T seconds longer (on rank R): a straggler
+                           whose peers wait for it inside the collectives
 - ``slow:T[:R]``           every step sleeps T seconds as it starts (on rank R): a slow rank, a long run
 - ``nan_loss:S[:R]``       the first micro-batch's loss of step S is NaN (on rank R)
 - ``checkpoint_sleep:T``   every checkpoint sleeps T seconds after its files are written, before its
@@ -54,7 +58,15 @@ class Faults:
                 raise RuntimeError(f"injected fault at step {step}")
             if kind == "kill" and step == arg:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "stop" and step == arg:
+                os.kill(os.getpid(), signal.SIGSTOP)
             if kind == "slow":
+                time.sleep(arg)
+
+    def slow_step(self) -> None:
+        """Inside the step's forward/backward: sleep the ``slow_step`` seconds (a straggler)."""
+        for kind, arg in self.items:
+            if kind == "slow_step":
                 time.sleep(arg)
 
     def nan_loss(self, step: int) -> bool:

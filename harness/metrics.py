@@ -65,6 +65,12 @@ class StepMetrics:
     events: list[str] | None = None  # e.g. ["loss_spike"], ["skipped_nonfinite"]
     tokens_by_source: dict | None = None  # a mixture's tokens of this step by source (all ranks)
     val_loss_by_source: dict | None = None  # a mixture's validation loss by source, on evaluation steps
+    # every logging.rank_stats_every steps on several ranks (rank 0's record; harness/hooks/rank_stats.py):
+    step_time_s_min: float | None = None  # fastest rank's step_time_s
+    step_time_s_max: float | None = None  # slowest rank's step_time_s
+    slowest_rank: int | None = None  # the rank with the most busy time (step_time_s - time waiting on peers)
+    # per rank (index = rank): {step_time_s, busy_s, data_s, forward_backward_s, optimizer_s, comm_s}
+    rank_stats: list[dict] | None = None
 
     def to_json(self) -> str:
         return json.dumps({k: _clean(v) for k, v in asdict(self).items()})

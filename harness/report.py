@@ -13,6 +13,9 @@ For each run directory this reads ``metrics.jsonl`` (one JSON object per optimiz
 - ``time_breakdown.png``: seconds per step split into data, compute, exposed communication and
   optimizer, with total communication time drawn as a line (it overlaps compute);
 - ``memory.png``: peak memory (GiB: CUDA max allocated, or peak RSS on CPU) vs step;
+- ``ranks.png`` (runs with ``rank_stats``): rank x step heat maps of step time and busy time (step time
+  minus the time spent waiting on peers: a straggler is a bright row), and in ``report.html`` a table
+  of the ``straggler`` events;
 - ``summary.json``: one ``{"run": name, **summarize(records)}`` object per run;
 - ``report.html``: a title, the summary table (one column per run) and the plots, embedded as
   ``data:image/png`` URIs, so the file can be mailed or archived on its own.
@@ -41,6 +44,7 @@ from harness.errors import DataError, HarnessError
 METRICS_FILE = "metrics.jsonl"
 PLOTS = ("loss.png", "lr_batch.png", "throughput.png", "time_breakdown.png", "memory.png")
 MIXTURE_PLOT = "mixture.png"  # only for runs on a mixture (records with tokens_by_source)
+RANKS_PLOT = "ranks.png"  # only for runs with per-rank stats (several ranks, logging.rank_stats_every)
 GIB = 1024**3
 
 
@@ -227,6 +231,7 @@ def summarize(records: Sequence[dict]) -> dict:
             sum(e for e, _ in exposed_pairs) / exposed_time if exposed_pairs and exposed_time > 0 else None
         ),
         "peak_memory_bytes": int(max(peak)) if peak else None,
+        "straggler_events": straggler_events(records),
     }
 
 
@@ -481,6 +486,52 @@ def _plot_mixture(runs: dict[str, list[dict]], path: str) -> bool:
     return True
 
 
+def _plot_ranks(runs: dict[str, list[dict]], path: str) -> bool:
+    """Rank x step heat maps (step time, busy time) per run with ``rank_stats``; False without any."""
+    with_stats = {n: [r for r in recs if r.get("rank_stats")] for n, recs in runs.items()}
+    with_stats = {n: recs for n, recs in with_stats.items() if recs}
+    if not with_stats:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        2 * len(with_stats), 1, figsize=(10, 2.6 * 2 * len(with_stats)), squeeze=False, layout="constrained"
+    )
+    for i, (name, recs) in enumerate(with_stats.items()):
+        steps = [r["step"] for r in recs]
+        for j, key in enumerate(("step_time_s", "busy_s")):
+            ax = axes[2 * i + j][0]
+            grid = [[row.get(key) or 0.0 for row in r["rank_stats"]] for r in recs]  # step x rank
+            image = ax.imshow(
+                list(map(list, zip(*grid))),
+                aspect="auto",
+                interpolation="nearest",
+                extent=(steps[0] - 0.5, steps[-1] + 0.5, len(grid[0]) - 0.5, -0.5),
+            )
+            fig.colorbar(image, ax=ax, label="seconds")
+            ax.set_yticks(range(len(grid[0])))
+            ax.set_ylabel("rank")
+            ax.set_xlabel("optimizer step")
+            what = "step time" if key == "step_time_s" else "busy time (step time - waiting on peers)"
+            ax.set_title(f"{name}: {what} per rank and step")
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def straggler_events(records: Sequence[dict]) -> list[dict]:
+    """``{step, rank, busy_s, median_busy_s}`` of every record with a ``straggler`` event."""
+    out = []
+    for r in records:
+        if "straggler" in (r.get("events") or []) and r.get("rank_stats"):
+            busy = [row.get("busy_s") or 0.0 for row in r["rank_stats"]]
+            srt = sorted(busy)
+            median = (srt[(len(srt) - 1) // 2] + srt[len(srt) // 2]) / 2
+            rank = r.get("slowest_rank", busy.index(max(busy)))
+            out.append({"step": r["step"], "rank": rank, "busy_s": busy[rank], "median_busy_s": median})
+    return out
+
+
 # ----------------------------------------------------------------------------- HTML
 
 
@@ -558,12 +609,23 @@ def _html(names: list[str], paths: list[str], summaries: list[dict], out_dir: st
         f"<li>{esc(n)}: <code>{esc(os.path.abspath(p))}</code></li>" for n, p in zip(names, paths)
     )
     figures = []
-    extra = (MIXTURE_PLOT,) if os.path.isfile(os.path.join(out_dir, MIXTURE_PLOT)) else ()
+    extra = tuple(p for p in (MIXTURE_PLOT, RANKS_PLOT) if os.path.isfile(os.path.join(out_dir, p)))
     for png in (*PLOTS, *extra):
         with open(os.path.join(out_dir, png), "rb") as f:
             data = base64.b64encode(f.read()).decode("ascii")
         alt = png.removesuffix(".png").replace("_", " ")
         figures.append(f"<h2>{esc(alt)}</h2>\n<img alt='{esc(alt)}' src='data:image/png;base64,{data}'>")
+    events = [(n, e) for n, s in zip(names, summaries) for e in s.get("straggler_events") or []]
+    if events:
+        rows = "".join(
+            f"<tr><td>{esc(n)}</td><td>{e['step']}</td><td>{e['rank']}</td><td>{e['busy_s']:.3f}</td>"
+            f"<td>{e['median_busy_s']:.3f}</td></tr>"
+            for n, e in events
+        )
+        figures.append(
+            "<h2>straggler events</h2>\n<table><thead><tr><th>run</th><th>step</th><th>rank</th>"
+            f"<th>busy s</th><th>median rank busy s</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
     return (
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
         f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
@@ -647,6 +709,9 @@ def _write(run_dirs: Sequence[str], out_dir: str | None) -> tuple[str, list[str]
     mixture_png = os.path.join(out_dir, MIXTURE_PLOT)
     if not _plot_mixture(runs, mixture_png) and os.path.isfile(mixture_png):
         os.remove(mixture_png)
+    ranks_png = os.path.join(out_dir, RANKS_PLOT)
+    if not _plot_ranks(runs, ranks_png) and os.path.isfile(ranks_png):
+        os.remove(ranks_png)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         rows = [{"run": n, **{k: _json_value(v) for k, v in s.items()}} for n, s in zip(names, summaries)]
         json.dump(rows, f, indent=2)

@@ -37,6 +37,7 @@ from harness.errors import CheckpointError, NonFiniteError
 from harness.exits import exit_code, report_exit
 from harness.faults import Faults
 from harness.hooks import Hook, default_hooks
+from harness.hooks.watchdog import flight_recorder_env
 from harness.metrics import MetricsLogger, StepMetrics, StepTimer, Throughput, max_memory_bytes, step_log
 from harness.model import build_model, check_attention, document_mask_path, model_stats, resolve_vocab_size
 from harness.parallel import Backend, ParallelDims, build_backend
@@ -173,6 +174,7 @@ class Trainer:
         self.checkpoints.faults = self.faults
         self.state = TrainState()
         self.stop_reason: str | None = None
+        self.phase = "start"  # the part of the step (or the hook) running now
         self.trained = False  # whether this invocation has steps to run
         self.timer = StepTimer(env.device)
         self.autocast_dtype = _autocast_dtype(cfg.train.dtype, env.device)
@@ -210,7 +212,15 @@ class Trainer:
                 cfg.logging, run.path, self.max_steps, self.state.step, cfg.run_name, resolved
             )
         self.hooks: list[Hook] = default_hooks(
-            cfg, dp, self.faults, self.data, checked.batch.micro_batch_size, metrics, self.loader
+            cfg,
+            env,
+            dp,
+            run.path,
+            self.faults,
+            self.data,
+            checked.batch.micro_batch_size,
+            metrics,
+            self.loader,
         )
 
     # -- construction --------------------------------------------------------------------------
@@ -270,6 +280,8 @@ class Trainer:
         batch = validate(cfg, env.world_size)
         check_attention(cfg.model, env.device.type)
         dims = ParallelDims.from_config(cfg.parallel, env.world_size)
+        if env.world_size > 1:
+            flight_recorder_env(run_dir)  # before the process group exists
         backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
         data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, cfg.eval.every > 0, cfg.seed)
         vocab_size = resolve_vocab_size(cfg.model, len(data.tokenizer))
@@ -356,12 +368,16 @@ class Trainer:
         """One optimizer step: sample, forward + backward over the micro-batches, update, log."""
         self.timer.start()
         self.backend.begin_step()
+        self.phase = "data"  # what the step is doing (the hang watchdog's dump says it)
         micro_batches = self.sample(info)  # 1. sample
         self.timer.mark("data")
+        self.phase = "forward_backward"
         loss = self.forward_backward(micro_batches, info.step)  # 2. forward + 3. backward
         self.timer.mark("forward_backward")
+        self.phase = "optimizer"
         grad_norm, stepped, lr = self.update(info.step, loss)  # 4. update
         self.timer.mark("optimizer")
+        self.phase = "log"
         return self.log_step(info, loss, grad_norm, lr, stepped)  # 5. log
 
     def sample(self, info: StepInfo) -> list[MicroBatch]:
@@ -370,6 +386,7 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[MicroBatch], step: int) -> torch.Tensor:
         """The step's token-mean loss (0-d); gradients accumulated (see :func:`forward_backward`)."""
+        self.faults.slow_step()
         return forward_backward(
             self.backend, self.model, micro_batches, self.autocast_dtype, self.faults.nan_loss(step)
         )
@@ -448,6 +465,7 @@ class Trainer:
 
     def _call(self, event: str, *args) -> None:
         for hook in self.hooks:
+            self.phase = f"{type(hook).__name__}.{event}"
             getattr(hook, event)(self, *args)
 
     @torch.no_grad()

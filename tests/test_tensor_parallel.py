@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, SMALL, compose, read_metrics, train_small
@@ -147,6 +148,11 @@ def test_2d_tp2_x_dp_shard2_world4_with_sequence_parallel_matches_one_process(
         assert r["comm_by_dim"]["tp"]["bytes_by_op"] == _tp_bytes(r, sp=True, b=1), r["step"]
     ours = load_file(str(next((run_dir / "hf").glob("*.safetensors"))))
     ref = load_file(str(next((reference[1] / "hf").glob("*.safetensors"))))
+    from harness.export import export  # python -m harness.export, from the 2-D DCP checkpoint
+
+    exported = export(str(run_dir / "checkpoints" / "step_00000006"), str(tmp_path / "exported"))
+    offline = load_file(str(next(Path(exported).glob("*.safetensors"))))
+    assert offline.keys() == ours.keys() and all((offline[k] == ours[k]).all() for k in ours)
     assert ours.keys() == ref.keys()
     for name, t in ref.items():  # Adam turns 1e-7 gradient differences into up to ~1e-5 in the weights
         assert ours[name].shape == t.shape and (ours[name] - t).abs().max() < 1e-4, name

@@ -16,9 +16,12 @@ from harness.hooks import (
     EvalHook,
     ExportHook,
     FaultHook,
+    HangWatchdog,
     LossSpikeHook,
     MetricsHook,
     MixtureHook,
+    ProfilerHook,
+    RankStatsHook,
     StopHook,
 )
 from harness.parallel import BACKENDS, ParallelDims, backend_class
@@ -38,10 +41,13 @@ def test_the_trainer_owns_its_parts_and_calls_the_hooks_in_order(trainer):
         MixtureHook,
         EvalHook,
         LossSpikeHook,
+        RankStatsHook,
+        ProfilerHook,
         MetricsHook,
         StopHook,
         CheckpointHook,
         ExportHook,
+        HangWatchdog,
     ]
     assert trainer.backend.name == "none" and trainer.model is trainer.backend.model
     assert trainer.optimizer is trainer.backend.optimizer and trainer.max_steps == 4

@@ -190,6 +190,9 @@ class ParallelConfig:
     name: str = "none"
     # collective timeout: a dead rank makes the others exit after this long
     timeout_s: float = 600.0
+    # hang watchdog: no step done for this long dumps every rank's stacks and exits;
+    # None: max(300, 10 x the median step time so far), armed after the first step
+    hang_timeout_s: float | None = None
     # tensor-parallel degree on the mesh dp_replicate x dp_shard x tp (innermost: keep it within a node)
     tp: int = 1
     # with tp > 1: shard norms and the residual stream along the sequence (Korthikanti et al. 2022)
@@ -268,6 +271,12 @@ class LoggingConfig:
     progress: str = "auto"
     # time and count collectives (harness.parallel.comm); False: the comm fields are 0/null
     comm_timing: bool = True
+    # gather every rank's step timings every N steps into rank 0's record (rank_stats); 0: off
+    rank_stats_every: int = 1
+    # a rank whose busy time exceeds the median rank's by this factor ...
+    straggler_factor: float = 1.2
+    # ... for this many consecutive rank stats is a straggler (an event and a warning)
+    straggler_window: int = 5
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -281,6 +290,24 @@ class CheckpointConfig:
     resume: str = "auto"
     # save_pretrained model + tokenizer into <run>/hf at the end
     export_hf: bool = True
+
+
+@dataclass
+class ProfileConfig:
+    """``profile.*``: torch.profiler traces of chosen steps (``harness/hooks/profiler.py``)."""
+
+    # [first, last] steps to trace (one trace per step); None: none (unless every / SIGUSR2)
+    steps: list[int] | None = None
+    # trace `active` steps every N steps; 0: off
+    every: int = 0
+    # steps per window for `every` and for SIGUSR2 (kill -USR2 <rank 0 pid>)
+    active: int = 2
+    # untraced warm-up steps of the profiler before each window
+    warmup: int = 1
+    # record input shapes (bigger traces)
+    record_shapes: bool = False
+    # CUDA: record allocator history and write memory_snapshot_rank_<r>.pickle per window
+    memory_snapshot: bool = False
 
 
 @dataclass
@@ -300,6 +327,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 # parallel=<name> -> its schema (registered as parallel/<name>_schema in Hydra's ConfigStore).

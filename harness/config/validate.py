@@ -24,6 +24,7 @@ from harness.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    ProfileConfig,
     ScheduleConfig,
     TokenizerConfig,
     TrainingConfig,
@@ -213,6 +214,8 @@ def check_parallel(p: ParallelConfig) -> None:
         )
     if p.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0")
+    if p.hang_timeout_s is not None and not p.hang_timeout_s > 0:
+        raise ConfigError(f"parallel.hang_timeout_s={p.hang_timeout_s} must be > 0 (or null: automatic)")
     if p.activation_checkpointing_every < 1:
         raise ConfigError(
             f"parallel.activation_checkpointing_every={p.activation_checkpointing_every} must be "
@@ -255,6 +258,14 @@ def check_eval(e: EvalConfig) -> None:
 
 def check_logging(g: LoggingConfig) -> None:
     check_rules("logging", g)
+    if g.rank_stats_every < 0:
+        raise ConfigError(f"logging.rank_stats_every={g.rank_stats_every} must be >= 0 (0: off)")
+    if not g.straggler_factor > 1.0:
+        raise ConfigError(
+            f"logging.straggler_factor={g.straggler_factor} must be > 1 (a ratio to the median rank)"
+        )
+    if g.straggler_window < 1:
+        raise ConfigError(f"logging.straggler_window={g.straggler_window} must be >= 1")
     if g.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(
             f"logging.wandb.mode={g.wandb.mode!r} is not one of auto, online, offline, disabled"
@@ -263,6 +274,24 @@ def check_logging(g: LoggingConfig) -> None:
 
 def check_checkpoint(c: CheckpointConfig) -> None:
     check_rules("checkpoint", c)
+
+
+def check_profile(p: ProfileConfig) -> None:
+    if p.steps is not None:
+        if len(p.steps) != 2 or not 1 <= p.steps[0] <= p.steps[1]:
+            raise ConfigError(f"profile.steps={list(p.steps)} must be [first, last] with 1 <= first <= last")
+        if p.every:
+            raise ConfigError("profile.steps and profile.every are exclusive: set one of them")
+    if p.every < 0:
+        raise ConfigError(f"profile.every={p.every} must be >= 0 (0: off)")
+    if p.active < 1:
+        raise ConfigError(f"profile.active={p.active} must be >= 1")
+    if p.warmup < 0:
+        raise ConfigError(f"profile.warmup={p.warmup} must be >= 0")
+    if p.every and p.every < p.active + p.warmup:
+        raise ConfigError(
+            f"profile.every={p.every} must be >= profile.active + profile.warmup = {p.active + p.warmup}"
+        )
 
 
 SECTION_CHECKS = {
@@ -276,6 +305,7 @@ SECTION_CHECKS = {
     "parallel": check_parallel,
     "logging": check_logging,
     "checkpoint": check_checkpoint,
+    "profile": check_profile,
 }
 
 

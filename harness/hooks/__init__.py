@@ -23,18 +23,24 @@ from harness.hooks.export import ExportHook
 from harness.hooks.faults import FaultHook
 from harness.hooks.metrics import MetricsHook
 from harness.hooks.mixture import MixtureHook
+from harness.hooks.profiler import ProfilerHook
+from harness.hooks.rank_stats import RankStatsHook
 from harness.hooks.spikes import LossSpikeHook
 from harness.hooks.stop import StopHook, StopSignal
+from harness.hooks.watchdog import HangWatchdog
 
 __all__ = [
     "CheckpointHook",
     "EvalHook",
     "ExportHook",
     "FaultHook",
+    "HangWatchdog",
     "Hook",
     "LossSpikeHook",
     "MetricsHook",
     "MixtureHook",
+    "ProfilerHook",
+    "RankStatsHook",
     "StopHook",
     "StopSignal",
     "default_hooks",
@@ -42,19 +48,24 @@ __all__ = [
 
 
 def default_hooks(
-    cfg, dp: tuple[int, int], faults, data, micro_batch_size: int, metrics, loader
-) -> list[Hook]:
+    cfg, env, dp: tuple[int, int], run_dir: str, faults, data, micro_batch_size, metrics, loader
+):
     """The hooks of a training run, in the order they are called: faults, a mixture's tokens by
-    source, evaluation and early stopping, loss spikes, the metrics sinks, stop requests, checkpoint
-    cadence, export. ``dp``: this rank's ``(data-parallel rank, data-parallel ranks)``."""
+    source, evaluation and early stopping, loss spikes, per-rank stats, the profiler, the metrics
+    sinks, stop requests, checkpoint cadence, export, the hang watchdog. ``dp``: this rank's
+    ``(data-parallel rank, data-parallel ranks)``."""
     eos = data.tokenizer.eos_token_id if cfg.data.document_mask else None
+    stop = StopHook.from_config(cfg.train)
     return [
         FaultHook(faults),
         MixtureHook(loader),
         EvalHook.from_config(cfg.eval, data, micro_batch_size, dp, eos),
         LossSpikeHook.from_config(cfg.train),
+        RankStatsHook.from_config(cfg.logging),
+        ProfilerHook(cfg.profile, run_dir, env.rank, stop.signal),
         MetricsHook(metrics),
-        StopHook.from_config(cfg.train),
+        stop,
         CheckpointHook.from_config(cfg.checkpoint),
         ExportHook.from_config(cfg.checkpoint),
+        HangWatchdog.from_config(cfg.parallel, run_dir),
     ]

@@ -1,7 +1,8 @@
 """Stop requests: SIGUSR1/SIGTERM (preemption), SIGINT (Ctrl-C) and ``train.stop_at_step``.
 
 Each makes the run finish the current optimizer step, write a complete checkpoint and return; all
-ranks agree on the step (one small all-reduce per step on several processes).
+ranks agree on the step (one small all-reduce per step on several processes). The same all-reduce
+carries SIGUSR2, the request to profile the next steps (``harness/hooks/profiler.py``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ class StopSignal:
     Use as a context manager; the previous handlers come back on exit.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self):
         self.signum: int | None = None
+        self.profile = False  # SIGUSR2 arrived here: profile the next steps (not a stop)
+        self.profile_requested = False  # SIGUSR2 on some rank, agreed at a step's end
         self._previous: dict = {}
 
     def __enter__(self) -> StopSignal:
@@ -42,6 +45,9 @@ class StopSignal:
         self._previous = {}
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGUSR2:
+            self.profile = True
+            return
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         if self.signum is None:
@@ -50,12 +56,18 @@ class StopSignal:
     def requested(self, backend) -> str | None:
         """``"preempt"`` (SIGUSR1/SIGTERM) or ``"interrupt"`` (SIGINT) when any rank got a signal, else
         None; all ranks agree (a SIGINT anywhere wins)."""
-        local = [float(self.signum in (signal.SIGUSR1, signal.SIGTERM)), float(self.signum == signal.SIGINT)]
+        local = [
+            float(self.signum in (signal.SIGUSR1, signal.SIGTERM)),
+            float(self.signum == signal.SIGINT),
+            float(self.profile),
+        ]
+        self.profile = False
         flags = local
         if backend.env.world_size > 1:
             flags = backend.all_reduce_sum(
                 torch.tensor(local, device=backend.env.device), world=True
             ).tolist()
+        self.profile_requested = self.profile_requested or flags[2] > 0  # cleared by the profiler hook
         if flags[1] > 0:
             return "interrupt"
         return "preempt" if flags[0] > 0 else None

@@ -120,7 +120,20 @@ class CommTracker:
     enabled: bool = True
     # process group name -> mesh dimension (unknown groups are reported under their own name)
     group_dims: dict[str, str] = field(default_factory=dict)
+    # the latest collective issued (set before it runs, so a hang inside it is named)
+    last: _Call | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe_last(self) -> str:
+        """One line on the latest collective: kind, bytes, mesh dimension, age, whether it finished."""
+        c = self.last
+        if c is None:
+            return "no collective issued yet"
+        dim = self.group_dims.get(c.group, c.group or "world")
+        state = "finished" if c.end is not None else "not finished"
+        age = time.perf_counter() - c.start
+        ranks = f"{c.group_size} ranks"
+        return f"{c.kind} of {c.nbytes:,} bytes over {dim} ({ranks}), issued {age:.1f} s ago, {state}"
 
     def reset(self) -> None:
         with self._lock:
@@ -221,6 +234,7 @@ def _wrap(fn, kind: str, spec):
             group = args[group_index]
         name, n = _group_of(group)
         call = _Call(kind, _payload(args, kwargs, names, spec), n, time.perf_counter(), group=name)
+        tr.last = call
         work = fn(*args, **kwargs)
         if work is None:  # synchronous: the caller was blocked the whole time
             call.end = time.perf_counter()
@@ -276,6 +290,7 @@ def _wrap_funcol(fn, kind: str, funcol):
         name, n = _funcol_group(funcol, group, kwargs.get("tag", args[gi + 1] if len(args) > gi + 1 else ""))
         nbytes = x.numel() * x.element_size() * (n if kind == "all_gather" else 1)
         call = _Call(kind, nbytes, n, time.perf_counter(), group=name)
+        tr.last = call
         if tr.cuda_timing and x.is_cuda:
             call.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             call.events[0].record()

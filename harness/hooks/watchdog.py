@@ -1,0 +1,210 @@
+"""Hang watchdog: a thread per rank that notices when no step has finished for ``parallel.hang_timeout_s``
+and, instead of letting every rank wait out the collective timeout with nothing in the log, writes
+what each rank was doing and exits.
+
+On a hang every rank that can still run Python writes ``<run>/failures/hang_rank_<r>.txt``: the step
+and phase (``Trainer.phase``), the latest collective it issued (kind, bytes, mesh dimension, age,
+finished or not: ``CommTracker.describe_last``) and all threads' stacks (``faulthandler``); and the
+flight recorder's record of the process groups' collectives (``fr_trace_rank_<r>.json``; on NCCL
+it is enabled from the start with ``TORCH_NCCL_TRACE_BUFFER_SIZE`` and dumped also by NCCL itself on a
+collective timeout, ``TORCH_NCCL_DUMP_ON_TIMEOUT``). The lowest rank that reports waits a few seconds
+for the others' dumps, then logs one line naming the ranks that did not report (the likely culprits:
+stopped, or stuck outside Python), writes it to ``failures/hang_summary.txt`` and SIGKILLs the silent
+ranks of its own host (so the launcher does not wait out its grace period on them). Every reporting
+rank then exits with status :data:`~harness.exits.EXIT_HANG`; the launcher stops the rest. Checkpoints are
+safe: a save cut short leaves only its ``.tmp-`` directory (``harness.checkpoint``).
+
+The default timeout is ``max(300 s, 10 x the median step time so far)`` and is armed after the first
+step (the first step's compile and warm-up are covered by the collective timeout); an explicit
+``parallel.hang_timeout_s`` is armed when training starts.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import socket
+import statistics
+import threading
+import time
+
+from harness.exits import EXIT_HANG, report_exit
+from harness.hooks.base import Hook
+
+log = logging.getLogger("harness")
+DEFAULT_MIN_S = 300.0
+PEER_WAIT_S = 5.0  # at most, and at most half the timeout
+
+
+def flight_recorder_env(run_dir: str) -> None:
+    """Enable the collectives' flight recorder before the process group exists (NCCL also dumps it
+    into ``<run>/failures/`` on a collective timeout); user settings win."""
+    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(run_dir, "failures", "nccl_trace_rank_"))
+
+
+class HangWatchdog(Hook):
+    """The watchdog thread's owner (see the module docstring)."""
+
+    def __init__(self, timeout_s: float | None, run_dir: str, poll_s: float = 1.0):
+        self.timeout_s = timeout_s
+        self.run_dir = run_dir
+        self.poll_s = poll_s
+        self.durations: list[float] = []
+        self.last_progress = time.monotonic()
+        self.armed = timeout_s is not None
+        self.step = 0
+        self.trainer = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, parallel_cfg, run_dir: str) -> HangWatchdog:
+        return cls(parallel_cfg.hang_timeout_s, run_dir)
+
+    def timeout(self) -> float:
+        """Seconds without a finished step that count as a hang."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return max(DEFAULT_MIN_S, 10 * statistics.median(self.durations)) if self.durations else DEFAULT_MIN_S
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.env.world_size == 1:
+            return  # nobody to wait for
+        self.trainer = trainer
+        if trainer.env.device.type == "cuda":  # where NCCL writes its own dump on a collective timeout
+            os.makedirs(os.path.join(self.run_dir, "failures"), exist_ok=True)
+        self.started = time.time()  # dumps older than this are a previous invocation's
+        self.step = trainer.state.step
+        import torch.distributed as dist
+
+        self.peers: list = [None] * trainer.env.world_size  # (host, pid) per rank
+        dist.all_gather_object(self.peers, (socket.gethostname(), os.getpid()))
+        self.last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, name="harness-hang-watchdog", daemon=True)
+        self._thread.start()
+
+    def on_step_end(self, trainer, record) -> None:
+        self.durations.append(record.step_time_s)
+        self.step = record.step
+        self.last_progress = time.monotonic()
+        self.armed = True
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.poll_s, self.timeout() / 4)):
+            idle = time.monotonic() - self.last_progress
+            if self.armed and idle > self.timeout():
+                self._fire(idle)
+                return
+
+    # -- on a hang ----------------------------------------------------------------------------
+
+    def _fire(self, idle: float) -> None:
+        """Dump, summarize, exit with EXIT_HANG (also when a dump fails)."""
+        try:
+            self._report(idle)
+        except Exception as e:  # the exit matters more than the report
+            log.error("hang watchdog: the dump failed (%s: %s)", type(e).__name__, e)
+        finally:
+            report_exit(self.trainer.env.rank, EXIT_HANG)
+            os._exit(EXIT_HANG)
+
+    def _report(self, idle: float) -> None:
+        env = self.trainer.env
+        directory = os.path.join(self.run_dir, "failures")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"hang_rank_{env.rank}.txt")
+        self._write_dump(path, idle)
+        fr = _dump_flight_recorder(os.path.join(directory, f"fr_trace_rank_{env.rank}.json"))
+        reported = _wait_for_peers(
+            directory, env.world_size, min(PEER_WAIT_S, self.timeout() / 2), self.started
+        )
+        if env.rank == min(reported):
+            missing = [r for r in range(env.world_size) if r not in reported]
+            line = (
+                f"hang: no step finished for {idle:.0f} s after step {self.step} "
+                f"(parallel.hang_timeout_s={self.timeout():.0f}); ranks that did not report (the likely "
+                f"culprits): {missing or 'none'}; dumps: {directory}/hang_rank_<r>.txt"
+                + (", fr_trace_rank_<r>.json" if fr else "")
+            )
+            log.error("%s", line)
+            with open(os.path.join(directory, "hang_summary.txt"), "w") as f:
+                f.write(line + "\n")
+            self._kill_local(missing)
+        for handler in logging.getLogger("harness").handlers:
+            handler.flush()
+
+    def _kill_local(self, ranks: list[int]) -> None:
+        """SIGKILL the silent ranks on this host (they cannot run Python: the launcher's SIGTERM would
+        wait out its grace period on them); ranks elsewhere are left to their own node's launcher."""
+        import signal
+
+        host = socket.gethostname()
+        for rank in ranks:
+            peer_host, pid = self.peers[rank]
+            if peer_host == host:
+                log.error("hang: killing rank %d (pid %d on %s), which did not report", rank, pid, host)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _write_dump(self, path: str, idle: float) -> None:
+        trainer, env = self.trainer, self.trainer.env
+        tracker = getattr(trainer.backend, "tracker", None)
+        header = {
+            "rank": env.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "last_finished_step": self.step,
+            "phase": trainer.phase,
+            "seconds_without_progress": round(idle, 1),
+            "hang_timeout_s": self.timeout(),
+            "last_collective": tracker.describe_last() if tracker is not None else "not tracked",
+        }
+        with open(path + ".tmp", "w") as f:
+            for key, value in header.items():
+                f.write(f"{key}: {value}\n")
+            f.write("\nstacks of all threads (faulthandler):\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+        os.replace(path + ".tmp", path)
+
+
+def _dump_flight_recorder(path: str) -> bool:
+    """The flight recorder's JSON (every process group's recent collectives) into ``path``."""
+    try:
+        import torch
+
+        text = torch._C._distributed_c10d._dump_fr_trace_json(True, True)
+    except Exception:
+        return False
+    try:
+        json.loads(text)
+    except (TypeError, ValueError):
+        return False
+    with open(path, "wb" if isinstance(text, bytes) else "w") as f:
+        f.write(text)
+    return True
+
+
+def _wait_for_peers(directory: str, world_size: int, wait_s: float, since: float) -> list[int]:
+    """Ranks whose dumps (written after ``since``) are in ``directory`` after at most ``wait_s``."""
+
+    def fresh(rank: int) -> bool:
+        path = os.path.join(directory, f"hang_rank_{rank}.txt")
+        return os.path.exists(path) and os.path.getmtime(path) >= since
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        reported = [r for r in range(world_size) if fresh(r)]
+        if len(reported) == world_size or time.monotonic() > deadline:
+            return reported
+        time.sleep(0.2)

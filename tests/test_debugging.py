@@ -1,0 +1,220 @@
+"""Where every rank's time goes: per-rank stats and stragglers, the hang watchdog, profiler traces on
+demand (steps, SIGUSR2), exposed communication from a trace, and the report's rank heat map."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, SMALL, compose, read_metrics
+
+from harness.config import to_object, validate
+from harness.errors import ConfigError
+from harness.hooks.rank_stats import StragglerDetector
+from harness.trace import collective_events, device_comm, load_events
+
+BASE = [*SMALL, "checkpoint.every=2", "eval.every=0", "checkpoint.export_hf=false"]
+
+
+def _cmd(nproc: int, run_dir, *overrides: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "harness.train", *BASE, *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def _env(fault: str = "") -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_FAULT": fault}
+
+
+def _run(cmd, fault: str = "", check: bool = True):
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+# -- per-rank stats and stragglers ------------------------------------------------------------------
+
+
+def test_straggler_detector_needs_a_whole_window_above_the_factor():
+    d = StragglerDetector(factor=1.2, window=3)
+    assert d.update([1.0, 1.0, 1.3]) == [] and d.update([1.0, 1.0, 1.3]) == []
+    assert d.update([1.0, 1.0, 1.3]) == [2]  # the third consecutive one
+    assert d.update([1.0, 1.0, 1.3]) == []  # reported once per episode
+    assert d.update([1.0, 1.0, 1.1]) == [] and d.runs[2] == 0  # within the factor: the count restarts
+    assert d.update([1.0, 1.19, 1.0]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rank_stats_name_the_slowed_rank_and_profiled_steps_leave_traces_with_the_collectives(
+    tmp_path, small_corpus
+):
+    """rank 1 sleeps 0.15 s in every forward/backward: its busy time, not its step time, stands out (the
+    others wait for it in the collectives); steps 3-4 are traced on both ranks."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.path={small_corpus}",
+        "parallel=ddp",
+        "train.max_steps=8",
+        "logging.straggler_window=3",
+    ]
+    proc = _run(_cmd(2, run_dir, *overrides, "profile.steps=[3,4]"), fault="slow_step:0.15:1")
+    rows = read_metrics(run_dir)
+    for r in rows:
+        assert len(r["rank_stats"]) == 2 and r["slowest_rank"] == 1, r
+        assert r["step_time_s_min"] <= r["step_time_s_max"]
+        assert r["rank_stats"][1]["busy_s"] > 0.15 > r["rank_stats"][0]["busy_s"]
+    assert [r["step"] for r in rows if "straggler" in (r["events"] or [])] == [3]
+    assert f"straggler: rank 1 ({socket.gethostname()}) busy" in proc.stderr + proc.stdout
+    assert f"ranks by host: {socket.gethostname()}: 0-1" in proc.stderr + proc.stdout
+    assert [r["step"] for r in rows if "profiled" in (r["events"] or [])] == [3, 4]
+    for step in (3, 4):
+        for rank in (0, 1):
+            events = load_events(str(run_dir / "profile" / f"step_{step:08d}" / f"rank_{rank}.json.gz"))
+            names = {e["name"] for e in collective_events(events)}
+            assert "gloo:all_reduce" in names, names  # DDP's gradient bucket and the loss sums
+            assert device_comm(events) is None  # a CPU trace: the exposed share stays the tracker's
+    assert sorted(os.listdir(run_dir / "profile")) == ["step_00000003", "step_00000004"]
+
+    from harness.report import straggler_events, write_report
+
+    assert [e["step"] for e in straggler_events(rows)] == [3]
+    html = open(write_report([str(run_dir)])).read()
+    assert "straggler events" in html and (run_dir / "report" / "ranks.png").is_file()
+
+
+def test_sigusr2_profiles_the_next_steps_of_a_running_job(tmp_path, small_corpus):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "harness.train", *BASE, f"data.path={small_corpus}", "train.max_steps=12"]
+    cmd += ["profile.active=2", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env("slow:0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    rows = read_metrics(run_dir)
+    profiled = [r["step"] for r in rows if "profiled" in (r["events"] or [])]
+    assert len(profiled) == 2 and profiled[1] == profiled[0] + 1 and profiled[0] >= 3, profiled
+    assert sorted(os.listdir(run_dir / "profile")) == [f"step_{s:08d}" for s in profiled]
+    assert [r["step"] for r in rows] == list(range(1, 13))  # SIGUSR2 is not a stop
+
+
+# -- exposed communication from a trace --------------------------------------------------------------
+
+
+def test_exposed_communication_of_a_synthetic_device_trace():
+    def k(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        k("ampere_sgemm_128x64", 0, 100),  # compute 0-100
+        k("ncclDevKernel_AllReduce_Sum_f32", 50, 100),  # comm 50-150: 50 under compute, 50 exposed
+        k("elementwise_kernel", 120, 10),  # compute 120-130 hides 10 more
+        k("ncclDevKernel_AllGather", 200, 40),  # 40 exposed, alone
+        k("ncclDevKernel_AllGather", 210, 10),  # overlaps the previous comm: counted once
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},  # host events do not count
+    ]
+    comm_s, exposed_s = device_comm(events)
+    assert comm_s == pytest.approx(140e-6) and exposed_s == pytest.approx(80e-6)
+
+
+# -- the hang watchdog --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_corpus):
+    run_dir = tmp_path_factory.mktemp("hang") / "straight"
+    _run(_cmd(2, run_dir, f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=8"))
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stopped", [1, 0])
+def test_a_stopped_rank_is_named_by_the_others_dump_and_the_job_ends_then_resumes(
+    tmp_path, small_corpus, uninterrupted, stopped
+):
+    """SIGSTOP one rank as step 4 starts: the other rank's watchdog (3 s) writes its stacks naming the
+    collective it waits in, names the stopped rank, and the job ends within hang_timeout_s + 30 s; the
+    step-2 checkpoint is intact and a rerun finishes with the uninterrupted losses."""
+    run_dir = tmp_path / "run"
+    args = [f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=8"]
+    cmd = _cmd(2, run_dir, *args, "parallel.hang_timeout_s=3")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(f"stop:4:{stopped}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    last_step_done = time.time()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - last_step_done < 3 + 30
+    other = 1 - stopped
+    failures = run_dir / "failures"
+    dump = (failures / f"hang_rank_{other}.txt").read_text()
+    assert "last_finished_step: 3" in dump and "phase: forward_backward" in dump
+    assert "last_collective: all_reduce of" in dump and "not finished" in dump
+    assert "stacks of all threads (faulthandler)" in dump and "in forward_backward" in dump
+    assert not (failures / f"hang_rank_{stopped}.txt").exists()
+    summary = (failures / "hang_summary.txt").read_text()
+    assert f"ranks that did not report (the likely culprits): [{stopped}]" in summary
+    assert "exitcode  : 124" in err.decode()  # EXIT_HANG, as torchrun reports the worker
+    trace = json.loads((failures / f"fr_trace_rank_{other}.json").read_text())
+    assert any("gloo:all_reduce" in str(e.get("profiling_name")) for e in trace["entries"])
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002"]  # nothing half-written
+    if stopped == 0:
+        return  # the resume after a hang is the same for either rank (checked with rank 1)
+    _run(_cmd(2, run_dir, *args))
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)] == uninterrupted
+
+
+# -- config ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("logging.straggler_factor=1.0", "logging.straggler_factor=1.0 must be > 1"),
+        ("logging.straggler_window=0", "logging.straggler_window=0 must be >= 1"),
+        ("logging.rank_stats_every=-1", "logging.rank_stats_every=-1 must be >= 0"),
+        ("parallel.hang_timeout_s=0", "parallel.hang_timeout_s=0.0 must be > 0"),
+        ("profile.steps=[5,3]", r"profile.steps=\[5, 3\] must be \[first, last\]"),
+        ("profile.every=1", "profile.every=1 must be >= profile.active"),
+        ("profile.active=0", "profile.active=0 must be >= 1"),
+    ],
+)
+def test_debugging_settings_that_cannot_work_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(to_object(compose(*SMALL, override)))
+
+
+def test_profile_steps_and_every_are_exclusive():
+    with pytest.raises(ConfigError, match="profile.steps and profile.every are exclusive"):
+        validate(to_object(compose(*SMALL, "profile.steps=[2,3]", "profile.every=10")))
+
+
+def test_profile_windows_from_steps_every_and_a_request():
+    from types import SimpleNamespace
+
+    from harness.config import ProfileConfig
+    from harness.hooks.profiler import ProfilerHook
+
+    def planned(cfg, steps=range(1, 13)):
+        hook = ProfilerHook(cfg, "/nonexistent", 0, SimpleNamespace(profile_requested=False))
+        return {s: hook._planned(s) for s in steps if hook._planned(s)}
+
+    assert planned(ProfileConfig(steps=[3, 5])) == {3: 3}
+    assert planned(ProfileConfig(every=5, active=2)) == {5: 2, 10: 2}
+    assert planned(ProfileConfig()) == {}
