@@ -301,7 +301,12 @@ def make_plan(
     p = cfg.plan
     gpus = world_size or p.gpus
     _check_plan_section(p, gpus)
-    batch = validate(cfg, gpus)
+    try:
+        batch = validate(cfg, gpus)
+    except ConfigError as e:
+        if "world_size" not in str(e):
+            raise
+        raise ConfigError(f"{e} (the plan's world size is plan.gpus={gpus})") from None
     tokens, exact, note, tok_vocab, train_sequences, mixture = _dataset(cfg, dataset)
     sched = build_schedule(cfg, batch, train_sequences)
     plan, max_steps = sched.plan, sched.max_steps
@@ -627,8 +632,12 @@ def render_text(pl: PlanReport) -> str:
         f"dataset tokens     {pl.dataset_tokens:,} ({exact}{pl.dataset_note})",
         f"seq_len            {pl.seq_len} -> {pl.train_sequences:,} training sequences",
         f"global batch       {pl.global_batch_size} sequences = {pl.global_batch_tokens:,} tokens "
-        f"(micro {pl.micro_batch_size} x accumulation {pl.gradient_accumulation_steps} x world "
-        f"{pl.world_size})",
+        f"(micro {pl.micro_batch_size} x accumulation {pl.gradient_accumulation_steps} x "
+        + (
+            f"world {pl.world_size})"
+            if pl.memory.tp == 1
+            else f"dp {pl.world_size // pl.memory.tp}; tp {pl.memory.tp}, world {pl.world_size})"
+        ),
         f"iterations/epoch   {pl.iterations_per_epoch:,} ({'floor, drop_last' if pl.drop_last else 'ceil'})",
         f"max_steps          {pl.max_steps:,} optimizer steps = {pl.epochs:.3f} epochs",
         f"training tokens    {pl.total_tokens:,} ({_si(pl.total_tokens)}; batch ramp counted step by step)",

@@ -125,7 +125,7 @@ class ProfilerHook(Hook):
                 os.path.join(directory, f"memory_snapshot_rank_{self.rank}.pickle")
             )
             torch.cuda.memory._record_memory_history(enabled=None)
-        if self.rank == 0:
+        if self.rank == 0 and self.last >= self.first:
             log.info(
                 "profiled steps %d-%d: traces in %s",
                 self.first,
@@ -134,6 +134,7 @@ class ProfilerHook(Hook):
             )
 
     def close(self) -> None:
-        if self.prof is not None:
-            self.prof.stop()
-            self.prof = None
+        if self.prof is not None:  # the run ended inside the window (e.g. profile.steps past max_steps)
+            last = self.record.step if self.record is not None else self.first - 1
+            self.last = last
+            self._finish()

@@ -6,7 +6,7 @@ On a hang every rank that can still run Python writes ``<run>/failures/hang_rank
 and phase (``Trainer.phase``), the latest collective it issued (kind, bytes, mesh dimension, age,
 finished or not: ``CommTracker.describe_last``) and all threads' stacks (``faulthandler``); and the
 flight recorder's record of the process groups' collectives (``fr_trace_rank_<r>.json``; on NCCL
-it is enabled from the start with ``TORCH_NCCL_TRACE_BUFFER_SIZE`` and dumped also by NCCL itself on a
+it is enabled from the start with ``TORCH_FR_BUFFER_SIZE`` and dumped also by NCCL itself on a
 collective timeout, ``TORCH_NCCL_DUMP_ON_TIMEOUT``). The lowest rank that reports waits a few seconds
 for the others' dumps, then logs one line naming the ranks that did not report (the likely culprits:
 stopped, or stuck outside Python), writes it to ``failures/hang_summary.txt`` and SIGKILLs the silent
@@ -41,8 +41,8 @@ PEER_WAIT_S = 5.0  # at most, and at most half the timeout
 def flight_recorder_env(run_dir: str) -> None:
     """Enable the collectives' flight recorder before the process group exists (NCCL also dumps it
     into ``<run>/failures/`` on a collective timeout); user settings win."""
-    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
-    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+    if "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ:  # the older name; torch 2.13 warns on it
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(run_dir, "failures", "nccl_trace_rank_"))
 

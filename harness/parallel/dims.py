@@ -61,6 +61,9 @@ class ParallelDims:
         if dp % replicate:
             raise ConfigError(
                 f"parallel.dp_replicate={replicate} must divide world_size={world_size} (replicas x shards)"
+                if tp == 1
+                else f"parallel.dp_replicate={replicate} must divide the data-parallel ranks world_size / "
+                f"tp = {world_size} / {tp} = {dp} (replicas x shards)"
             )
         return cls(replicate, dp // replicate, tp, world_size)
 
