@@ -13,14 +13,12 @@ over steps 3..N, pooled over repetitions.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import tempfile
 from pathlib import Path
 
-from scaling import run
+from scaling import interleaved, parse_args, run
 
 VARIANTS = {
     "ddp, rank stats every step": (["parallel=ddp"], {}),
@@ -39,24 +37,21 @@ def wall_per_step(records: list[dict]) -> list[float]:
     return [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records, records[1:])]
 
 
+def _run_with_env(spec, out: Path, steps: int) -> list[dict]:
+    extra, env = spec
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return run(2, extra, "1", steps, out)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", default="bench/debugging.json")
-    args = ap.parse_args()
-    walls: dict[str, list[float]] = {k: [] for k in VARIANTS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.reps):
-            for i, (name, (extra, env)) in enumerate(VARIANTS.items()):
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
-                    walls[name] += wall_per_step(run(2, extra, "1", args.steps, Path(tmp) / f"{i}-{rep}"))
-                finally:
-                    for k, v in saved.items():
-                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-                print(f"rep {rep + 1}: {name} done", flush=True)
+    args = parse_args(__doc__, 30, 3, "bench/debugging.json")
+    per_rep = interleaved(VARIANTS, args.reps, lambda spec, out: _run_with_env(spec, out, args.steps))
+    walls = {name: [w for rep in reps for w in wall_per_step(rep)] for name, reps in per_rep.items()}
     rows = [{"variant": n, "wall_s_per_step": statistics.median(w)} for n, w in walls.items()]
     base = {"ddp": rows[1]["wall_s_per_step"], "fsdp": rows[3]["wall_s_per_step"]}
     print(f"\n{'variant':<36} {'wall s/step':>12} {'vs off':>8}")

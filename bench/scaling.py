@@ -60,18 +60,31 @@ def run(nproc: int, args: list[str], threads: str, steps: int, out: Path) -> lis
     return [json.loads(line) for line in open(out / "metrics.jsonl")][2:]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--json", default="bench/scaling.json")
-    args = ap.parse_args()
-    recs: dict[str, list[dict]] = {k: [] for k in VARIANTS}
+def parse_args(doc: str, steps: int, reps: int, json_path: str) -> argparse.Namespace:
+    """``--steps``, ``--reps``, ``--json`` of the interleaved benchmarks."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--json", default=json_path)
+    return ap.parse_args()
+
+
+def interleaved(variants: dict, reps: int, run_one) -> dict[str, list[list[dict]]]:
+    """``run_one(spec, out_dir) -> records`` for every variant in turn, repetition by repetition (so a
+    slow phase of the machine hits all variants alike); ``{name: [records of each repetition]}``."""
+    recs: dict[str, list[list[dict]]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.reps):
-            for i, (name, (nproc, extra, threads)) in enumerate(VARIANTS.items()):
-                recs[name] += run(nproc, extra, threads, args.steps, Path(tmp) / f"{i}-{rep}")
+        for rep in range(reps):
+            for i, (name, spec) in enumerate(variants.items()):
+                recs[name].append(run_one(spec, Path(tmp) / f"{i}-{rep}"))
                 print(f"rep {rep + 1}: {name} done", flush=True)
+    return recs
+
+
+def main() -> None:
+    args = parse_args(__doc__, 20, 2, "bench/scaling.json")
+    per_rep = interleaved(VARIANTS, args.reps, lambda v, out: run(v[0], v[1], v[2], args.steps, out))
+    recs = {name: [r for rep in reps for r in rep] for name, reps in per_rep.items()}
     rows = []
     base = statistics.median(r["tokens_per_second"] for r in recs[next(iter(VARIANTS))])
     for name, rs in recs.items():

@@ -12,13 +12,11 @@ compute, not a GPU's speed: gloo all-reduces the activations through shared memo
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
-from scaling import run
+from scaling import interleaved, parse_args, run
 
 COMMON = ["model.tie_word_embeddings=false", "parallel=fsdp"]
 VARIANTS = {
@@ -42,20 +40,12 @@ def _dims(rs: list[dict]) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--json", default="bench/tensor_parallel.json")
-    args = ap.parse_args()
-    recs: dict[str, list[dict]] = {k: [] for k in VARIANTS}
-    last_loss: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.reps):
-            for i, (name, extra) in enumerate(VARIANTS.items()):
-                rs = run(2, [*COMMON, *extra], "1", args.steps, Path(tmp) / f"{i}-{rep}")
-                recs[name] += rs
-                last_loss[name] = rs[-1]["loss"]
-                print(f"rep {rep + 1}: {name} done", flush=True)
+    args = parse_args(__doc__, 20, 2, "bench/tensor_parallel.json")
+    per_rep = interleaved(
+        VARIANTS, args.reps, lambda extra, out: run(2, [*COMMON, *extra], "1", args.steps, out)
+    )
+    recs = {name: [r for rep in reps for r in rep] for name, reps in per_rep.items()}
+    last_loss = {name: reps[-1][-1]["loss"] for name, reps in per_rep.items()}
     rows = []
     for name, rs in recs.items():
         rows.append(

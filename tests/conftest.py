@@ -17,6 +17,25 @@ CONFIG_DIR = str(REPO / "configs")
 # two training processes on this machine: append the module and its arguments
 TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
+
+def train_command(nproc: int, *args: str) -> list[str]:
+    """``torchrun --standalone --nproc_per_node <nproc> -m harness.train <args>``."""
+    return [*TORCHRUN2[:-1], f"--nproc_per_node={nproc}", "-m", "harness.train", *args]
+
+
+def torchrun_train(nproc: int, *args: str, env: dict | None = None, check: bool = True):
+    """Run :func:`train_command` to completion (one thread per process); the CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        train_command(nproc, *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
 # Small enough for seconds per run on 2 cores, big enough to exercise every feature.
 SMALL = [
     "model.hidden_size=64",

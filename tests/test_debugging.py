@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SMALL, compose, read_metrics
+from conftest import REPO, SMALL, compose, read_metrics, torchrun_train, train_command
 
 from harness.config import to_object, validate
 from harness.errors import ConfigError
@@ -23,19 +23,15 @@ BASE = [*SMALL, "checkpoint.every=2", "eval.every=0", "checkpoint.export_hf=fals
 
 
 def _cmd(nproc: int, run_dir, *overrides: str) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, "-m", "harness.train", *BASE, *overrides, f"hydra.run.dir={run_dir}"]
+    return train_command(nproc, *BASE, *overrides, f"hydra.run.dir={run_dir}")
 
 
 def _env(fault: str = "") -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_FAULT": fault}
 
 
-def _run(cmd, fault: str = "", check: bool = True):
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+def _run(nproc: int, run_dir, *overrides: str, fault: str = ""):
+    return torchrun_train(nproc, *BASE, *overrides, f"hydra.run.dir={run_dir}", env={"HARNESS_FAULT": fault})
 
 
 # -- per-rank stats and stragglers ------------------------------------------------------------------
@@ -64,7 +60,7 @@ def test_rank_stats_name_the_slowed_rank_and_profiled_steps_leave_traces_with_th
         "train.max_steps=8",
         "logging.straggler_window=3",
     ]
-    proc = _run(_cmd(2, run_dir, *overrides, "profile.steps=[3,4]"), fault="slow_step:0.15:1")
+    proc = _run(2, run_dir, *overrides, "profile.steps=[3,4]", fault="slow_step:0.15:1")
     rows = read_metrics(run_dir)
     for r in rows:
         assert len(r["rank_stats"]) == 2 and r["slowest_rank"] == 1, r
@@ -135,7 +131,7 @@ def test_exposed_communication_of_a_synthetic_device_trace():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, small_corpus):
     run_dir = tmp_path_factory.mktemp("hang") / "straight"
-    _run(_cmd(2, run_dir, f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=8"))
+    _run(2, run_dir, f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=8")
     return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)]
 
 
@@ -176,7 +172,7 @@ def test_a_stopped_rank_is_named_by_the_others_dump_and_the_job_ends_then_resume
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002"]  # nothing half-written
     if stopped == 0:
         return  # the resume after a hang is the same for either rank (checked with rank 1)
-    _run(_cmd(2, run_dir, *args))
+    _run(2, run_dir, *args)
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)] == uninterrupted
 
 

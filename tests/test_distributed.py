@@ -2,12 +2,9 @@
 parity across backends and accumulation, communication accounting, sharded resume."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, SMALL, compose, read_metrics
+from conftest import SMALL, compose, read_metrics, torchrun_train
 
 from harness.config import to_object
 from harness.model import model_stats
@@ -26,23 +23,7 @@ FIXED = [
 
 
 def launch(nproc, run_dir, *overrides, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "harness.train",
-        *FIXED,
-        *overrides,
-        f"hydra.run.dir={run_dir}",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    return torchrun_train(nproc, *FIXED, *overrides, f"hydra.run.dir={run_dir}", check=check)
 
 
 @pytest.fixture(scope="module")

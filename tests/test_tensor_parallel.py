@@ -7,12 +7,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, compose, read_metrics, train_small
+from conftest import SMALL, compose, read_metrics, torchrun_train, train_small
 
 from harness.config import to_object, validate
 from harness.errors import ConfigError
@@ -32,25 +30,8 @@ MICRO1 = ["train.micro_batch_size=1"]  # dp=2 layouts: the ramp's increment stay
 
 
 def _launch(nproc: int, run_dir, *overrides: str, env_extra: dict | None = None, check: bool = True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "harness.train",
-        *SMALL,
-        *TP,
-        "parallel=fsdp",
-        *overrides,
-        f"hydra.run.dir={run_dir}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    args = [*SMALL, *TP, "parallel=fsdp", *overrides, f"hydra.run.dir={run_dir}"]
+    return torchrun_train(nproc, *args, env=env_extra, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +74,13 @@ def _tp_bytes(record, sp: bool, L=2, b=2, s=32, h=64, vocab=320) -> dict:
 def test_tp2_world2_matches_one_process_through_a_kill_and_reshards_to_tp1_and_back(
     tmp_path, small_corpus, reference
 ):
-    """tp=2 (dp 1) killed at step 3 and resumed: the one-process run, bytes per step by dimension;
+    """tp=2 (dp 1) killed as step 4 starts (step 3 is done everywhere, so the step-2 checkpoint is
+    complete) and resumed: the one-process run, bytes per step by dimension;
     its step-2 checkpoint resumes at tp=1 x dp_shard=2 (tp 2 -> 1, dp 1 -> 2), whose step-4 checkpoint
     resumes at tp=2 with sequence parallelism (tp 1 -> 2, dp 2 -> 1)."""
     data = f"data.path={small_corpus}"
     tp2 = tmp_path / "tp2"
-    killed = _launch(2, tp2, data, "parallel.tp=2", env_extra={"HARNESS_FAULT": "kill:3:1"}, check=False)
+    killed = _launch(2, tp2, data, "parallel.tp=2", env_extra={"HARNESS_FAULT": "kill:4:1"}, check=False)
     assert killed.returncode != 0
     shutil.copytree(tp2, tmp_path / "tp1")  # holds the step-2 checkpoint written at tp=2
     _launch(2, tp2, data, "parallel.tp=2")

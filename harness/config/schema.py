@@ -191,7 +191,7 @@ class ParallelConfig:
     # collective timeout: a dead rank makes the others exit after this long
     timeout_s: float = 600.0
     # hang watchdog: no step done for this long dumps every rank's stacks and exits;
-    # None: max(300, 10 x the median step time so far), armed after the first step
+    # None: max(300, 10 x the median of the latest 100 step times), armed after the first step
     hang_timeout_s: float | None = None
     # tensor-parallel degree on the mesh dp_replicate x dp_shard x tp (innermost: keep it within a node)
     tp: int = 1

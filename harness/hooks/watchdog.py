@@ -14,13 +14,14 @@ ranks of its own host (so the launcher does not wait out its grace period on the
 rank then exits with status :data:`~harness.exits.EXIT_HANG`; the launcher stops the rest. Checkpoints are
 safe: a save cut short leaves only its ``.tmp-`` directory (``harness.checkpoint``).
 
-The default timeout is ``max(300 s, 10 x the median step time so far)`` and is armed after the first
-step (the first step's compile and warm-up are covered by the collective timeout); an explicit
+The default timeout is ``max(300 s, 10 x the median time of the latest 100 steps)``, armed after the
+first step (the first step's compile and warm-up are covered by the collective timeout); an explicit
 ``parallel.hang_timeout_s`` is armed when training starts.
 """
 
 from __future__ import annotations
 
+import collections
 import faulthandler
 import json
 import logging
@@ -54,7 +55,7 @@ class HangWatchdog(Hook):
         self.timeout_s = timeout_s
         self.run_dir = run_dir
         self.poll_s = poll_s
-        self.durations: list[float] = []
+        self.durations: collections.deque[float] = collections.deque(maxlen=100)  # the latest steps
         self.last_progress = time.monotonic()
         self.armed = timeout_s is not None
         self.step = 0

@@ -169,9 +169,11 @@ class Backend(ABC):
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         """Around each micro-batch's loss and backward (loss-parallel cross-entropy under TP)."""
+        if self.dims.tp == 1 or not self.cfg.loss_parallel:
+            return contextlib.nullcontext()
         from harness.parallel.tensor import loss_context
 
-        return loss_context(self.dims.tp > 1 and self.cfg.loss_parallel)
+        return loss_context(True)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

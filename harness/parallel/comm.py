@@ -265,13 +265,18 @@ _FUNCOL_OPS = {
 }
 
 
+_GROUP_SIZES: dict[str, int] = {}  # process group name -> ranks (looked up once per group)
+
+
 def _funcol_group(funcol, group, tag: str) -> tuple[str, int]:
     """``(name, size)`` of a functional collective's group (any of its RANK_TYPES forms)."""
     try:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
         name = funcol._resolve_group_name(group, tag)
-        return name, _resolve_process_group(name).size()
+        if name not in _GROUP_SIZES:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            _GROUP_SIZES[name] = _resolve_process_group(name).size()
+        return name, _GROUP_SIZES[name]
     except Exception:
         return "", 1
 
