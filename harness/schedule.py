@@ -82,11 +82,12 @@ class LRSchedule:
 class BatchRamp:
     """Global batch size (sequences) as a function of progress: batch-size warmup.
 
-    The batch grows from ``start`` to ``full`` in equal increments of ``increment``
-    (``micro_batch_size * world_size``, so every step has a whole number of micro-batches
-    per rank), spread evenly over ``steps`` optimizer steps or ``tokens`` consumed tokens
-    (the token form follows Megatron-LM's ``--rampup-batch-size``, which ramps over samples).
-    With ``start`` None the batch is ``full`` from the first step.
+    The batch grows from ``start`` to ``full`` in equal increments of ``increment`` sequences
+    (``schedule.batch_warmup.increment``: a config value, never derived from the world size, so
+    every layout that can run the config sees the same batch sizes), spread evenly over ``steps``
+    optimizer steps or ``tokens`` consumed tokens (Megatron-LM's ``--rampup-batch-size <start>
+    <increment> <samples>``, which ramps over samples). With ``start`` None the batch is ``full``
+    from the first step.
     """
 
     full: int
@@ -101,8 +102,14 @@ class BatchRamp:
         start = warmup.start_global_batch_size
         if warmup.steps == 0 and warmup.tokens is None:
             start = None
-        increment = batch.micro_batch_size * batch.world_size
+        increment = warmup.increment or 1  # required with a ramp (config.validate), unused without
         return cls(batch.global_batch_size, increment, start, warmup.steps, warmup.tokens)
+
+    def sizes(self) -> list[int]:
+        """Every global batch size of the ramp, ``start`` to ``full`` (``[full]`` without a ramp)."""
+        if self.num_increments == 0:
+            return [self.full]
+        return [self.start + k * self.increment for k in range(self.num_increments)] + [self.full]
 
     @property
     def num_increments(self) -> int:

@@ -49,6 +49,7 @@ SMALL = [
     "train.micro_batch_size=2",
     "schedule.warmup_steps=2",
     "schedule.batch_warmup.start_global_batch_size=4",
+    "schedule.batch_warmup.increment=2",
     "schedule.batch_warmup.steps=4",
     "eval.every=5",
     "eval.batches=2",

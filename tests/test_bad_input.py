@@ -48,13 +48,19 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("schedule.min_lr=1.0", "schedule.min_lr=1.0 is larger than optim.lr"),
     (
         "schedule.batch_warmup.start_global_batch_size=3",
-        "schedule.batch_warmup.start_global_batch_size=3 and",
+        "schedule.batch_warmup.start_global_batch_size=3 does not reach",
     ),
     (
         "schedule.batch_warmup.tokens=0 schedule.batch_warmup.steps=0",
         "schedule.batch_warmup.tokens=0 must be > 0",
     ),
     ("schedule.batch_warmup.start_global_batch_size=16", "start_global_batch_size=16 must be in [1, "),
+    ("schedule.batch_warmup.increment=null", "schedule.batch_warmup.increment is required with a batch ramp"),
+    ("schedule.batch_warmup.increment=0", "schedule.batch_warmup.increment=0 must be > 0 (or null)"),
+    (
+        "schedule.warmup_steps=-3 schedule.min_lr=5",
+        "schedule.warmup_steps=-3 must be >= 0; schedule.min_lr=5.0 is larger than optim.lr=",
+    ),
     ("schedule.name=wsd schedule.decay_fraction=1.5", "schedule.decay_fraction=1.5 must be in [0, 1]"),
     ("optim.lr=0", "optim.lr=0.0 must be > 0"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),

@@ -89,7 +89,8 @@ def test_batch_arithmetic_errors_show_the_arithmetic():
         (["schedule.name=linear"], r"schedule.name='linear' is not one of cosine, constant, wsd"),
         (
             ["schedule.batch_warmup.start_global_batch_size=6"],
-            r"must both be multiples of micro_batch_size x data-parallel ranks = 4",
+            r"start_global_batch_size=6 does not reach train.global_batch_size=16 in whole increments "
+            r"of schedule.batch_warmup.increment=4",
         ),
         (["train.micro_batch_size=0"], r"train.micro_batch_size=0 must be a positive integer"),
         (["model.num_heads=3"], r"model.hidden_size=256 is not divisible by model.num_heads=3"),

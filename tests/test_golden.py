@@ -74,3 +74,13 @@ def test_per_step_values_match_the_golden_file(case, tmp_path, shared_data):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g == w, f"step {w['step']}: {g} != golden {w}"
+
+
+def test_one_process_and_two_ranks_ramp_alike():
+    """The same ramp config (4 -> 8, increment 2) gives one process and ddp at world 2 the same batch
+    sizes and token counts (item 3 of issue 20: the ramp used to step by micro x world at world 2)."""
+    one, two = (json.loads((GOLDEN / f"{c}.json").read_text())["steps"] for c in CASES if c != "fsdp_world2")
+    keys = ("global_batch_size", "tokens", "tokens_total")
+    assert [[s[k] for k in keys] for s in two] == [[s[k] for k in keys] for s in one[: len(two)]]
+    assert [s["global_batch_size"] for s in two] == [4, 4, 6, 6, 8, 8, 8, 8]
+    assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-6)  # same first batch, same weights

@@ -145,3 +145,68 @@ def test_published_runs_iteration_counts(model_params, tokens, batch_tokens, exp
     plan = IterationPlan(10**12, seq_len, BatchRamp(full=batch, increment=1), 1)
     steps = plan.steps_for_tokens(int(tokens))
     assert abs(steps - expected_steps) / expected_steps < 0.03
+
+
+@pytest.mark.parametrize("parallel", ["none", "ddp", "fsdp tp=2 model.tie_word_embeddings=false"])
+def test_the_batch_ramp_is_the_same_at_every_world_size(parallel):
+    """The default run's ramp 8 -> 12 -> 16 (increment 4) at 1, 2 and 4 data-parallel ranks: the same
+    global batch sizes and total tokens (757,760 over 200 steps) wherever it can run."""
+    from conftest import compose
+
+    from harness.config import to_object, validate
+    from harness.schedule import build_schedule
+
+    name, *tp = parallel.split()
+    cfg = to_object(compose(f"parallel={name}", *[f"parallel.{t}" if t.startswith("tp") else t for t in tp]))
+    want = [8] * 20 + [12] * 20 + [16] * 160
+    for world in (1, 2, 4) if name != "none" else (1,):
+        if tp and world == 1:
+            continue
+        batch = validate(cfg, world)
+        sched = build_schedule(cfg, batch, num_sequences=10**6)
+        steps = [i for _, i in zip(range(200), sched.plan.steps())]
+        assert [i.global_batch_size for i in steps] == want, world
+        assert steps[-1].tokens_total == 757_760
+        per_rank = [i.global_batch_size // batch.world_size for i in steps[:40:20]]
+        assert [i.gradient_accumulation_steps for i in steps[:40:20]] == [
+            math.ceil(n / batch.micro_batch_size) for n in per_rank
+        ]
+
+
+def test_a_world_size_that_cannot_realize_a_ramp_batch_is_refused():
+    from conftest import compose
+
+    from harness.config import to_object, validate
+    from harness.errors import ConfigError
+
+    cfg = to_object(compose("parallel=ddp", "train.micro_batch_size=2"))
+    assert validate(cfg, 4).global_batch_size == 16  # 8, 12 and 16 split over 4 ranks; 12 not over 8
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 8)
+    assert str(err.value) == (
+        "the batch ramp 8, 12, 16 (schedule.batch_warmup) has a global batch of 12 sequences, which "
+        "world_size=8 cannot split evenly; make start_global_batch_size and increment multiples of 8, "
+        "or run on a world_size that divides them"
+    )
+    with pytest.raises(ConfigError, match=r"schedule.batch_warmup.increment is required with a batch ramp"):
+        validate(to_object(compose("schedule.batch_warmup.increment=null")))
+
+
+def test_a_ramp_stage_splits_evenly_over_the_ranks():
+    """12 sequences at micro_batch_size 4 on 2 ranks: a full global micro-batch of 8 (4 per rank), then
+    a short one of 4 (2 per rank); together the ranks read the step's sequences exactly once."""
+    import numpy as np
+
+    from harness.data.loader import PackedSequences, StepLoader
+
+    seqs = PackedSequences(np.arange(2000, dtype=np.uint16), seq_len=9)
+    plan = IterationPlan(len(seqs), 9, BatchRamp(full=16, increment=4, start=12, steps=2), 4, world_size=2)
+    info = next(plan.steps())
+    assert (info.global_batch_size, info.gradient_accumulation_steps) == (12, 2)
+    loaders = [StepLoader(seqs, 7, 4, rank=r, world_size=2) for r in (0, 1)]
+    got = [[mb.input_ids.shape[0] for mb in ld.micro_batches(info)] for ld in loaders]
+    assert got == [[4, 2], [4, 2]]
+    starts = sorted(
+        int(x) // 9 for ld in loaders for mb in ld.micro_batches(info) for x in mb.input_ids[:, 0]
+    )
+    assert starts == sorted(int(i) for i in loaders[0].step_indices(info))

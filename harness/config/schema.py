@@ -124,6 +124,9 @@ class BatchWarmupConfig:
     steps: int = 0
     # or the ramp length in tokens (Megatron's --rampup-batch-size ramps over samples)
     tokens: int | None = None
+    # sequences added to the global batch per stage (Megatron's batch-size increment); required
+    # with a ramp; the same at every world size, so the ramp does not depend on the layout
+    increment: int | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ the fix; the schedule section reports all of its problems in one message.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -166,8 +167,9 @@ def check_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
 
 
-def check_schedule(s: ScheduleConfig) -> None:
-    """All of the schedule's own problems in one message (ramp sizes are checked in :func:`validate`)."""
+def check_schedule(s: ScheduleConfig, lr: float | None = None) -> None:
+    """All of the schedule's problems in one message, ``min_lr`` against the peak ``lr`` (``optim.lr``)
+    among them (ramp sizes are checked in :func:`validate`)."""
     check_rules("schedule", s)
     bw = s.batch_warmup
     problems = [
@@ -179,6 +181,10 @@ def check_schedule(s: ScheduleConfig) -> None:
         problems.append(f"schedule.decay_fraction={s.decay_fraction} must be in [0, 1]")
     if bw.tokens is not None and bw.tokens <= 0:
         problems.append(f"schedule.batch_warmup.tokens={bw.tokens} must be > 0 (or null)")
+    if bw.increment is not None and bw.increment <= 0:
+        problems.append(f"schedule.batch_warmup.increment={bw.increment} must be > 0 (or null)")
+    if lr is not None and s.min_lr > lr:
+        problems.append(f"schedule.min_lr={s.min_lr} is larger than optim.lr={lr}")
     if bw.tokens is not None and bw.steps:
         problems.append(
             f"schedule.batch_warmup.tokens={bw.tokens} and schedule.batch_warmup.steps={bw.steps} are "
@@ -351,22 +357,42 @@ def resolve_batch_sizes(train: TrainingConfig, world_size: int, label: str = "wo
     return BatchSizes(g, m, k, w)
 
 
-def check_batch_ramp(schedule: ScheduleConfig, batch: BatchSizes) -> None:
-    """The ramp's start must fit the full batch in whole micro-batches per rank."""
+def check_batch_ramp(schedule: ScheduleConfig, batch: BatchSizes, label: str = "world_size") -> None:
+    """The ramp goes from its start to the full batch in whole increments, and every batch size of it
+    splits evenly over the data-parallel ranks (``batch.world_size``; ``label`` names them). The last
+    micro-batch of a ramp step may be shorter than ``micro_batch_size`` (the step's sequences are
+    spread evenly over the ranks), so the ramp is the same at every world size that can run it.
+
+    Raises:
+        ConfigError: naming the key and, for a world size that cannot realize a batch, that batch.
+    """
     bw = schedule.batch_warmup
-    start, full = bw.start_global_batch_size, batch.global_batch_size
+    start, full, inc = bw.start_global_batch_size, batch.global_batch_size, bw.increment
     if start is None or (bw.steps == 0 and bw.tokens is None):
         return  # no ramp
-    inc = batch.micro_batch_size * batch.world_size
     if not 0 < start <= full:
         raise ConfigError(
             f"schedule.batch_warmup.start_global_batch_size={start} must be in "
             f"[1, train.global_batch_size={full}]"
         )
-    if start % inc or (full - start) % inc:
+    if inc is None:
         raise ConfigError(
-            f"schedule.batch_warmup.start_global_batch_size={start} and train.global_batch_size="
-            f"{full} must both be multiples of micro_batch_size x data-parallel ranks = {inc}"
+            f"schedule.batch_warmup.increment is required with a batch ramp (start_global_batch_size="
+            f"{start}): the sequences added per stage, e.g. schedule.batch_warmup.increment={full - start}"
+        )
+    if (full - start) % inc:
+        raise ConfigError(
+            f"schedule.batch_warmup.start_global_batch_size={start} does not reach train.global_batch_size="
+            f"{full} in whole increments of schedule.batch_warmup.increment={inc}; change one of them"
+        )
+    dp = batch.world_size
+    sizes = [start + k * inc for k in range((full - start) // inc + 1)]
+    bad = next((b for b in sizes if b % dp), None)
+    if bad is not None:
+        raise ConfigError(
+            f"the batch ramp {', '.join(map(str, sizes))} (schedule.batch_warmup) has a global batch of "
+            f"{bad} sequences, which {label}={dp} cannot split evenly; make start_global_batch_size and "
+            f"increment multiples of {dp}, or run on a {label} that divides them"
         )
 
 
@@ -385,7 +411,9 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
         raise ConfigError(
             f"run_name={cfg.run_name!r} must be a non-empty name without '/' (it names runs/<run_name>)"
         )
-    for section, check in SECTION_CHECKS.items():
+    # the schedule's problems in one message, min_lr against the peak LR among them
+    checks = {**SECTION_CHECKS, "schedule": functools.partial(check_schedule, lr=cfg.optim.lr)}
+    for section, check in checks.items():
         check(getattr(cfg, section))
     if cfg.data.seq_len > cfg.model.max_position_embeddings:
         raise ConfigError(
@@ -393,8 +421,6 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
             f"{cfg.model.max_position_embeddings}; lower data.seq_len or raise "
             "model.max_position_embeddings"
         )
-    if cfg.schedule.min_lr > cfg.optim.lr:
-        raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr} is larger than optim.lr={cfg.optim.lr}")
     if cfg.train.nonfinite == "skip" and cfg.parallel.name == "deepspeed":
         raise ConfigError(
             "train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
@@ -411,5 +437,5 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     label = "world_size" if dims.tp == 1 else f"data-parallel ranks (world_size / tp={dims.tp})"
     batch = resolve_batch_sizes(cfg.train, dims.dp, label)
-    check_batch_ramp(cfg.schedule, batch)
+    check_batch_ramp(cfg.schedule, batch, label)
     return batch

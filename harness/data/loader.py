@@ -107,7 +107,10 @@ class StepLoader:
     mixture's blended stream is already in its (seeded) order, so epoch ``e`` visits its global
     samples ``e*N .. (e+1)*N - 1``. A step's sequences ``perm[offset : offset + global_batch_size]``
     are cut into global micro-batches of ``micro_batch_size * world_size``; rank ``r`` takes the
-    ``r``-th slice of ``micro_batch_size`` from each, so every rank reads only its own shard.
+    ``r``-th slice of ``micro_batch_size`` from each, so every rank reads only its own shard. A
+    step that is not a whole number of global micro-batches (a batch-ramp stage, the short last
+    step of an epoch; always a multiple of ``world_size``) ends with a shorter global micro-batch
+    split evenly over the ranks, so every rank gets the same shapes.
     ``eos_id`` turns on document masking (see :meth:`MicroBatch.from_sequences`).
     """
 
@@ -151,7 +154,9 @@ class StepLoader:
         m, w = self.micro_batch_size, self.world_size
         out = []
         for k in range(info.gradient_accumulation_steps):
-            mine = indices[k * m * w + self.rank * m : k * m * w + (self.rank + 1) * m]
+            chunk = indices[k * m * w : (k + 1) * m * w]  # a global micro-batch, the last may be short
+            per_rank = len(chunk) // w  # the plan's step sizes are multiples of w: equal shares
+            mine = chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
             out.append(MicroBatch.from_sequences(self.sequences.get(mine), self.eos_id))
         return out
 
