@@ -58,6 +58,12 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("schedule.batch_warmup.increment=null", "schedule.batch_warmup.increment is required with a batch ramp"),
     ("schedule.batch_warmup.increment=0", "schedule.batch_warmup.increment=0 must be > 0 (or null)"),
     (
+        "tokenizer.eos_token=<|endoftext|>",
+        "cannot parse the override 'tokenizer.eos_token=<|endoftext|>' (token recognition error at: '<'); "
+        "quote a value with special characters for Hydra inside the shell's quotes: "
+        "'tokenizer.eos_token=\"<|endoftext|>\"'",
+    ),
+    (
         "schedule.warmup_steps=-3 schedule.min_lr=5",
         "schedule.warmup_steps=-3 must be >= 0; schedule.min_lr=5.0 is larger than optim.lr=",
     ),

@@ -58,6 +58,25 @@ def composition_error(e: Exception) -> str:
     return text.replace(" full_key:", "; full_key:").split(" object_type=")[0].split(" reference_type=")[0]
 
 
+def unparsable_override(overrides: list[str]) -> str | None:
+    """The error line for the first override Hydra's grammar cannot parse (None when all parse): a
+    value with characters the grammar reserves (``<|endoftext|>``: ``<``, ``|``, ``>``) must be quoted
+    for Hydra inside the shell's quotes, which the raw ``LexerNoViableAltException`` does not say."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except Exception as e:  # hydra.errors.OverrideParseException and the lexer's errors
+            key, _, value = override.partition("=")
+            return (
+                f"cannot parse the override {override!r} ({' '.join(str(e).split())}); quote a value with "
+                f"special characters for Hydra inside the shell's quotes: '{key}=\"{value}\"'"
+            )
+    return None
+
+
 def compose_checked(overrides: list[str], schema: str = "train"):
     """Compose ``configs/train.yaml`` with ``overrides`` as the command lines do (Hydra config
     included) onto ``schema/<schema>``, reporting bad input as one :class:`ConfigError` line
@@ -75,7 +94,7 @@ def compose_checked(overrides: list[str], schema: str = "train"):
             cfg = compose(config_name="train", overrides=[*extra, *overrides], return_hydra_config=True)
             run_dir = str(cfg.hydra.run.dir)
     except Exception as e:  # ConfigCompositionException, OverrideParseException, ValidationError, ...
-        raise ConfigError(composition_error(e)) from e
+        raise ConfigError(unparsable_override(overrides) or composition_error(e)) from e
     check_run_dir(run_dir)
     unknown = unknown_keys(cfg)
     if unknown:
