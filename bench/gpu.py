@@ -82,16 +82,15 @@ def run_variant(
 
     from harness.data.loader import MicroBatch
     from harness.model import build_model
-    from harness.parallel.base import transformer_blocks
+    from harness.parallel.base import apply_activation_checkpointing, apply_compile
     from harness.trainer import token_loss_sum
 
     torch.manual_seed(0)
     model = build_model(mcfg, vocab, seed=0, eos_token_id=0, device=device)
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_activation_checkpointing(model)
     if compile_:
-        for block in transformer_blocks(model):
-            block.compile()
+        apply_compile(model)
     use_fused = fused and device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_fused, foreach=not use_fused)
     dtype = torch.bfloat16 if device.type == "cuda" else None

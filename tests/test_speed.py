@@ -54,3 +54,27 @@ def test_compiled_blocks_match_eager(tmp_path, small_corpus, plain):
     assert [r["step"] for r in got] == [r["step"] for r in plain]
     for a, b in zip(got, plain):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_no_call_of_transformers_apis_deprecated_for_v6():
+    """``gradient_checkpointing_enable`` / ``_disable`` / ``is_gradient_checkpointing`` are removed in
+    transformers v6; only the fallback for transformers without ``activation_checkpointing_enable``
+    (harness/parallel/base.py) may call one, and the harness's own path warns nothing."""
+    import re
+    import warnings
+
+    from conftest import REPO
+
+    calls = re.compile(r"\.(gradient_checkpointing_(enable|disable)|is_gradient_checkpointing)\(")
+    found = [
+        f"{p.relative_to(REPO)}:{n}"
+        for d in ("harness", "bench", "tests")
+        for p in sorted((REPO / d).rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if calls.search(line)
+    ]
+    assert found == ["harness/parallel/base.py:85"], found
+    cfg = to_object(compose(*SMALL))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_activation_checkpointing(build_model(cfg.model, 320, 0))
