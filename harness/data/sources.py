@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import DataError
+
+log = logging.getLogger("harness")
 
 _EXT_FORMAT = {
     ".txt": "text",
@@ -73,14 +76,7 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if os.path.isdir(expanded):
-            found = sorted(
-                f
-                for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
-                if os.path.isfile(f) and infer_format(f)
-            )
-            if not found:
-                raise DataError(f"data.path: directory {pattern!r} holds no .txt/.json/.jsonl/.parquet file")
-            files += found
+            files += _directory_files(pattern, expanded, fmt)
             continue
         matched = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
         if not matched:
@@ -106,6 +102,44 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
             )
         fmt = formats.pop()
     return Corpus(tuple(files), fmt)
+
+
+def _directory_files(pattern: str, directory: str, fmt: str | None) -> list[str]:
+    """The files of a ``data.path`` directory (recursively; ``glob`` leaves hidden files and folders out,
+    as ``datasets`` does): with ``data.format`` set every one, else those whose extension names a format.
+    Files skipped for their extension are named in one warning (rank 0).
+
+    Raises:
+        DataError: no file of the directory can be read, naming it and the files skipped.
+    """
+    every = sorted(
+        f for f in glob.glob(os.path.join(directory, "**", "*"), recursive=True) if os.path.isfile(f)
+    )
+    if fmt is not None:
+        found, skipped = every, []
+    else:
+        found = [f for f in every if infer_format(f)]
+        skipped = [os.path.relpath(f, directory) for f in every if not infer_format(f)]
+    shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    how = "set data.format=text|json|parquet to read every file of the directory in that format"
+    if not found:
+        also = f" (skipped for their extension: {shown}; {how})" if skipped else ""
+        raise DataError(f"data.path: directory {pattern!r} holds no .txt/.json/.jsonl/.parquet file{also}")
+    if skipped and os.environ.get("RANK", "0") == "0" and (directory, len(skipped)) not in _WARNED:
+        _WARNED.add((directory, len(skipped)))
+        log.warning(
+            "data.path: directory %r: skipped %d file%s whose extension names no format (%s); %s, "
+            "or list the files in data.path",
+            pattern,
+            len(skipped),
+            "" if len(skipped) == 1 else "s",
+            shown,
+            how,
+        )
+    return found
+
+
+_WARNED: set[tuple[str, int]] = set()  # one warning per directory, though a run resolves it more than once
 
 
 def _check_hub_reachable(name: str, timeout_s: float = 5.0) -> None:
