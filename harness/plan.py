@@ -173,7 +173,7 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
     from harness.data import load_token_store
     from harness.data.sources import is_prepared_dir, load_corpus, resolve_corpus
     from harness.data.store import open_store
-    from harness.data.tokenizer import load_tokenizer
+    from harness.data.tokenizer import encode_documents, load_tokenizer
 
     p = cfg.plan
     if p.dataset_tokens is not None:
@@ -213,7 +213,7 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
     sample_tokens = sum(
         len(ids) + len(eos)
         for b in ds.iter(batch_size=1000)
-        for ids in tokenizer(b[column], add_special_tokens=False)["input_ids"]
+        for ids in encode_documents(tokenizer, b[column], cfg.tokenizer.parse_special_tokens)
     )
     estimate = round(sample_tokens * total_bytes / sample_bytes)
     note = (

@@ -131,7 +131,8 @@ def load_token_store(
       or ``tokenizer`` is given, which must then match the one that prepared it).
     * Otherwise the corpus is tokenized once into ``<cache_dir>/tokens/<key>`` (or into
       ``output_dir`` for ``prepare_data``); the key hashes the files (path, size, mtime),
-      the text field and the tokenizer, so a second run starts from the cache.
+      the text field, the tokenizer and ``tokenizer.parse_special_tokens``, so a second run starts
+      from the cache.
     * With ``tokenizer.path`` null (and no ``tokenizer``) a byte-level BPE of
       ``tokenizer.train_vocab_size`` is trained on the corpus and cached.
 
@@ -147,7 +148,10 @@ def load_token_store(
     if tokenizer is None:
         tokenizer = _tokenizer(tok_cfg, [reader], data.cache_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    key = _short(f"{FORMAT}|{corpus.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}")
+    specials = "specials-parsed" if tok_cfg.parse_special_tokens else "specials-as-text"
+    key = _short(
+        f"{FORMAT}|{corpus.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}|{specials}"
+    )
     target = output_dir or os.path.join(data.cache_dir, "tokens", key)
     if output_dir is None and is_prepared_dir(target):
         return tokenizer, open_store(target)
@@ -155,7 +159,9 @@ def load_token_store(
     first = corpus.files[0] if corpus.format == "hub" else os.path.abspath(corpus.files[0])
     source = first if len(corpus.files) == 1 else f"{len(corpus.files)} files ({first}, ...)"
     meta = {"source": source, "tokenizer_fingerprint": fingerprint, "text_field": column}
-    return tokenizer, write_store(target, ds, column, tokenizer, data.num_proc, meta, max_shard_bytes)
+    return tokenizer, write_store(
+        target, ds, column, tokenizer, data.num_proc, meta, max_shard_bytes, tok_cfg.parse_special_tokens
+    )
 
 
 def _prepared(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer):
