@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -193,35 +194,11 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
     import datasets
 
     datasets.disable_progress_bars()
-    hf_cache = os.path.join(cache_dir, "hf_datasets")
     try:
-        if corpus.format == "hub":
-            ds = datasets.load_dataset(corpus.files[0], corpus.hub_name, split=split, cache_dir=hf_cache)
-        elif corpus.format == "text":
-            ds = datasets.load_dataset(
-                "text", data_files=list(corpus.files), split="train", sample_by=sample_by, cache_dir=hf_cache
-            )
-        else:
-            ds = datasets.load_dataset(
-                corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache
-            )
+        with _datasets_logs_held():
+            ds = _load(datasets, corpus, sample_by, split, os.path.join(cache_dir, "hf_datasets"))
     except Exception as e:  # datasets wraps parser errors in several types
-        cause = e.__cause__ or e
-        detail = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
-        if corpus.format == "hub":
-            raise DataError(
-                f"data.path: {corpus.files[0]!r} is no local file or directory, and loading it as a hub "
-                f"dataset failed ({detail}); check the path"
-            ) from e
-        many = f"{len(corpus.files)} files from {corpus.files[0]!r}"
-        where = corpus.files[0] if len(corpus.files) == 1 else many
-        hint = {"text": "UTF-8 text", "json": "JSON lines (one object per line)", "parquet": "parquet"}.get(
-            corpus.format, corpus.format
-        )
-        raise DataError(
-            f"data.path: cannot read {where} as {corpus.format}: {detail}; check that it is {hint}, "
-            "or set data.format"
-        ) from e
+        raise _read_error(corpus, e) from e
     column = "text" if corpus.format == "text" else text_field
     if column not in ds.column_names:
         raise DataError(
@@ -229,3 +206,56 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
             f"(columns: {', '.join(ds.column_names)}); set data.text_field"
         )
     return ds, column
+
+
+@contextlib.contextmanager
+def _datasets_logs_held():
+    """Hold what ``datasets`` logs while reading: given out when the read succeeds, dropped when it
+    fails, so a file it cannot parse is one error line (ours), not its own lines first."""
+    lib = logging.getLogger("datasets")
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, propagate = lib.handlers[:], lib.propagate
+    lib.handlers[:], lib.propagate = [Hold()], False
+    try:
+        yield
+    finally:
+        lib.handlers[:], lib.propagate = handlers, propagate
+    for record in held:  # reached only when the read succeeded
+        lib.handle(record)
+
+
+def _load(datasets, corpus: Corpus, sample_by: str, split: str, hf_cache: str):
+    if corpus.format == "hub":
+        return datasets.load_dataset(corpus.files[0], corpus.hub_name, split=split, cache_dir=hf_cache)
+    if corpus.format == "text":
+        return datasets.load_dataset(
+            "text", data_files=list(corpus.files), split="train", sample_by=sample_by, cache_dir=hf_cache
+        )
+    return datasets.load_dataset(
+        corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache
+    )
+
+
+def _read_error(corpus: Corpus, e: Exception) -> DataError:
+    """One line naming the file(s), the format and the parser's complaint."""
+    cause = e.__cause__ or e
+    detail = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+    if corpus.format == "hub":
+        return DataError(
+            f"data.path: {corpus.files[0]!r} is no local file or directory, and loading it as a hub "
+            f"dataset failed ({detail}); check the path"
+        )
+    many = f"{len(corpus.files)} files from {corpus.files[0]!r}"
+    where = corpus.files[0] if len(corpus.files) == 1 else many
+    hint = {"text": "UTF-8 text", "json": "JSON lines (one object per line)", "parquet": "parquet"}.get(
+        corpus.format, corpus.format
+    )
+    return DataError(
+        f"data.path: cannot read {where} as {corpus.format}: {detail}; check that it is {hint}, "
+        "or set data.format"
+    )
