@@ -255,3 +255,17 @@ def test_an_eos_that_a_tokenizer_json_leaves_unspecial_is_made_special(tmp_path,
 
     assert encode_documents(tok, ["x <|endoftext|> y"]) == [[87, 1279, 91, 437, 1659, 5239, 91, 29, 331]]
     assert encode_documents(tok, ["x <|endoftext|> y"], parse_special_tokens=True) == [[87, 220, 50256, 331]]
+
+
+def test_resuming_with_another_document_mask_warns(tmp_path, small_corpus, caplog):
+    import logging
+
+    args = ["train.max_steps=3", "eval.every=0", "checkpoint.export_hf=false"]
+    train_small(tmp_path, small_corpus, *args, "train.stop_at_step=2")
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        train_small(tmp_path, small_corpus, *args, "data.document_mask=true")
+    assert [r.getMessage() for r in caplog.records if "document_mask" in r.getMessage()] == [
+        "resuming with changed data.document_mask False -> True: from step 3 on attention stops at "
+        "document boundaries within packed sequences, so the loss is not comparable across the change"
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
