@@ -173,7 +173,7 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
     from harness.data import load_token_store
     from harness.data.sources import is_prepared_dir, load_corpus, resolve_corpus
     from harness.data.store import open_store
-    from harness.data.tokenizer import load_tokenizer
+    from harness.data.tokenizer import encode_documents, load_tokenizer
 
     p = cfg.plan
     if p.dataset_tokens is not None:
@@ -213,7 +213,7 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
     sample_tokens = sum(
         len(ids) + len(eos)
         for b in ds.iter(batch_size=1000)
-        for ids in tokenizer(b[column], add_special_tokens=False)["input_ids"]
+        for ids in encode_documents(tokenizer, b[column], cfg.tokenizer.parse_special_tokens)
     )
     estimate = round(sample_tokens * total_bytes / sample_bytes)
     note = (
@@ -275,16 +275,20 @@ def memory_estimate(
     return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory, tp)
 
 
-def _dataset(cfg: PlanJobConfig, given):
+def _dataset(cfg: PlanJobConfig, given, global_batch_size: int):
     """``(tokens, exact, note, tokenizer vocab, train sequences, per-source rows or None)`` of the
-    corpus (``given``: the first four, from the caller)."""
+    corpus (``given``: the first four, from the caller), its sizes checked as the trainer checks them.
+
+    Raises:
+        DataError: what :func:`harness.data.check_splits` refuses (the trainer's own messages).
+    """
     if cfg.data.sources and given is None:
-        mixture, tok_vocab = mixture_sources(cfg)
+        mixture, tok_vocab = mixture_sources(cfg, global_batch_size)
         tokens = sum(m["tokens"] for m in mixture)
         sequences = sum(m["train_sequences"] for m in mixture)
         return tokens, True, "tokenized per source (cached for the run)", tok_vocab, sequences, mixture
     tokens, exact, note, tok_vocab = given or count_dataset_tokens(cfg)
-    return tokens, exact, note, tok_vocab, _train_sequences(cfg, tokens), None
+    return tokens, exact, note, tok_vocab, _train_sequences(cfg, tokens, global_batch_size), None
 
 
 def make_plan(
@@ -307,7 +311,7 @@ def make_plan(
         if "world_size" not in str(e):
             raise
         raise ConfigError(f"{e} (the plan's world size is plan.gpus={gpus})") from None
-    tokens, exact, note, tok_vocab, train_sequences, mixture = _dataset(cfg, dataset)
+    tokens, exact, note, tok_vocab, train_sequences, mixture = _dataset(cfg, dataset, batch.global_batch_size)
     sched = build_schedule(cfg, batch, train_sequences)
     plan, max_steps = sched.plan, sched.max_steps
     last = _step(plan, max_steps)
@@ -415,26 +419,22 @@ def layout_rows(cfg: PlanJobConfig, params: int, vocab: int, gpus: int, device_m
     return rows
 
 
-def mixture_sources(cfg: PlanJobConfig) -> tuple[list[dict], int]:
-    """Every source of ``data.sources`` tokenized (into the trainer's cache) with the shared tokenizer:
-    ``([{name, weight, tokens, train_sequences}], tokenizer vocabulary)``."""
-    from harness.data import _split, _stores, source_specs
+def mixture_sources(cfg: PlanJobConfig, global_batch_size: int) -> tuple[list[dict], int]:
+    """Every source of ``data.sources`` tokenized (into the trainer's cache) with the shared tokenizer,
+    sizes checked as the trainer checks them: ``([{name, weight, tokens, train_sequences}], tokenizer
+    vocabulary)``."""
+    from harness.data import _stores, check_splits, source_specs
     from harness.data.mixture import normalized
 
     specs = source_specs(cfg.data)
     tokenizer, stores = _stores(specs, cfg.tokenizer)
+    tokens = {n: s.num_tokens for n, s in stores.items()}
+    sequences = check_splits(cfg.data, specs, tokens, global_batch_size, cfg.eval.every > 0)
     weights = normalized([s.weight for s in specs])
-    out = []
-    for spec, w in zip(specs, weights):
-        train, _ = _split(stores[spec.name], spec, cfg.eval.every > 0)
-        out.append(
-            {
-                "name": spec.name,
-                "weight": w,
-                "tokens": stores[spec.name].num_tokens,
-                "train_sequences": len(train),
-            }
-        )
+    out = [
+        {"name": s.name, "weight": w, "tokens": tokens[s.name], "train_sequences": sequences[s.name]}
+        for s, w in zip(specs, weights)
+    ]
     return out, len(tokenizer)
 
 
@@ -471,18 +471,13 @@ def _check_plan_section(p: PlanConfig, gpus: int) -> None:
         )
 
 
-def _train_sequences(cfg: PlanJobConfig, tokens: int) -> int:
-    """Training sequences of a corpus of ``tokens`` tokens (the validation tail held out as the trainer
-    does)."""
-    from harness.data.loader import PackedSequences
+def _train_sequences(cfg: PlanJobConfig, tokens: int, global_batch_size: int) -> int:
+    """Training sequences of a corpus of ``tokens`` tokens (read as one source), checked as the trainer
+    checks them (:func:`harness.data.check_splits`)."""
+    from harness.data import SourceSpec, check_splits
 
-    n_val = int(tokens * cfg.data.val_fraction) if cfg.eval.every > 0 else 0
-    train_sequences = PackedSequences.count(tokens - n_val, cfg.data.seq_len)
-    if train_sequences < 1:
-        raise DataError(
-            f"the corpus ({tokens:,} tokens) holds no sequence of data.seq_len={cfg.data.seq_len}"
-        )
-    return train_sequences
+    spec = SourceSpec("data", cfg.data, 1.0, "data.path")
+    return check_splits(cfg.data, [spec], {"data": tokens}, global_batch_size, cfg.eval.every > 0)["data"]
 
 
 def _step(plan: IterationPlan, step: int):
@@ -508,10 +503,6 @@ def _warnings(
     :func:`validate` (the trainer's own check), not a warning.
     """
     out = list(sched.warnings)
-    if train_sequences < global_batch and not cfg.data.sources:
-        out.append(
-            f"fewer than one step per epoch: {train_sequences} sequences < global batch {global_batch}"
-        )
     if tokens_per_param < 1:
         out.append(f"{tokens_per_param:.2f} training tokens per parameter (< 1): the model will barely train")
     if cfg.schedule.name != "constant" and sched.lr(sched.max_steps) != cfg.schedule.min_lr:

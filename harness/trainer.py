@@ -570,6 +570,17 @@ class Trainer:
                 nxt,
                 self.schedule.lr(nxt),
             )
+        data = (saved.get("config") or {}).get("data")  # no document_mask key: written before it existed
+        mask = data.get("document_mask", False) if data is not None else self.cfg.data.document_mask
+        if mask != self.cfg.data.document_mask and not self.done and self.env.is_main:
+            log.warning(
+                "resuming with changed data.document_mask %s -> %s: from step %d on attention %s document "
+                "boundaries within packed sequences, so the loss is not comparable across the change",
+                mask,
+                self.cfg.data.document_mask,
+                self.state.step + 1,
+                "stops at" if self.cfg.data.document_mask else "crosses",
+            )
 
     # -- the end ---------------------------------------------------------------------------------
 

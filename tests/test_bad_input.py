@@ -15,7 +15,7 @@ from conftest import REPO, SMALL, compose, train_small
 import harness.train as harness_train
 import harness.trainer
 from harness.cluster import slurm
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError, DataError, HarnessError
 
 BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ("train.max_stepz=5", "train.max_stepz"),
@@ -268,6 +268,7 @@ def test_command_line_prints_one_line_and_exits_2(existing_run, bad_data):
         (["train.max_stepz=5"], "train.max_stepz"),
         (["+foo=1"], "foo is not a config key"),
         ([f"data.path={bad_data}/binary.txt"], "binary.txt as text"),
+        ([f"data.path={bad_data}/tiny.jsonl", "data.format=parquet"], "tiny.jsonl as parquet"),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "harness.train", *SMALL, *args, f"hydra.run.dir={existing_run}"],
@@ -278,3 +279,34 @@ def test_command_line_prints_one_line_and_exits_2(existing_run, bad_data):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert _snapshot(existing_run) == before
+
+
+def test_a_file_datasets_cannot_parse_is_our_one_line_without_datasets_own(
+    bad_data, small_corpus, capfd, caplog, monkeypatch
+):
+    """datasets logged 'Failed to read schema from ...' (to stderr and to the root logger) before our
+    error line: the read's log records are dropped when it fails, given out when it succeeds."""
+    import logging
+
+    import datasets
+
+    from harness.data.sources import Corpus, load_corpus
+
+    cache = str(bad_data / "cache")
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG), pytest.raises(DataError) as e:
+        load_corpus(Corpus((small_corpus,), "parquet"), "text", "document", "train", cache)
+    assert str(e.value).startswith(f"data.path: cannot read {small_corpus} as parquet: ArrowInvalid: ")
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("datasets")] == []
+    real_load = datasets.load_dataset
+
+    def load_with_a_warning(*args, **kwargs):
+        logging.getLogger("datasets.load").warning("a warning of a read that succeeds")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_with_a_warning)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_corpus(Corpus((small_corpus,), "json"), "text", "document", "train", cache)
+    assert [r.getMessage() for r in caplog.records] == ["a warning of a read that succeeds"]

@@ -182,3 +182,52 @@ def test_empty_and_unreadable_inputs(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(DataError, match=r"cannot read .*bad.jsonl as json"):
         load_token_store(_cfg(f"data.path={bad}").data, _cfg().tokenizer)
+
+
+def test_a_directory_names_the_files_it_skips_for_their_extension(tmp_path, caplog):
+    import logging
+
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "corpus.en").write_text("more text\n")
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        corpus = resolve_corpus(str(tmp_path), None)
+    assert [os.path.basename(f) for f in corpus.files] == ["a.txt"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.path: directory '{tmp_path}': skipped 1 file whose extension names no format (corpus.en); "
+        "set data.format=text|json|parquet to read every file of the directory in that format, or list "
+        "the files in data.path"
+    ]
+    text = resolve_corpus(str(tmp_path), "text")
+    assert [os.path.basename(f) for f in text.files] == ["a.txt", "corpus.en"] and text.format == "text"
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(DataError) as e:
+        resolve_corpus(str(tmp_path), None)
+    assert str(e.value) == (
+        f"data.path: directory '{tmp_path}' holds no .txt/.json/.jsonl/.parquet file (skipped for their "
+        "extension: corpus.en; set data.format=text|json|parquet to read every file of the directory in "
+        "that format)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("just a few words here\n" * 20, "the corpus is too small for one batch"),
+        (" ".join(f"w{i * 7919 % 1000}" for i in range(150)) + "\n", "data.val_fraction=0.05 holds out 22 "),
+    ],
+)
+def test_plan_and_training_refuse_a_small_corpus_in_the_same_words(tmp_path, text, message):
+    """The plan warned (fewer than one step per epoch) or said nothing where training refused."""
+    from conftest import SMALL
+
+    from harness.config import validate
+    from harness.plan import make_plan
+
+    (tmp_path / "small.txt").write_text(text)
+    args = [*SMALL, f"data.path={tmp_path / 'small.txt'}", "data.val_fraction=0.05"]
+    cfg = to_object(compose(*args))
+    with pytest.raises(DataError) as trained:
+        build_data(cfg.data, cfg.tokenizer, validate(cfg, 1).global_batch_size, need_val=True)
+    with pytest.raises(DataError) as planned:
+        make_plan(to_object(compose(*args, "plan.gpus=1", schema="plan")))
+    assert message in str(trained.value) and str(planned.value) == str(trained.value)

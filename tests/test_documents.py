@@ -202,3 +202,70 @@ def test_flash_attention_2_is_refused_on_cpu_before_any_model(tmp_path, small_co
         "use model.attn_implementation=sdpa"
     ]
     assert not (tmp_path / "run").exists()
+
+
+SPECIAL_TEXT_DOCS = [
+    'EOS = "<|endoftext|>"  # from a tokenizer module\nprint(EOS)\n',
+    "a web page that ends with </s> and <s> in its text",
+    "a plain document without any marker",
+]
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "gpt2_json", "mistral"])
+def test_special_token_text_in_a_document_is_text_and_masks_only_real_boundaries(
+    tmp_path, shared_data, tokenizer
+):
+    """The literal ``<|endoftext|>`` (``</s>``) inside a document is tokenized as text: the only EOS ids
+    of the store are the one after each document, and document masking restarts only there."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SPECIAL_TEXT_DOCS * 30))
+    given = {
+        "bpe": ["tokenizer.path=null", "tokenizer.train_vocab_size=300"],
+        "gpt2": [f"tokenizer.path={shared_data}/tokenizers/gpt2"],
+        "gpt2_json": [
+            f"tokenizer.path={shared_data}/tokenizers/gpt2/tokenizer.json",
+            'tokenizer.eos_token="<|endoftext|>"',
+        ],
+        "mistral": [f"tokenizer.path={shared_data}/tokenizers/mistral_v1_spm"],
+    }[tokenizer]
+    cfg = to_object(compose(f"data.path={corpus}", *given))
+    tok, store = load_token_store(cfg.data, cfg.tokenizer)
+    tokens = np.asarray(store.tokens)
+    ends = np.append(store.documents[1:], len(tokens)) - 1  # the EOS after each document
+    assert store.meta["num_documents"] == 90
+    assert np.flatnonzero(tokens == tok.eos_token_id).tolist() == ends.tolist()
+    assert store.meta["parse_special_tokens"] is False
+    assert tok.decode(tokens[: ends[0]]) == SPECIAL_TEXT_DOCS[0]
+    window = torch.from_numpy(tokens[: ends[5] + 2].astype(np.int64))[None]  # 6 documents + 1 token
+    restarts = (MicroBatch.from_sequences(window, tok.eos_token_id).position_ids[0] == 0).nonzero()
+    assert restarts.flatten().tolist() == [0, *store.documents[1:6].tolist()]
+    if tokenizer == "gpt2":  # the documented opt-in reads the text as the special token
+        cfg = to_object(compose(f"data.path={corpus}", *given, "tokenizer.parse_special_tokens=true"))
+        _, parsed = load_token_store(cfg.data, cfg.tokenizer)
+        assert parsed.path != store.path and parsed.meta["parse_special_tokens"] is True
+        assert int((np.asarray(parsed.tokens) == tok.eos_token_id).sum()) == 90 + 30
+
+
+def test_an_eos_that_a_tokenizer_json_leaves_unspecial_is_made_special(tmp_path, shared_data):
+    spec = json.loads((shared_data / "tokenizers" / "gpt2" / "tokenizer.json").read_text())
+    spec["added_tokens"][0]["special"] = False  # <|endoftext|> as a plain added token
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(str(tmp_path / "tokenizer.json"), "<|endoftext|>")
+    from harness.data.tokenizer import encode_documents
+
+    assert encode_documents(tok, ["x <|endoftext|> y"]) == [[87, 1279, 91, 437, 1659, 5239, 91, 29, 331]]
+    assert encode_documents(tok, ["x <|endoftext|> y"], parse_special_tokens=True) == [[87, 220, 50256, 331]]
+
+
+def test_resuming_with_another_document_mask_warns(tmp_path, small_corpus, caplog):
+    import logging
+
+    args = ["train.max_steps=3", "eval.every=0", "checkpoint.export_hf=false"]
+    train_small(tmp_path, small_corpus, *args, "train.stop_at_step=2")
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        train_small(tmp_path, small_corpus, *args, "data.document_mask=true")
+    assert [r.getMessage() for r in caplog.records if "document_mask" in r.getMessage()] == [
+        "resuming with changed data.document_mask False -> True: from step 3 on attention stops at "
+        "document boundaries within packed sequences, so the loss is not comparable across the change"
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]

@@ -321,3 +321,29 @@ def test_the_report_plots_tokens_and_validation_loss_by_source(straight, tmp_pat
     (plain / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report([str(plain)])
     assert not (plain / "report" / MIXTURE_PLOT).exists()
+
+
+def test_plan_and_training_refuse_a_source_too_small_to_validate_in_the_same_words(tmp_path, two_sources):
+    """A source whose ``val_fraction`` holds out fewer tokens than one sequence: the plan refused
+    nothing, training refused it; now both apply harness.data.check_splits."""
+    from harness.config import validate
+    from harness.errors import DataError
+    from harness.plan import make_plan
+
+    (tmp_path / "tiny.jsonl").write_text(json.dumps({"text": "def f(x):\n    return x + 1\n" * 20}) + "\n")
+    mix = f"data.sources={{big: {{path: '{two_sources[0]}'}}, tiny: {{path: '{tmp_path / 'tiny.jsonl'}'}}}}"
+    cfg = to_object(compose(*SMALL, mix))
+    with pytest.raises(DataError) as trained:
+        build_data(cfg.data, cfg.tokenizer, validate(cfg, 1).global_batch_size, need_val=True)
+    with pytest.raises(DataError) as planned:
+        make_plan(to_object(compose(*SMALL, mix, "plan.gpus=1", schema="plan")))
+    held_out = int(str(trained.value).split("holds out ")[1].split(" ")[0])
+    assert 0 < held_out < 33, held_out  # 5 % of a source of 20 to 660 tokens
+    assert (
+        str(planned.value)
+        == str(trained.value)
+        == (
+            f"data.sources.tiny: data.val_fraction=0.05 holds out {held_out} tokens, fewer than one sequence "
+            "of data.seq_len=32 + 1; raise data.val_fraction or set eval.every=0"
+        )
+    )

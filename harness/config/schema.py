@@ -99,6 +99,9 @@ class TokenizerConfig:
     train_vocab_size: int = 4096
     # the document separator when the tokenizer declares no EOS (or to override it), e.g. <|endoftext|>
     eos_token: str | None = None
+    # false: the text of a special token inside a document (<|endoftext|>, </s>) is tokenized as text;
+    # true: as that special token (corpora written with special tokens on purpose)
+    parse_special_tokens: bool = False
 
 
 @dataclass

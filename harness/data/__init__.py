@@ -43,6 +43,7 @@ __all__ = [
     "TokenStore",
     "build_data",
     "build_loader",
+    "check_splits",
     "load_token_store",
     "source_specs",
     "validation_batches",
@@ -131,7 +132,8 @@ def load_token_store(
       or ``tokenizer`` is given, which must then match the one that prepared it).
     * Otherwise the corpus is tokenized once into ``<cache_dir>/tokens/<key>`` (or into
       ``output_dir`` for ``prepare_data``); the key hashes the files (path, size, mtime),
-      the text field and the tokenizer, so a second run starts from the cache.
+      the text field, the tokenizer and ``tokenizer.parse_special_tokens``, so a second run starts
+      from the cache.
     * With ``tokenizer.path`` null (and no ``tokenizer``) a byte-level BPE of
       ``tokenizer.train_vocab_size`` is trained on the corpus and cached.
 
@@ -147,7 +149,10 @@ def load_token_store(
     if tokenizer is None:
         tokenizer = _tokenizer(tok_cfg, [reader], data.cache_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    key = _short(f"{FORMAT}|{corpus.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}")
+    specials = "specials-parsed" if tok_cfg.parse_special_tokens else "specials-as-text"
+    key = _short(
+        f"{FORMAT}|{corpus.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}|{specials}"
+    )
     target = output_dir or os.path.join(data.cache_dir, "tokens", key)
     if output_dir is None and is_prepared_dir(target):
         return tokenizer, open_store(target)
@@ -155,7 +160,9 @@ def load_token_store(
     first = corpus.files[0] if corpus.format == "hub" else os.path.abspath(corpus.files[0])
     source = first if len(corpus.files) == 1 else f"{len(corpus.files)} files ({first}, ...)"
     meta = {"source": source, "tokenizer_fingerprint": fingerprint, "text_field": column}
-    return tokenizer, write_store(target, ds, column, tokenizer, data.num_proc, meta, max_shard_bytes)
+    return tokenizer, write_store(
+        target, ds, column, tokenizer, data.num_proc, meta, max_shard_bytes, tok_cfg.parse_special_tokens
+    )
 
 
 def _prepared(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer):
@@ -285,28 +292,54 @@ def build_data(
     is its validation split; several sources are blended by their weights (:mod:`harness.data.mixture`).
 
     Raises:
-        DataError: a source that cannot be read, an empty source, two sources with the same files,
-            a training split smaller than one global batch, or a validation split without a sequence;
-            a mixture's messages name the source.
+        DataError: a source that cannot be read, an empty source, two sources with the same files, or
+            the sizes :func:`check_splits` refuses; a mixture's messages name the source.
     """
     specs = source_specs(data)
     tokenizer, stores = _stores(specs, tok_cfg)
+    check_splits(data, specs, {n: s.num_tokens for n, s in stores.items()}, global_batch_size, need_val)
     splits = {s.name: _split(stores[s.name], s, need_val) for s in specs}
     if len(specs) == 1 and not data.sources:
         train, val = splits["data"]
-        _check_sizes(specs[0], len(train), global_batch_size)
-        if need_val:
-            _check_val(specs[0], stores["data"], val)
         return DataBundle(tokenizer, stores, train, val)
     names = [s.name for s in specs]
     weights = normalized([s.weight for s in specs])
     order = BlendOrder([Segment(0, weights, tuple(0 for _ in specs))])
     train = BlendedSequences(names, [splits[n][0] for n in names], order, seed)
-    _check_sizes(SourceSpec("mixture", data, 1.0, "data.sources"), len(train), global_batch_size)
-    for spec in specs if need_val else []:
-        _check_val(spec, stores[spec.name], splits[spec.name][1])
     val = {n: splits[n][1] for n in names} if need_val else None
     return DataBundle(tokenizer, stores, train, None, val, dict(zip(names, weights)))
+
+
+def check_splits(
+    data: DataConfig, specs: list[SourceSpec], tokens: dict[str, int], global_batch_size: int, need_val: bool
+) -> dict[str, int]:
+    """The training sequences of each source (by name) of ``tokens`` tokens, the last
+    ``data.val_fraction`` held out when ``need_val``: the one check of the sizes, which training
+    (:func:`build_data`) and ``harness.plan`` both apply.
+
+    Raises:
+        DataError: in this order: a source of a mixture without a training sequence, fewer training
+            sequences (of all sources) than ``global_batch_size``, a validation split (needed) without a
+            sequence of ``data.seq_len + 1`` tokens; a mixture's messages name the source.
+    """
+    sequences, held_out = {}, {}
+    for spec in specs:
+        n, seq_len = tokens[spec.name], spec.data.seq_len
+        held_out[spec.name] = int(n * spec.data.val_fraction) if need_val else 0
+        sequences[spec.name] = PackedSequences.count(n - held_out[spec.name], seq_len)
+        if spec.key != "data.path" and sequences[spec.name] == 0:
+            raise DataError(f"{spec.key}: {n:,} tokens hold no training sequence of data.seq_len={seq_len}")
+    whole = specs[0] if specs[0].key == "data.path" else SourceSpec("mixture", data, 1.0, "data.sources")
+    _check_sizes(whole, sum(sequences.values()), global_batch_size)
+    for spec in specs if need_val else []:
+        if PackedSequences.count(held_out[spec.name], spec.data.seq_len) == 0:
+            where = "" if spec.key == "data.path" else f"{spec.key}: "
+            raise DataError(
+                f"{where}data.val_fraction={spec.data.val_fraction} holds out {held_out[spec.name]:,} "
+                f"tokens, fewer than one sequence of data.seq_len={spec.data.seq_len} + 1; raise "
+                "data.val_fraction or set eval.every=0"
+            )
+    return sequences
 
 
 def _stores(specs: list[SourceSpec], tok_cfg: TokenizerConfig):
@@ -357,27 +390,13 @@ def _file_id(path: str) -> tuple[int, int]:
 
 
 def _split(store: TokenStore, spec: SourceSpec, need_val: bool):
+    """A source's training and validation sequences (the sizes checked by :func:`check_splits`)."""
     data = spec.data
     n = store.num_tokens
     n_val = int(n * data.val_fraction) if need_val else 0
     train = PackedSequences(store.tokens[: n - n_val], data.seq_len)
     val = PackedSequences(store.tokens[n - n_val :], data.seq_len) if n_val else None
-    if spec.key != "data.path" and len(train) == 0:
-        raise DataError(f"{spec.key}: {n:,} tokens hold no training sequence of data.seq_len={data.seq_len}")
     return train, val
-
-
-def _check_val(spec: SourceSpec, store: TokenStore, val) -> None:
-    """A validation split (when one is needed) must hold at least one sequence."""
-    if val is None or len(val) == 0:
-        data = spec.data
-        where = "" if spec.key == "data.path" else f"{spec.key}: "
-        n_val = int(store.num_tokens * data.val_fraction)
-        raise DataError(
-            f"{where}data.val_fraction={data.val_fraction} holds out {n_val:,} "
-            f"tokens, fewer than one sequence of data.seq_len={data.seq_len} + 1; raise data.val_fraction or "
-            "set eval.every=0"
-        )
 
 
 def _check_sizes(spec: SourceSpec, sequences: int, global_batch_size: int) -> None:

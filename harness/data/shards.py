@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.data.tokenizer import encode_documents
+
 FORMAT_V2 = "harness-tokens-v2"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30  # 1 GiB
 
@@ -98,6 +100,7 @@ class _Part:
     dtype: str
     eos: int
     max_shard_tokens: int
+    parse_special_tokens: bool = False
 
 
 def _write_part(dataset, tokenizer, part: _Part) -> tuple[list[dict], np.ndarray]:
@@ -123,7 +126,7 @@ def _write_part(dataset, tokenizer, part: _Part) -> tuple[list[dict], np.ndarray
         buf, buffered = [], 0
 
     for batch in shard_ds.iter(batch_size=256):
-        ids = tokenizer(batch[part.column], add_special_tokens=False, verbose=False)["input_ids"]
+        ids = encode_documents(tokenizer, batch[part.column], part.parse_special_tokens)
         for doc in ids:
             if not doc:
                 continue
@@ -154,15 +157,27 @@ def _run_part(args):
 
 
 def write_parts(
-    tmp: str, dataset, column: str, tokenizer, num_proc: int, dtype: str, max_shard_bytes: int
+    tmp: str,
+    dataset,
+    column: str,
+    tokenizer,
+    num_proc: int,
+    dtype: str,
+    max_shard_bytes: int,
+    parse_special_tokens: bool = False,
 ) -> tuple[list[dict], np.ndarray]:
-    """Tokenize ``dataset[column]`` into ``tmp/shards/`` with ``num_proc`` workers; returns the shard
+    """Tokenize ``dataset[column]`` into ``tmp/shards/`` with ``num_proc`` workers (special-token text
+    in a document is text unless ``parse_special_tokens``: :func:`encode_documents`); returns the shard
     list in store order and the documents' global start offsets."""
     os.makedirs(os.path.join(tmp, "shards"), exist_ok=True)
     n = max(1, min(num_proc, len(dataset)))
     max_tokens = max(1, max_shard_bytes // np.dtype(dtype).itemsize)
     parts = [
-        (dataset, tokenizer, _Part(i, n, tmp, column, dtype, tokenizer.eos_token_id, max_tokens))
+        (
+            dataset,
+            tokenizer,
+            _Part(i, n, tmp, column, dtype, tokenizer.eos_token_id, max_tokens, parse_special_tokens),
+        )
         for i in range(n)
     ]
     if n == 1:

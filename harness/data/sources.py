@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import DataError
+
+log = logging.getLogger("harness")
 
 _EXT_FORMAT = {
     ".txt": "text",
@@ -73,14 +77,7 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if os.path.isdir(expanded):
-            found = sorted(
-                f
-                for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
-                if os.path.isfile(f) and infer_format(f)
-            )
-            if not found:
-                raise DataError(f"data.path: directory {pattern!r} holds no .txt/.json/.jsonl/.parquet file")
-            files += found
+            files += _directory_files(pattern, expanded, fmt)
             continue
         matched = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
         if not matched:
@@ -106,6 +103,44 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
             )
         fmt = formats.pop()
     return Corpus(tuple(files), fmt)
+
+
+def _directory_files(pattern: str, directory: str, fmt: str | None) -> list[str]:
+    """The files of a ``data.path`` directory (recursively; ``glob`` leaves hidden files and folders out,
+    as ``datasets`` does): with ``data.format`` set every one, else those whose extension names a format.
+    Files skipped for their extension are named in one warning (rank 0).
+
+    Raises:
+        DataError: no file of the directory can be read, naming it and the files skipped.
+    """
+    every = sorted(
+        f for f in glob.glob(os.path.join(directory, "**", "*"), recursive=True) if os.path.isfile(f)
+    )
+    if fmt is not None:
+        found, skipped = every, []
+    else:
+        found = [f for f in every if infer_format(f)]
+        skipped = [os.path.relpath(f, directory) for f in every if not infer_format(f)]
+    shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    how = "set data.format=text|json|parquet to read every file of the directory in that format"
+    if not found:
+        also = f" (skipped for their extension: {shown}; {how})" if skipped else ""
+        raise DataError(f"data.path: directory {pattern!r} holds no .txt/.json/.jsonl/.parquet file{also}")
+    if skipped and os.environ.get("RANK", "0") == "0" and (directory, len(skipped)) not in _WARNED:
+        _WARNED.add((directory, len(skipped)))
+        log.warning(
+            "data.path: directory %r: skipped %d file%s whose extension names no format (%s); %s, "
+            "or list the files in data.path",
+            pattern,
+            len(skipped),
+            "" if len(skipped) == 1 else "s",
+            shown,
+            how,
+        )
+    return found
+
+
+_WARNED: set[tuple[str, int]] = set()  # one warning per directory, though a run resolves it more than once
 
 
 def _check_hub_reachable(name: str, timeout_s: float = 5.0) -> None:
@@ -159,35 +194,11 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
     import datasets
 
     datasets.disable_progress_bars()
-    hf_cache = os.path.join(cache_dir, "hf_datasets")
     try:
-        if corpus.format == "hub":
-            ds = datasets.load_dataset(corpus.files[0], corpus.hub_name, split=split, cache_dir=hf_cache)
-        elif corpus.format == "text":
-            ds = datasets.load_dataset(
-                "text", data_files=list(corpus.files), split="train", sample_by=sample_by, cache_dir=hf_cache
-            )
-        else:
-            ds = datasets.load_dataset(
-                corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache
-            )
+        with _datasets_logs_held():
+            ds = _load(datasets, corpus, sample_by, split, os.path.join(cache_dir, "hf_datasets"))
     except Exception as e:  # datasets wraps parser errors in several types
-        cause = e.__cause__ or e
-        detail = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
-        if corpus.format == "hub":
-            raise DataError(
-                f"data.path: {corpus.files[0]!r} is no local file or directory, and loading it as a hub "
-                f"dataset failed ({detail}); check the path"
-            ) from e
-        many = f"{len(corpus.files)} files from {corpus.files[0]!r}"
-        where = corpus.files[0] if len(corpus.files) == 1 else many
-        hint = {"text": "UTF-8 text", "json": "JSON lines (one object per line)", "parquet": "parquet"}.get(
-            corpus.format, corpus.format
-        )
-        raise DataError(
-            f"data.path: cannot read {where} as {corpus.format}: {detail}; check that it is {hint}, "
-            "or set data.format"
-        ) from e
+        raise _read_error(corpus, e) from e
     column = "text" if corpus.format == "text" else text_field
     if column not in ds.column_names:
         raise DataError(
@@ -195,3 +206,56 @@ def load_corpus(corpus: Corpus, text_field: str, sample_by: str, split: str, cac
             f"(columns: {', '.join(ds.column_names)}); set data.text_field"
         )
     return ds, column
+
+
+@contextlib.contextmanager
+def _datasets_logs_held():
+    """Hold what ``datasets`` logs while reading: given out when the read succeeds, dropped when it
+    fails, so a file it cannot parse is one error line (ours), not its own lines first."""
+    lib = logging.getLogger("datasets")
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, propagate = lib.handlers[:], lib.propagate
+    lib.handlers[:], lib.propagate = [Hold()], False
+    try:
+        yield
+    finally:
+        lib.handlers[:], lib.propagate = handlers, propagate
+    for record in held:  # reached only when the read succeeded
+        lib.handle(record)
+
+
+def _load(datasets, corpus: Corpus, sample_by: str, split: str, hf_cache: str):
+    if corpus.format == "hub":
+        return datasets.load_dataset(corpus.files[0], corpus.hub_name, split=split, cache_dir=hf_cache)
+    if corpus.format == "text":
+        return datasets.load_dataset(
+            "text", data_files=list(corpus.files), split="train", sample_by=sample_by, cache_dir=hf_cache
+        )
+    return datasets.load_dataset(
+        corpus.format, data_files=list(corpus.files), split="train", cache_dir=hf_cache
+    )
+
+
+def _read_error(corpus: Corpus, e: Exception) -> DataError:
+    """One line naming the file(s), the format and the parser's complaint."""
+    cause = e.__cause__ or e
+    detail = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+    if corpus.format == "hub":
+        return DataError(
+            f"data.path: {corpus.files[0]!r} is no local file or directory, and loading it as a hub "
+            f"dataset failed ({detail}); check the path"
+        )
+    many = f"{len(corpus.files)} files from {corpus.files[0]!r}"
+    where = corpus.files[0] if len(corpus.files) == 1 else many
+    hint = {"text": "UTF-8 text", "json": "JSON lines (one object per line)", "parquet": "parquet"}.get(
+        corpus.format, corpus.format
+    )
+    return DataError(
+        f"data.path: cannot read {where} as {corpus.format}: {detail}; check that it is {hint}, "
+        "or set data.format"
+    )

@@ -86,11 +86,14 @@ def write_store(
     num_proc: int,
     extra_meta: dict,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    parse_special_tokens: bool = False,
 ) -> TokenStore:
     """Tokenize ``dataset[column]`` with ``tokenizer`` into a sharded store at ``target`` (atomically).
 
     Documents are tokenized without special tokens, each followed by EOS; empty documents are
-    skipped. ``num_proc`` worker processes each write the shards of one contiguous part.
+    skipped; the text of a special token inside a document is text unless ``parse_special_tokens``
+    (:func:`harness.data.tokenizer.encode_documents`). ``num_proc`` worker processes each write the
+    shards of one contiguous part.
 
     Raises:
         DataError: no document yields a token (empty corpus).
@@ -100,7 +103,9 @@ def write_store(
     tmp = temp_dir(target)
     try:
         start = time.perf_counter()
-        shards, documents = write_parts(tmp, dataset, column, tokenizer, num_proc, dtype, max_shard_bytes)
+        shards, documents = write_parts(
+            tmp, dataset, column, tokenizer, num_proc, dtype, max_shard_bytes, parse_special_tokens
+        )
         num_tokens = sum(s["tokens"] for s in shards)
         if num_tokens == 0:
             raise DataError(
@@ -115,6 +120,7 @@ def write_store(
             "num_tokens": num_tokens,
             "num_documents": len(documents),
             "eos_token_id": tokenizer.eos_token_id,
+            "parse_special_tokens": parse_special_tokens,
             "vocab_size": vocab,
             "shards": shards,
             "max_shard_bytes": max_shard_bytes,

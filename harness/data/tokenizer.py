@@ -44,7 +44,46 @@ def load_tokenizer(path: str, eos_token: str | None = None):
             f"({hint}); set tokenizer.eos_token (quoted on the command line: "
             f"'tokenizer.eos_token=\"{example}\"')"
         )
+    _eos_is_special(tok)
     return tok
+
+
+def _eos_is_special(tok) -> None:
+    """Mark the EOS special in the backend when it is a plain added token there (a tokenizer.json may
+    declare it so), so that :func:`encode_documents` reads its text inside a document as text."""
+    from tokenizers import AddedToken
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    added = backend.get_added_tokens_decoder() if backend is not None else {}
+    eos = added.get(tok.eos_token_id)
+    if eos is not None and not eos.special:
+        backend.add_special_tokens(
+            [
+                AddedToken(
+                    eos.content,
+                    single_word=eos.single_word,
+                    lstrip=eos.lstrip,
+                    rstrip=eos.rstrip,
+                    normalized=eos.normalized,
+                    special=True,
+                )
+            ]
+        )
+
+
+def encode_documents(tokenizer, texts: list[str], parse_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each of ``texts`` (no BOS/EOS added; the store appends the EOS).
+
+    The text of a special token inside a document (``<|endoftext|>`` in source code, ``</s>`` in a web
+    page) is data: it is tokenized as the characters it is, never as the special token's id, so a
+    document boundary is only where the store puts one. ``parse_special_tokens``
+    (``tokenizer.parse_special_tokens``) reads such text as the special tokens instead, for corpora
+    written with them on purpose (e.g. chat-formatted text).
+    """
+    out = tokenizer(
+        texts, add_special_tokens=False, split_special_tokens=not parse_special_tokens, verbose=False
+    )
+    return out["input_ids"]
 
 
 def _load(path: str):
