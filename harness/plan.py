@@ -24,7 +24,7 @@ from harness.config.validate import resolve_batch_sizes
 from harness.errors import ConfigError, DataError, HarnessError
 from harness.layouts import comm_per_step
 from harness.metrics import GPU_SPECS
-from harness.model import model_stats, resolve_vocab_size
+from harness.model import lr_warning, model_stats, resolve_vocab_size
 from harness.parallel.dims import ParallelDims
 from harness.parallel.tensor import check_tensor_parallel
 from harness.schedule import IterationPlan, TrainingSchedule, build_schedule
@@ -367,6 +367,7 @@ def make_plan(
             sched,
             train_sequences,
             batch.global_batch_size,
+            stats.params,
             last.tokens_total / stats.params,
             mem.total_checkpointed if ac else mem.total,
             memory_bytes,
@@ -497,6 +498,7 @@ def _warnings(
     sched: TrainingSchedule,
     train_sequences: int,
     global_batch: int,
+    params: int,
     tokens_per_param: float,
     memory: float,
     device_memory: float,
@@ -514,6 +516,8 @@ def _warnings(
         )
     if tokens_per_param < 1:
         out.append(f"{tokens_per_param:.2f} training tokens per parameter (< 1): the model will barely train")
+    if warning := lr_warning(params, cfg.optim.lr):
+        out.append(warning)
     if cfg.schedule.name != "constant" and sched.lr(sched.max_steps) != cfg.schedule.min_lr:
         out.append(f"the LR schedule does not reach min_lr at max_steps={sched.max_steps}")
     for src in sources or []:

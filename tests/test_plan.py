@@ -224,3 +224,43 @@ def test_cli_text_json_png_and_errors(tmp_path, small_corpus):
         proc.returncode == 2
         and proc.stderr.strip() == "error: plan.gpu='V100' is not one of H100, H200, A100, B200"
     )
+
+
+# model preset: (peak LR, min LR, seq_len, global batch in sequences) of configs/recipe/<model>.yaml
+RECIPES = {
+    "llama3_8b": (3e-4, 3e-5, 8192, 512),  # Llama 2 7B recipe (Table 1), Llama 3's 8,192-token sequences
+    "llama3_70b": (1.5e-4, 1.5e-5, 8192, 512),  # Llama 2 70B recipe
+    "llama_1b": (4e-4, 4e-5, 2048, 1024),  # TinyLlama 1.1B
+}
+
+
+@pytest.mark.parametrize("model", list(RECIPES))
+def test_big_presets_plan_with_their_published_batch_and_lr(model):
+    """The presets bring their own batch and LR (the tiny model's 8 -> 16 ramp cannot run on 64 ranks
+    and its 3e-3 peak is a small model's); an explicit override still wins, and 3e-3 warns."""
+    lr, min_lr, seq_len, batch = RECIPES[model]
+    base = [f"model={model}", "model.vocab_size=128256", "parallel=fsdp", "plan.gpus=64", "eval.every=0"]
+    cfg = to_object(compose(*base))
+    pl = make_plan(cfg, dataset=(10**12, False, "given", None))
+    assert (cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps) == (lr, min_lr, 2000)
+    assert cfg.schedule.batch_warmup.start_global_batch_size is None
+    assert (pl.seq_len, pl.global_batch_size) == (seq_len, batch)
+    assert pl.global_batch_tokens == {8192: 4_194_304, 2048: 2_097_152}[seq_len]
+    assert not any("optim.lr" in w for w in pl.warnings)
+    pl = make_plan(to_object(compose(*base, "optim.lr=3e-3")), dataset=(10**12, False, "given", None))
+    params = pl.params
+    assert (
+        f"optim.lr=0.003 is a small model's peak LR for {params / 1e9:.2f}B parameters: published runs from "
+        "0.5B parameters on peak at 4e-4 or lower (GPT-3 Table 2.1, TinyLlama, Llama 2 Table 1); lower "
+        "optim.lr"
+    ) in pl.warnings
+    assert to_object(compose(*base, "train.global_batch_size=64")).train.global_batch_size == 64
+
+
+def test_lr_warning_threshold():
+    from harness.model import lr_warning
+
+    assert lr_warning(499_999_999, 3e-3) is None  # a small model may peak high
+    assert lr_warning(500_000_000, 9.9e-4) is None
+    assert lr_warning(500_000_000, 1e-3).startswith("optim.lr=0.001 is a small model's peak LR for 0.50B")
+    assert lr_warning(4_212_992, 3e-3) is None  # the default tiny run
