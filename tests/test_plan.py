@@ -3,6 +3,7 @@ parameter counts of published models, warnings, the CLI and its PNG."""
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -264,3 +265,49 @@ def test_lr_warning_threshold():
     assert lr_warning(500_000_000, 9.9e-4) is None
     assert lr_warning(500_000_000, 1e-3).startswith("optim.lr=0.001 is a small model's peak LR for 0.50B")
     assert lr_warning(4_212_992, 3e-3) is None  # the default tiny run
+
+
+PROBE = [  # world 2, micro-batch 2, global batch 8: two micro-batches per step
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "model.vocab_size=320",
+    "data.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "schedule.batch_warmup.start_global_batch_size=null",
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "extra, between",
+    [
+        ([], "unsharded_grads"),  # fp32: 4 bytes x every parameter on every rank
+        (["parallel.param_dtype=bfloat16"], "unsharded_grads"),  # accumulated in bf16: 2 bytes
+        (["parallel.reduce_grads_every_micro_batch=true"], "grads"),  # sharded: 4 bytes / 2 ranks
+    ],
+)
+def test_plan_counts_the_gradients_fsdp_holds_between_micro_batches(tmp_path, extra, between):
+    """FSDP with accumulation at world 2: the gradient bytes rank 0 holds after the first micro-batch and
+    after the step's last (measured: every live tensor's storage, tests/fsdp_memory_probe.py) are the
+    plan's arithmetic, exactly (the parameter counts are exact)."""
+    from harness.plan import memory_estimate
+
+    out = tmp_path / "held.json"
+    cmd = [*conftest.TORCHRUN2, "tests/fsdp_memory_probe.py", str(out), *PROBE, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads(out.read_text())
+    cfg = to_object(compose(*PROBE, "parallel=fsdp", *extra, "plan.gpus=2"))
+    params = model_stats(cfg.model, 320, 32).params
+    mem = memory_estimate(cfg, params, 320, None, 2, accumulation=2)
+    assert held["params"] == params == 102_720
+    assert held["after_first"] == getattr(mem, between)
+    assert held["after_last"] == mem.grads == 4 * params / 2  # fp32 shards of the gradients
+    assert (
+        held["after_first"] == {"unsharded_grads": (2 if extra else 4) * params, "grads": 2 * params}[between]
+    )
