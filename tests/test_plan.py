@@ -311,3 +311,59 @@ def test_plan_counts_the_gradients_fsdp_holds_between_micro_batches(tmp_path, ex
     assert (
         held["after_first"] == {"unsharded_grads": (2 if extra else 4) * params, "grads": 2 * params}[between]
     )
+
+
+def test_plan_weighs_reducing_every_micro_batch():
+    """Llama 3 70B, tp 8 on 32 H100s, 64 micro-batches per step: the deferred reduce-scatter leaves 8.8B
+    unsharded fp32 gradients per rank (does not fit); reducing every micro-batch fits, for 64 x the
+    reduce-scatter bytes."""
+    base = [
+        "model=llama3_70b",
+        "model.vocab_size=128256",
+        "parallel=fsdp",
+        "parallel.tp=8",
+        "parallel.sequence_parallel=true",
+        "parallel.param_dtype=bfloat16",
+        "parallel.reduce_dtype=float32",
+        "parallel.activation_checkpointing=true",
+        "train.global_batch_size=256",
+        "plan.gpus=32",
+    ]
+    given = (10**13, False, "given", None)
+    once = make_plan(to_object(compose(*base)), dataset=given)
+    every = make_plan(
+        to_object(compose(*base, "parallel.reduce_grads_every_micro_batch=true")), dataset=given
+    )
+    local = once.memory.unsharded_grads / 4
+    assert once.gradient_accumulation_steps == 64 and local == pytest.approx(8.82e9, rel=1e-3)
+    assert once.memory.unsharded_grads_other == every.memory.unsharded_grads
+    assert every.memory.unsharded_grads_other == once.memory.unsharded_grads
+    assert once.memory.total_checkpointed > 75 * 2**30 > every.memory.total_checkpointed
+    before, after = once.memory.total_checkpointed / 2**30, every.memory.total_checkpointed / 2**30
+    assert [w for w in once.warnings if "per device" in w] == [
+        f"estimated {before:.1f} GiB per device exceeds the H100's 75 GiB: set "
+        f"parallel.reduce_grads_every_micro_batch=true ({after:.1f} GiB: the "
+        f"{local * 4 / 2**30:.1f} GiB of unsharded gradients held between micro-batches are reduce-scattered "
+        "after each one instead, accumulation x the reduce-scatter bytes)"
+    ]
+    assert not any("per device" in w for w in every.warnings)
+    rs = once.communication["dp_shard"]["reduce_scatter"]
+    assert every.communication["dp_shard"]["reduce_scatter"] == 64 * rs == 64 * local * 4
+    # Llama 3 8B on 64 H100s (fp32 reduce, activation checkpointing): the unsharded gradients are 4 bytes
+    # x 8.03B parameters on every rank, not the 0.47 GiB shard
+    pl = make_plan(
+        to_object(
+            compose(
+                "model=llama3_8b",
+                "model.vocab_size=128256",
+                "parallel=fsdp",
+                "parallel.param_dtype=bfloat16",
+                "parallel.reduce_dtype=float32",
+                "parallel.activation_checkpointing=true",
+                "plan.gpus=64",
+            )
+        ),
+        dataset=given,
+    )
+    assert pl.memory.unsharded_grads == 4 * 8_030_261_248
+    assert 48 * 2**30 < pl.memory.total_checkpointed < 54 * 2**30
