@@ -367,3 +367,14 @@ def test_plan_weighs_reducing_every_micro_batch():
     )
     assert pl.memory.unsharded_grads == 4 * 8_030_261_248
     assert 48 * 2**30 < pl.memory.total_checkpointed < 54 * 2**30
+
+
+def test_the_trainer_logs_the_plans_lr_warning(tmp_path, small_corpus, monkeypatch):
+    """The trainer and the plan share harness.model.lr_warning (its size threshold lowered here so that
+    the small test model counts as big): one line in train.log."""
+    import harness.model
+
+    monkeypatch.setattr(harness.model, "BIG_MODEL_PARAMS", 1000)
+    train_small(tmp_path / "run", small_corpus, "train.max_steps=2", "optim.lr=3e-3", "eval.every=0")
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert sum("optim.lr=0.003 is a small model's peak LR for 0.00B parameters" in x for x in lines) == 1
