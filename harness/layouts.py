@@ -18,8 +18,9 @@ micro-batch (the plan of :mod:`harness.parallel.tensor`; Korthikanti et al. 2022
 
 FSDP2 over ``dp_shard``: every micro-batch all-gathers the rank's ``P_tp`` parameters (``P_tp`` =
 matrices ``/ tp`` + the replicated norm gains) in forward and again in backward (once with
-``reshard_after_forward=false``); the step reduce-scatters ``P_tp`` gradients once. HSDP all-reduces the
-``P_tp / dp_shard`` gradient shard over ``dp_replicate``; DDP all-reduces ``P`` fp32 gradients.
+``reshard_after_forward=false``); the step reduce-scatters ``P_tp`` gradients once (``k`` times with
+``reduce_grads_every_micro_batch``). HSDP all-reduces the ``P_tp / dp_shard`` gradient shard over
+``dp_replicate`` (as often); DDP all-reduces ``P`` fp32 gradients.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def comm_per_step(cfg, params: int, vocab: int, dims, micro: int, k: int) -> dic
         local = tp_local_params(params, m.num_layers, m.hidden_size, dims.tp)
         pb = _BYTES[par.param_dtype]
         rb = _BYTES[par.reduce_dtype or par.param_dtype]
+        reductions = k if par.reduce_grads_every_micro_batch else 1
         if dims.dp_shard > 1:
             gathers = 2 * k if par.reshard_after_forward else k
-            out["dp_shard"] = {"all_gather": gathers * local * pb, "reduce_scatter": local * rb}
+            out["dp_shard"] = {"all_gather": gathers * local * pb, "reduce_scatter": reductions * local * rb}
         if dims.dp_replicate > 1:
-            out["dp_replicate"] = {"all_reduce": local // dims.dp_shard * rb}
+            out["dp_replicate"] = {"all_reduce": reductions * (local // dims.dp_shard) * rb}
     return out

@@ -157,6 +157,27 @@ def model_stats(model: ModelConfig, vocab_size: int, seq_len: int) -> ModelStats
     return ModelStats(params, embedding, params - embedding, flops)
 
 
+BIG_MODEL_PARAMS = 5e8  # from here on, a peak LR of 1e-3 or more is a small model's
+SMALL_MODEL_LR = 1e-3
+
+
+def lr_warning(params: int, lr: float) -> str | None:
+    """One line when a model of ``params >= 5e8`` gets a peak ``lr >= 1e-3`` (the tiny model's default
+    is 3e-3), else None; logged by the trainer and listed by ``harness.plan``.
+
+    Published peaks from half a billion parameters on are 4e-4 or lower: GPT-3 760M 2.5e-4 and 1.3B
+    2e-4 (Brown et al. 2020, Table 2.1), TinyLlama 1.1B 4e-4 (Zhang et al. 2024), Llama 2 7B 3e-4 and 70B
+    1.5e-4 (Touvron et al. 2023, Table 1); ``configs/recipe/<model>.yaml`` sets them for the presets.
+    """
+    if params < BIG_MODEL_PARAMS or lr < SMALL_MODEL_LR:
+        return None
+    return (
+        f"optim.lr={lr:g} is a small model's peak LR for {params / 1e9:.2f}B parameters: published runs "
+        "from 0.5B parameters on peak at 4e-4 or lower (GPT-3 Table 2.1, TinyLlama, Llama 2 Table 1); "
+        "lower optim.lr"
+    )
+
+
 def count_parameters(net: torch.nn.Module) -> int:
     """Trainable parameters of a built model (shared tensors counted once)."""
     seen = {}

@@ -24,7 +24,7 @@ from harness.config.validate import resolve_batch_sizes
 from harness.errors import ConfigError, DataError, HarnessError
 from harness.layouts import comm_per_step
 from harness.metrics import GPU_SPECS
-from harness.model import model_stats, resolve_vocab_size
+from harness.model import lr_warning, model_stats, resolve_vocab_size
 from harness.parallel.dims import ParallelDims
 from harness.parallel.tensor import check_tensor_parallel
 from harness.schedule import IterationPlan, TrainingSchedule, build_schedule
@@ -65,9 +65,13 @@ class PlanJobConfig(JobConfig):
 register_schema("plan", PlanJobConfig)
 
 
+CUDA_CONTEXT_BYTES = 2**30  # assumed, not measured here (no GPU): see MemoryEstimate
+ALLOCATOR_RESERVE = 0.10  # assumed share of the tensors' bytes the caching allocator reserves beyond them
+
+
 @dataclass
 class MemoryEstimate:
-    """Bytes per device for one backend (GiB = 2**30 bytes in the printout).
+    """Peak bytes per device for one backend (GiB = 2**30 bytes in the printout).
 
     Model state follows the ZeRO paper's accounting (Rajbhandari et al. 2020, Sec. 3.1): with
     mixed precision, 16 bytes per parameter (fp32 master weights 4, fp32 gradients 4 (or bf16 2
@@ -77,8 +81,22 @@ class MemoryEstimate:
     with 16-bit activations and fused (flash/SDPA) attention, which removes the ``5 * a * s^2 * b``
     attention-score term; with full activation checkpointing each layer keeps only its input
     (``2 * s * b * h``) plus one layer's activations during recompute. Logits and their gradient
-    in fp32 add ``8 * s * b * V``. The estimate ignores fragmentation, the CUDA context (~0.5-1 GiB)
-    and communication buffers.
+    in fp32 add ``8 * s * b * V``.
+
+    FSDP2 (``torch.distributed.fsdp``, as ``harness.parallel.distributed`` calls it): the root unit
+    (token embedding, LM head, final norm) is gathered whole and FSDP2 keeps the root gathered from
+    forward to backward; two blocks are in flight (current + prefetched). With accumulation and the
+    reduce-scatter deferred to the step's last micro-batch, every rank holds the unsharded gradients of
+    its whole (tp-local) model from the first micro-batch's backward to that reduce-scatter, in the
+    reduce dtype (``reduce_dtype`` or ``param_dtype``; FSDP2's ``unsharded_accumulated_grad``), which
+    ``tests/test_plan.py`` measures on CPU; with ``reduce_grads_every_micro_batch`` only the gathered
+    units' gradients are unsharded, until their reduce-scatter.
+
+    ``context`` is the CUDA context, cuBLAS workspaces and NCCL buffers (:data:`CUDA_CONTEXT_BYTES`,
+    1 GiB: the context is ~0.5 GiB with lazy module loading, NCCL allocates ``NCCL_BUFFSIZE`` (4 MiB)
+    per channel and peer); the caching allocator's reserve beyond the tensors (fragmentation) is
+    :data:`ALLOCATOR_RESERVE` of them. Both are assumptions until a GPU run's
+    ``torch.cuda.max_memory_reserved`` is held against the plan.
     """
 
     backend: str
@@ -86,21 +104,36 @@ class MemoryEstimate:
     params: float
     grads: float
     optimizer: float
-    # transient unsharded parameters (FSDP/ZeRO-3: about two blocks in flight)
+    # transient unsharded parameters (FSDP: the root unit + two blocks; ZeRO-3: two blocks)
     gathered: float
     activations: float
     activations_checkpointed: float
     device_memory: float | None
     # tensor-parallel degree: the model state is split over shards x tp ranks
     tp: int = 1
+    # FSDP: unsharded gradients at the peak (see above)
+    unsharded_grads: float = 0.0
+    # ... with the other parallel.reduce_grads_every_micro_batch (None: no difference)
+    unsharded_grads_other: float | None = None
+    context: float = CUDA_CONTEXT_BYTES
+
+    def tensors(self, checkpointed: bool, unsharded_grads: float | None = None) -> float:
+        """Bytes of the tensors at the peak (``unsharded_grads``: instead of this layout's)."""
+        grads = self.unsharded_grads if unsharded_grads is None else unsharded_grads
+        act = self.activations_checkpointed if checkpointed else self.activations
+        return self.params + self.grads + self.optimizer + grads + self.gathered + act
+
+    def peak(self, checkpointed: bool, unsharded_grads: float | None = None) -> float:
+        """The device's peak: the tensors, the allocator's reserve and the CUDA context."""
+        return self.tensors(checkpointed, unsharded_grads) * (1 + ALLOCATOR_RESERVE) + self.context
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations
+        return self.peak(False)
 
     @property
     def total_checkpointed(self) -> float:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations_checkpointed
+        return self.peak(True)
 
 
 @dataclass
@@ -159,6 +192,7 @@ class PlanReport:
         d = asdict(self)
         d["memory"]["total"] = self.memory.total
         d["memory"]["total_checkpointed"] = self.memory.total_checkpointed
+        d["memory"]["allocator_reserve"] = ALLOCATOR_RESERVE
         return d
 
 
@@ -231,9 +265,11 @@ def memory_estimate(
     world_size: int,
     tp: int | None = None,
     sequence_parallel: bool | None = None,
+    accumulation: int = 1,
 ) -> MemoryEstimate:
-    """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks (see :class:`MemoryEstimate`);
-    ``tp`` / ``sequence_parallel`` override the config's (the layouts table).
+    """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks and ``accumulation`` micro-batches
+    per step (see :class:`MemoryEstimate`); ``tp`` / ``sequence_parallel`` override the config's (the
+    layouts table).
 
     Tensor parallelism divides the matrices by ``tp`` (norm gains stay whole) and, after Korthikanti et
     al. 2022 (Sec. 4.2), the activations per layer to ``s b h (10 + 24 / tp)`` without sequence
@@ -249,22 +285,19 @@ def memory_estimate(
     shards = world_size // tp
     if name == "fsdp" and par.dp_replicate > 1:
         shards = shards // par.dp_replicate
-    layer = p / max(m.num_layers, 1)
-    gathered = 0.0
-    if name in ("none", "ddp"):
+    gathered, unsharded, other = 0.0, 0.0, None
+    if name in ("none", "ddp") or (name == "fsdp" and world_size // tp == 1):  # fsdp: tp alone, no FSDP
         shards = 1
         params_b, grads_b, opt_b = 4 * p, 4 * p, 8 * p
     elif name == "fsdp":
         params_b, grads_b, opt_b = 4 * p / shards, 4 * p / shards, 8 * p / shards
-        gathered = 2 * layer * (2 if par.param_dtype == "bfloat16" else 4)  # current + prefetched block
-        if not par.reshard_after_forward:
-            gathered = p * (2 if par.param_dtype == "bfloat16" else 4)
+        gathered, unsharded, other = _fsdp_unsharded(cfg, p, vocab, tp, accumulation)
     else:  # deepspeed: bf16 weights + bf16 grads + fp32 master/moments (12 B)
         stage = par.zero_stage
         params_b = 2 * p / (shards if stage >= 3 else 1)
         grads_b = 2 * p / (shards if stage >= 2 else 1)
         opt_b = 12 * p / (shards if stage >= 1 else 1)
-        gathered = 2 * layer * 2 if stage >= 3 else 0.0
+        gathered = 2 * p / max(m.num_layers, 1) * 2 if stage >= 3 else 0.0
     if getattr(par, "cpu_offload", False) or getattr(par, "offload_optimizer", False):
         opt_b = 0.0
     s, b, h, L = cfg.data.seq_len, cfg.train.micro_batch_size or 1, m.hidden_size, m.num_layers
@@ -272,7 +305,29 @@ def memory_estimate(
     per_layer = 34.0 / tp if sp else 10.0 + 24.0 / tp
     act = per_layer * s * b * h * L + logits
     act_ckpt = 2.0 * s * b * h * L / (tp if sp else 1) + per_layer * s * b * h + logits
-    return MemoryEstimate(name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory, tp)
+    return MemoryEstimate(
+        name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory, tp, unsharded, other
+    )
+
+
+def _fsdp_unsharded(cfg: PlanJobConfig, p: float, vocab: int, tp: int, accumulation: int):
+    """FSDP2's ``(gathered parameters, unsharded gradients, the gradients with the other
+    reduce_grads_every_micro_batch or None)`` in bytes, for ``p`` parameters per tp rank."""
+    from harness.layouts import _BYTES
+
+    m, par = cfg.model, cfg.parallel
+    h = m.hidden_size
+    root = vocab * h * (1 if m.tie_word_embeddings else 2) / tp + h  # embedding, LM head, final norm
+    if m.arch == "gpt2":
+        root += m.max_position_embeddings * h + h  # learned positions; the final LayerNorm's bias
+    in_flight = root + 2 * (p - root) / max(m.num_layers, 1)  # the root unit and two blocks
+    param_bytes, grad_bytes = _BYTES[par.param_dtype], _BYTES[par.reduce_dtype or par.param_dtype]
+    gathered = (in_flight if par.reshard_after_forward else p) * param_bytes
+    every = in_flight * grad_bytes  # reduce-scattered unit by unit in backward
+    once = p * grad_bytes if accumulation > 1 else every  # the whole model's, held between micro-batches
+    if par.reduce_grads_every_micro_batch:
+        return gathered, every, (once if once != every else None)
+    return gathered, once, (every if once != every else None)
 
 
 def _dataset(cfg: PlanJobConfig, given, global_batch_size: int):
@@ -321,7 +376,9 @@ def make_plan(
     total_flops = stats.flops_per_token * last.tokens_total
     wall = total_flops / (gpus * peak * p.mfu)
     ramp = plan.ramp
-    mem = memory_estimate(cfg, stats.params, vocab, memory_bytes, gpus)
+    mem = memory_estimate(
+        cfg, stats.params, vocab, memory_bytes, gpus, accumulation=batch.gradient_accumulation_steps
+    )
     ac = cfg.parallel.activation_checkpointing
     drawn = _drawn(mixture, last.tokens_total, cfg.data.seq_len) if mixture else None
     dims = ParallelDims.from_config(cfg.parallel, gpus)
@@ -371,9 +428,10 @@ def make_plan(
             sched,
             train_sequences,
             batch.global_batch_size,
+            stats.params,
             last.tokens_total / stats.params,
-            mem.total_checkpointed if ac else mem.total,
-            memory_bytes,
+            mem,
+            ac,
             drawn,
         ),
     )
@@ -400,7 +458,16 @@ def layout_rows(cfg: PlanJobConfig, params: int, vocab: int, gpus: int, device_m
             rows.append({**row, "note": str(e)})
             continue
         c = replace(cfg, parallel=par)
-        mem = memory_estimate(c, params, vocab, device_memory, gpus, tp, par.sequence_parallel)
+        mem = memory_estimate(
+            c,
+            params,
+            vocab,
+            device_memory,
+            gpus,
+            tp,
+            par.sequence_parallel,
+            batch.gradient_accumulation_steps,
+        )
         comm = comm_per_step(
             c, params, vocab, dims, batch.micro_batch_size, batch.gradient_accumulation_steps
         )
@@ -492,9 +559,10 @@ def _warnings(
     sched: TrainingSchedule,
     train_sequences: int,
     global_batch: int,
+    params: int,
     tokens_per_param: float,
-    memory: float,
-    device_memory: float,
+    memory: MemoryEstimate,
+    checkpointed: bool,
     sources: list[dict] | None = None,
 ) -> list[str]:
     """The schedule's shortened warmups (as the trainer logs them) and the plan's own checks.
@@ -505,6 +573,8 @@ def _warnings(
     out = list(sched.warnings)
     if tokens_per_param < 1:
         out.append(f"{tokens_per_param:.2f} training tokens per parameter (< 1): the model will barely train")
+    if warning := lr_warning(params, cfg.optim.lr):
+        out.append(warning)
     if cfg.schedule.name != "constant" and sched.lr(sched.max_steps) != cfg.schedule.min_lr:
         out.append(f"the LR schedule does not reach min_lr at max_steps={sched.max_steps}")
     for src in sources or []:
@@ -514,13 +584,29 @@ def _warnings(
                 "epochs repeated tokens are worth much less (Muennighoff et al. 2023, Scaling "
                 "Data-Constrained Language Models)"
             )
-    if memory > device_memory:
-        out.append(
-            f"estimated {memory / 2**30:.1f} GiB per device exceeds the {cfg.plan.gpu}'s "
-            f"{device_memory / 2**30:.0f} GiB: lower train.micro_batch_size, shard more "
-            "(parallel=fsdp / zero_stage=3) or enable activation checkpointing"
-        )
-    return out
+    return out + _memory_warnings(cfg, memory, checkpointed)
+
+
+def _memory_warnings(cfg: PlanJobConfig, mem: MemoryEstimate, checkpointed: bool) -> list[str]:
+    """One line when the peak exceeds the device; it names reduce_grads_every_micro_batch when that
+    alone makes the estimate fit."""
+    peak, device, gib = mem.peak(checkpointed), mem.device_memory, 2**30
+    if not device or peak <= device:
+        return []
+    line = f"estimated {peak / gib:.1f} GiB per device exceeds the {cfg.plan.gpu}'s {device / gib:.0f} GiB: "
+    par = cfg.parallel
+    if mem.unsharded_grads_other is not None and not par.reduce_grads_every_micro_batch:
+        other = mem.peak(checkpointed, mem.unsharded_grads_other)
+        if other <= device:
+            return [
+                line + f"set parallel.reduce_grads_every_micro_batch=true ({other / gib:.1f} GiB: the "
+                f"{mem.unsharded_grads / gib:.1f} GiB of unsharded gradients held between micro-batches are "
+                "reduce-scattered after each one instead, accumulation x the reduce-scatter bytes)"
+            ]
+    fixes = "lower train.micro_batch_size, shard more (parallel=fsdp / zero_stage=3)"
+    if mem.unsharded_grads_other is not None and not par.reduce_grads_every_micro_batch:
+        fixes += ", set parallel.reduce_grads_every_micro_batch=true"
+    return [line + fixes + ("" if checkpointed else " or enable activation checkpointing")]
 
 
 def _tokenizer_vocab(cfg: PlanJobConfig) -> int | None:
@@ -613,7 +699,7 @@ def _mixture_lines(pl: PlanReport) -> list[str]:
 def render_text(pl: PlanReport) -> str:
     """The human-readable plan."""
     gib = 2**30
-    m = pl.memory
+    m, ac = pl.memory, pl.activation_checkpointing
     exact = (
         "exact: " if pl.dataset_tokens_exact else "" if pl.dataset_note.startswith("given") else "ESTIMATE: "
     )
@@ -655,21 +741,41 @@ def render_text(pl: PlanReport) -> str:
         f"parameters         {m.params / gib:8.2f} GiB",
         f"gradients          {m.grads / gib:8.2f} GiB",
         f"optimizer states   {m.optimizer / gib:8.2f} GiB",
-        f"gathered params    {m.gathered / gib:8.2f} GiB",
+        *_unsharded_lines(pl),
         f"activations        {m.activations / gib:8.2f} GiB (micro-batch {pl.micro_batch_size} x "
         f"{pl.seq_len}); "
         f"{m.activations_checkpointed / gib:.2f} GiB with activation checkpointing",
-        f"total              {(m.total_checkpointed if pl.activation_checkpointing else m.total) / gib:8.2f} "
-        "GiB "
-        f"(activation checkpointing {'on' if pl.activation_checkpointing else 'off'}; "
-        f"{(m.total if pl.activation_checkpointing else m.total_checkpointed) / gib:.2f} GiB with it "
-        f"{'off' if pl.activation_checkpointing else 'on'})"
+        f"CUDA + allocator   {(m.peak(ac) - m.tensors(ac)) / gib:8.2f} GiB ({m.context / gib:.2f} GiB CUDA "
+        f"context and NCCL buffers + {ALLOCATOR_RESERVE:.0%} allocator reserve; assumed)",
+        f"total              {m.peak(ac) / gib:8.2f} GiB (activation checkpointing {'on' if ac else 'off'}; "
+        f"{m.peak(not ac) / gib:.2f} GiB with it {'off' if ac else 'on'})"
         + (f"; device: {m.device_memory / gib:.0f} GiB" if m.device_memory else ""),
         "",
     ]
     lines += _comm_lines(pl) + _layout_lines(pl)
     lines += [f"WARNING: {w}" for w in pl.warnings] or ["no warnings"]
     return "\n".join(lines)
+
+
+def _unsharded_lines(pl: PlanReport) -> list[str]:
+    """The gathered parameters and, under FSDP, the unsharded gradients (with the figure of the other
+    ``parallel.reduce_grads_every_micro_batch``)."""
+    m, gib = pl.memory, 2**30
+    if not (m.backend == "fsdp" and m.gathered):  # no FSDP units (another backend, or tp alone)
+        return [f"gathered params    {m.gathered / gib:8.2f} GiB"]
+    other = m.unsharded_grads_other
+    held = other is not None and m.unsharded_grads > other
+    note = (
+        "the whole model's, held between micro-batches until the step's reduce-scatter"
+        if held
+        else "the gathered units', until their reduce-scatter"
+    )
+    if other is not None:
+        note += f"; {other / gib:.2f} GiB with parallel.reduce_grads_every_micro_batch={str(held).lower()}"
+    return [
+        f"unsharded grads    {m.unsharded_grads / gib:8.2f} GiB ({note})",
+        f"gathered params    {m.gathered / gib:8.2f} GiB (the root unit, embedding + LM head, and 2 blocks)",
+    ]
 
 
 def _gb(n: float) -> str:

@@ -39,7 +39,14 @@ from harness.faults import Faults
 from harness.hooks import Hook, default_hooks
 from harness.hooks.watchdog import flight_recorder_env
 from harness.metrics import MetricsLogger, StepMetrics, StepTimer, Throughput, max_memory_bytes, step_log
-from harness.model import build_model, check_attention, document_mask_path, model_stats, resolve_vocab_size
+from harness.model import (
+    build_model,
+    check_attention,
+    document_mask_path,
+    lr_warning,
+    model_stats,
+    resolve_vocab_size,
+)
 from harness.parallel import Backend, ParallelDims, build_backend
 from harness.rundir import RunDir
 from harness.schedule import DataPosition, StepInfo, TrainingSchedule, build_schedule
@@ -326,6 +333,8 @@ class Trainer:
                 self.throughput.peak_flops,
                 self.throughput.peak_source,
             )
+            if warning := lr_warning(stats.params, cfg.optim.lr):
+                log.warning("%s", warning)
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -197,8 +197,9 @@ def test_export_from_sharded_checkpoint_matches_the_run(tmp_path, wikitext, back
     [
         ["parallel.activation_checkpointing=true", "parallel.reshard_after_forward=false"],
         ["parallel.dp_replicate=2"],
+        ["parallel.reduce_grads_every_micro_batch=true"],
     ],
-    ids=["checkpointing-noreshard", "hsdp"],
+    ids=["checkpointing-noreshard", "hsdp", "reduce-every-micro-batch"],
 )
 def test_fsdp_knobs_keep_the_losses(tmp_path, wikitext, parity_runs, knobs):
     launch(

@@ -3,6 +3,7 @@ parameter counts of published models, warnings, the CLI and its PNG."""
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -224,3 +225,156 @@ def test_cli_text_json_png_and_errors(tmp_path, small_corpus):
         proc.returncode == 2
         and proc.stderr.strip() == "error: plan.gpu='V100' is not one of H100, H200, A100, B200"
     )
+
+
+# model preset: (peak LR, min LR, seq_len, global batch in sequences) of configs/recipe/<model>.yaml
+RECIPES = {
+    "llama3_8b": (3e-4, 3e-5, 8192, 512),  # Llama 2 7B recipe (Table 1), Llama 3's 8,192-token sequences
+    "llama3_70b": (1.5e-4, 1.5e-5, 8192, 512),  # Llama 2 70B recipe
+    "llama_1b": (4e-4, 4e-5, 2048, 1024),  # TinyLlama 1.1B
+}
+
+
+@pytest.mark.parametrize("model", list(RECIPES))
+def test_big_presets_plan_with_their_published_batch_and_lr(model):
+    """The presets bring their own batch and LR (the tiny model's 8 -> 16 ramp cannot run on 64 ranks
+    and its 3e-3 peak is a small model's); an explicit override still wins, and 3e-3 warns."""
+    lr, min_lr, seq_len, batch = RECIPES[model]
+    base = [f"model={model}", "model.vocab_size=128256", "parallel=fsdp", "plan.gpus=64", "eval.every=0"]
+    cfg = to_object(compose(*base))
+    pl = make_plan(cfg, dataset=(10**12, False, "given", None))
+    assert (cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps) == (lr, min_lr, 2000)
+    assert cfg.schedule.batch_warmup.start_global_batch_size is None
+    assert (pl.seq_len, pl.global_batch_size) == (seq_len, batch)
+    assert pl.global_batch_tokens == {8192: 4_194_304, 2048: 2_097_152}[seq_len]
+    assert not any("optim.lr" in w for w in pl.warnings)
+    pl = make_plan(to_object(compose(*base, "optim.lr=3e-3")), dataset=(10**12, False, "given", None))
+    params = pl.params
+    assert (
+        f"optim.lr=0.003 is a small model's peak LR for {params / 1e9:.2f}B parameters: published runs from "
+        "0.5B parameters on peak at 4e-4 or lower (GPT-3 Table 2.1, TinyLlama, Llama 2 Table 1); lower "
+        "optim.lr"
+    ) in pl.warnings
+    assert to_object(compose(*base, "train.global_batch_size=64")).train.global_batch_size == 64
+
+
+def test_lr_warning_threshold():
+    from harness.model import lr_warning
+
+    assert lr_warning(499_999_999, 3e-3) is None  # a small model may peak high
+    assert lr_warning(500_000_000, 9.9e-4) is None
+    assert lr_warning(500_000_000, 1e-3).startswith("optim.lr=0.001 is a small model's peak LR for 0.50B")
+    assert lr_warning(4_212_992, 3e-3) is None  # the default tiny run
+
+
+PROBE = [  # world 2, micro-batch 2, global batch 8: two micro-batches per step
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "model.vocab_size=320",
+    "data.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "schedule.batch_warmup.start_global_batch_size=null",
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "extra, between",
+    [
+        ([], "unsharded_grads"),  # fp32: 4 bytes x every parameter on every rank
+        (["parallel.param_dtype=bfloat16"], "unsharded_grads"),  # accumulated in bf16: 2 bytes
+        (["parallel.reduce_grads_every_micro_batch=true"], "grads"),  # sharded: 4 bytes / 2 ranks
+    ],
+)
+def test_plan_counts_the_gradients_fsdp_holds_between_micro_batches(tmp_path, extra, between):
+    """FSDP with accumulation at world 2: the gradient bytes rank 0 holds after the first micro-batch and
+    after the step's last (measured: every live tensor's storage, tests/fsdp_memory_probe.py) are the
+    plan's arithmetic, exactly (the parameter counts are exact)."""
+    from harness.plan import memory_estimate
+
+    out = tmp_path / "held.json"
+    cmd = [*conftest.TORCHRUN2, "tests/fsdp_memory_probe.py", str(out), *PROBE, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads(out.read_text())
+    cfg = to_object(compose(*PROBE, "parallel=fsdp", *extra, "plan.gpus=2"))
+    params = model_stats(cfg.model, 320, 32).params
+    mem = memory_estimate(cfg, params, 320, None, 2, accumulation=2)
+    assert held["params"] == params == 102_720
+    assert held["after_first"] == getattr(mem, between)
+    assert held["after_last"] == mem.grads == 4 * params / 2  # fp32 shards of the gradients
+    assert (
+        held["after_first"] == {"unsharded_grads": (2 if extra else 4) * params, "grads": 2 * params}[between]
+    )
+
+
+def test_plan_weighs_reducing_every_micro_batch():
+    """Llama 3 70B, tp 8 on 32 H100s, 64 micro-batches per step: the deferred reduce-scatter leaves 8.8B
+    unsharded fp32 gradients per rank (does not fit); reducing every micro-batch fits, for 64 x the
+    reduce-scatter bytes."""
+    base = [
+        "model=llama3_70b",
+        "model.vocab_size=128256",
+        "parallel=fsdp",
+        "parallel.tp=8",
+        "parallel.sequence_parallel=true",
+        "parallel.param_dtype=bfloat16",
+        "parallel.reduce_dtype=float32",
+        "parallel.activation_checkpointing=true",
+        "train.global_batch_size=256",
+        "plan.gpus=32",
+    ]
+    given = (10**13, False, "given", None)
+    once = make_plan(to_object(compose(*base)), dataset=given)
+    every = make_plan(
+        to_object(compose(*base, "parallel.reduce_grads_every_micro_batch=true")), dataset=given
+    )
+    local = once.memory.unsharded_grads / 4
+    assert once.gradient_accumulation_steps == 64 and local == pytest.approx(8.82e9, rel=1e-3)
+    assert once.memory.unsharded_grads_other == every.memory.unsharded_grads
+    assert every.memory.unsharded_grads_other == once.memory.unsharded_grads
+    assert once.memory.total_checkpointed > 75 * 2**30 > every.memory.total_checkpointed
+    before, after = once.memory.total_checkpointed / 2**30, every.memory.total_checkpointed / 2**30
+    assert [w for w in once.warnings if "per device" in w] == [
+        f"estimated {before:.1f} GiB per device exceeds the H100's 75 GiB: set "
+        f"parallel.reduce_grads_every_micro_batch=true ({after:.1f} GiB: the "
+        f"{local * 4 / 2**30:.1f} GiB of unsharded gradients held between micro-batches are reduce-scattered "
+        "after each one instead, accumulation x the reduce-scatter bytes)"
+    ]
+    assert not any("per device" in w for w in every.warnings)
+    rs = once.communication["dp_shard"]["reduce_scatter"]
+    assert every.communication["dp_shard"]["reduce_scatter"] == 64 * rs == 64 * local * 4
+    # Llama 3 8B on 64 H100s (fp32 reduce, activation checkpointing): the unsharded gradients are 4 bytes
+    # x 8.03B parameters on every rank, not the 0.47 GiB shard
+    pl = make_plan(
+        to_object(
+            compose(
+                "model=llama3_8b",
+                "model.vocab_size=128256",
+                "parallel=fsdp",
+                "parallel.param_dtype=bfloat16",
+                "parallel.reduce_dtype=float32",
+                "parallel.activation_checkpointing=true",
+                "plan.gpus=64",
+            )
+        ),
+        dataset=given,
+    )
+    assert pl.memory.unsharded_grads == 4 * 8_030_261_248
+    assert 48 * 2**30 < pl.memory.total_checkpointed < 54 * 2**30
+
+
+def test_the_trainer_logs_the_plans_lr_warning(tmp_path, small_corpus, monkeypatch):
+    """The trainer and the plan share harness.model.lr_warning (its size threshold lowered here so that
+    the small test model counts as big): one line in train.log."""
+    import harness.model
+
+    monkeypatch.setattr(harness.model, "BIG_MODEL_PARAMS", 1000)
+    train_small(tmp_path / "run", small_corpus, "train.max_steps=2", "optim.lr=3e-3", "eval.every=0")
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert sum("optim.lr=0.003 is a small model's peak LR for 0.00B parameters" in x for x in lines) == 1

@@ -241,6 +241,11 @@ class FSDPConfig(ParallelConfig):
     reduce_dtype: str | None = None
     # keep the sharded parameters, gradients and optimizer state on the CPU (needs a GPU)
     cpu_offload: bool = False
+    # false: reduce-scatter gradients once per step, on its last micro-batch (fewest bytes moved; between
+    # micro-batches every rank holds the unsharded gradients of its whole model, 4 bytes per parameter in
+    # fp32); true: after every micro-batch (gradients stay sharded; accumulation x the reduce-scatter
+    # bytes). harness.plan shows both memory figures and recommends true when only it fits
+    reduce_grads_every_micro_batch: bool = False
 
 
 @dataclass

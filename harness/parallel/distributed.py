@@ -150,8 +150,10 @@ class FSDPBackend(DistributedBackend):
     with tensor parallelism over ``tp``; with one data-parallel rank, tensor parallelism alone).
 
     Gradients are reduce-scattered only on the step's last micro-batch
-    (``set_requires_gradient_sync``); FSDP2 averages over ranks, so the loss is scaled by the
-    data-parallel size to keep the sum convention (see :class:`Backend`).
+    (``set_requires_gradient_sync``; each rank holds its model's unsharded gradients in between), or
+    after every micro-batch with ``reduce_grads_every_micro_batch`` (they stay sharded); FSDP2
+    averages over ranks, so the loss is scaled by the data-parallel size to keep the sum convention
+    (see :class:`Backend`).
     """
 
     name = "fsdp"
@@ -182,7 +184,7 @@ class FSDPBackend(DistributedBackend):
 
     def accumulate(self, is_last: bool):
         if self.dims.dp > 1:
-            self.model.set_requires_gradient_sync(is_last)
+            self.model.set_requires_gradient_sync(is_last or self.cfg.reduce_grads_every_micro_batch)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
