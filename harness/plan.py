@@ -229,12 +229,10 @@ def count_dataset_tokens(cfg: PlanJobConfig) -> tuple[int, bool, str, int | None
     if not cfg.tokenizer.path:
         raise DataError(
             f"data.path holds {total_bytes / 2**30:.1f} GB, more than plan.exact_max_mb={p.exact_max_mb}, "
-            "and "
-            "tokenizer.path is null (a BPE trained on the whole corpus): set tokenizer.path to estimate from "
-            "a "
-            "sample, plan.dataset_tokens to give the count, or raise plan.exact_max_mb"
+            "and tokenizer.path is null (a BPE trained on the whole corpus): set tokenizer.path to estimate "
+            "from a sample, plan.dataset_tokens to give the count, or raise plan.exact_max_mb"
         )
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    tokenizer = load_tokenizer(cfg.tokenizer.path, cfg.tokenizer.eos_token)
     sample, sample_bytes = [], 0
     for f in corpus.files:
         sample.append(f)
@@ -613,7 +611,7 @@ def _tokenizer_vocab(cfg: PlanJobConfig) -> int | None:
     if cfg.tokenizer.path:
         from harness.data.tokenizer import load_tokenizer
 
-        return len(load_tokenizer(cfg.tokenizer.path))
+        return len(load_tokenizer(cfg.tokenizer.path, cfg.tokenizer.eos_token))
     return None
 
 

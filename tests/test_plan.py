@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, SMALL, read_metrics, train_small
 
 from harness.config import to_object
-from harness.model import model_stats
+from harness.model import model_stats, resolve_vocab_size
 from harness.plan import make_plan, schedule_series
 
 PY = sys.executable
@@ -378,3 +378,22 @@ def test_the_trainer_logs_the_plans_lr_warning(tmp_path, small_corpus, monkeypat
     train_small(tmp_path / "run", small_corpus, "train.max_steps=2", "optim.lr=3e-3", "eval.every=0")
     lines = (tmp_path / "run" / "train.log").read_text().splitlines()
     assert sum("optim.lr=0.003 is a small model's peak LR for 0.00B parameters" in x for x in lines) == 1
+
+
+def test_the_plan_reads_a_bare_tokenizer_json_as_training_does(tmp_path, small_corpus, shared_data):
+    """GPT-2's tokenizer.json alone declares no EOS: training takes it with tokenizer.eos_token, and so
+    must the plan, both when it tokenizes a sample (plan.exact_max_mb=0) and with plan.dataset_tokens."""
+    import shutil
+
+    bare = tmp_path / "tokenizer.json"
+    shutil.copy(f"{shared_data}/tokenizers/gpt2/tokenizer.json", bare)
+    base = [
+        *SMALL,
+        f"data.path={small_corpus}",
+        f"tokenizer.path={bare}",
+        'tokenizer.eos_token="<|endoftext|>"',
+    ]
+    for extra in ("plan.exact_max_mb=0", "plan.dataset_tokens=1000000"):
+        cfg = to_object(compose(*base, extra))
+        vocab = resolve_vocab_size(cfg.model, 50257)  # GPT-2's vocabulary, padded as the model is
+        assert make_plan(cfg).params == model_stats(cfg.model, vocab, cfg.data.seq_len).params, extra
