@@ -497,9 +497,9 @@ class CheckpointManager:
         if fmt != self.backend.checkpoint_format:
             raise CheckpointError(
                 f"checkpoint {path} was written by parallel={was}, which parallel={name} cannot load ({fmt} "
-                f"format); resume with parallel={was}, or export it (python -m harness.export {path} OUT) "
-                "and start a "
-                "new run from it"
+                f"format); for a new run give it a new name (run_name=<new name>, or hydra.run.dir), to "
+                f"continue this one resume with parallel={was}, or export it (python -m harness.export "
+                f"{path} OUT) and start a new run from it"
             )
         if not self.backend.reshardable and saved.get("world_size") != self.env.world_size:
             raise CheckpointError(

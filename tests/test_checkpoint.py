@@ -73,3 +73,22 @@ def test_loading_refuses_pickled_code(tmp_path):
     json.dump(manifest, open(os.path.join(path, ckpt.MANIFEST), "w"))
     with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         ckpt.load_checkpoint(path, names=("model",))
+
+
+def test_a_checkpoint_of_another_format_suggests_a_new_run_name_first():
+    """A command that lands on another backend's run directory (the README's commands after ``make
+    train`` did) is told first how to start a new run."""
+    from types import SimpleNamespace
+
+    backend = SimpleNamespace(name="fsdp", checkpoint_format="dcp", reshardable=True)
+    manager = ckpt.CheckpointManager(None, "run", SimpleNamespace(world_size=2), backend, {}, None)
+    with pytest.raises(CheckpointError) as e:
+        manager._check_format(
+            "runs/default/checkpoints/step_00000200", {"parallel": "deepspeed", "world_size": 2}
+        )
+    assert str(e.value) == (
+        "checkpoint runs/default/checkpoints/step_00000200 was written by parallel=deepspeed, which "
+        "parallel=fsdp cannot load (deepspeed format); for a new run give it a new name (run_name=<new "
+        "name>, or hydra.run.dir), to continue this one resume with parallel=deepspeed, or export it "
+        "(python -m harness.export runs/default/checkpoints/step_00000200 OUT) and start a new run from it"
+    )
