@@ -224,6 +224,8 @@ class JsonlSink:
     def close(self) -> None:
         self.file.close()
 
+    abandon = close
+
 
 def format_line(rec: StepMetrics, max_steps: int, shares: dict[str, float] | None = None) -> str:
     """Compact console form of a record (``shares``: a mixture's cumulative token shares by source)."""
@@ -284,6 +286,8 @@ class ConsoleSink:
             self._redirect.__exit__(None, None, None)
             self._redirect = None
         self.bar.close()
+
+    abandon = close
 
 
 def wandb_mode(mode: str) -> str:
