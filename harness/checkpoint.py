@@ -2,8 +2,9 @@
 
 Layout of ``<run>/checkpoints/step_00000100/``::
 
-    model.pt, optimizer.pt   parallel=none: state dicts (tensors only)
-    dcp/                     parallel=ddp|fsdp: torch.distributed.checkpoint shards (every rank its part)
+    dcp/                     parallel=none|ddp|fsdp: torch.distributed.checkpoint shards (every rank its
+                             part; loading reshards, so any of the three resumes at any world size)
+    model.pt, optimizer.pt   parallel=none before it wrote dcp/ (format "torch"): still resumed
     deepspeed/               parallel=deepspeed: DeepSpeed's own format
     rng/rank_<r>.pt          each rank's torch / CUDA RNG states
     tokenizer/               the tokenizer (for ``python -m harness.export``)
@@ -494,12 +495,13 @@ class CheckpointManager:
         was = saved.get("parallel", "none")
         fmt = saved.get("format", _LEGACY_FORMATS.get(was))
         name = self.backend.name
-        if fmt != self.backend.checkpoint_format:
+        readable = (self.backend.checkpoint_format, *getattr(self.backend, "legacy_formats", ()))
+        if fmt not in readable:
             raise CheckpointError(
                 f"checkpoint {path} was written by parallel={was}, which parallel={name} cannot load ({fmt} "
-                f"format); resume with parallel={was}, or export it (python -m harness.export {path} OUT) "
-                "and start a "
-                "new run from it"
+                f"format); for a new run give it a new name (run_name=<new name>, or hydra.run.dir), to "
+                f"continue this one resume with parallel={was}, or export it (python -m harness.export "
+                f"{path} OUT) and start a new run from it"
             )
         if not self.backend.reshardable and saved.get("world_size") != self.env.world_size:
             raise CheckpointError(

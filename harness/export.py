@@ -1,9 +1,10 @@
 """``python -m harness.export CHECKPOINT OUT_DIR``: a Hugging Face model from any backend's checkpoint.
 
 Reads the model shape from the checkpoint's ``trainer_state.json``, its tokenizer from
-``tokenizer/``, and the weights from ``model.pt`` (parallel=none), ``dcp/`` (ddp/fsdp,
-``torch.distributed.checkpoint`` loaded without a process group) or ``deepspeed/`` (ZeRO
-partitions consolidated to fp32 with DeepSpeed's ``zero_to_fp32``). Runs on one CPU process.
+``tokenizer/``, and the weights from ``dcp/`` (none/ddp/fsdp, ``torch.distributed.checkpoint``
+loaded without a process group), ``model.pt`` (one-process checkpoints of the older format) or
+``deepspeed/`` (ZeRO partitions consolidated to fp32 with DeepSpeed's ``zero_to_fp32``). Runs on one
+CPU process.
 The result loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``.
 """
 
@@ -32,8 +33,11 @@ def load_weights(path: str, model: torch.nn.Module) -> dict:
     if os.path.isdir(os.path.join(path, "dcp")):
         import torch.distributed.checkpoint as dcp
 
+        from harness.parallel.none import no_process_group
+
         state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}  # filled in place
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)
+        with no_process_group():
+            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)
         return state["model"]
     if os.path.isdir(os.path.join(path, "deepspeed")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -212,6 +213,8 @@ class StepTimer:
 class JsonlSink:
     """Appends one JSON object per step to ``path`` (flushed each line)."""
 
+    name = "metrics.jsonl"
+
     def __init__(self, path: str):
         self.file = open(path, "a", buffering=1)
 
@@ -220,6 +223,8 @@ class JsonlSink:
 
     def close(self) -> None:
         self.file.close()
+
+    abandon = close
 
 
 def format_line(rec: StepMetrics, max_steps: int, shares: dict[str, float] | None = None) -> str:
@@ -242,6 +247,8 @@ class ConsoleSink:
     While the bar is shown, log lines (``checkpoint: ...``, warnings) go through ``tqdm.write``
     (``tqdm.contrib.logging.logging_redirect_tqdm``), so they never share a line with the bar.
     """
+
+    name = "console"
 
     def __init__(self, max_steps: int, start_step: int, every: int, progress: str):
         from tqdm import tqdm
@@ -280,6 +287,8 @@ class ConsoleSink:
             self._redirect = None
         self.bar.close()
 
+    abandon = close
+
 
 def wandb_mode(mode: str) -> str:
     """The wandb mode for ``logging.wandb.mode``: ``auto`` honours ``$WANDB_MODE`` when it is set
@@ -298,7 +307,11 @@ class WandbSink:
     """Logs each record to Weights & Biases (``mode`` online or offline, see :func:`wandb_mode`).
 
     The run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues the same wandb run.
+    Its ``wandb-core`` process can die before the trainer (``scancel`` signals every process of the
+    job): :class:`MetricsLogger` then drops the sink and calls :meth:`abandon`.
     """
+
+    name = "wandb"
 
     def __init__(
         self, mode: str, project: str, entity: str | None, name: str | None, run_dir: str, config: dict
@@ -332,9 +345,22 @@ class WandbSink:
     def close(self) -> None:
         self.run.finish()
 
+    def abandon(self) -> None:
+        """After a failure: tear wandb's service connection down now (it raises when ``wandb-core`` is
+        gone), so that wandb's exit hook does not print a traceback at exit."""
+        import wandb
+
+        wandb.teardown()
+
 
 class MetricsLogger:
-    """Fans a :class:`StepMetrics` out to its sinks (rank 0 only; other ranks get no sinks)."""
+    """Fans a :class:`StepMetrics` out to its sinks (rank 0 only; other ranks get no sinks).
+
+    A sink whose ``write`` or ``close`` raises (wandb after its ``wandb-core`` process died, a full
+    disk, ...) is dropped with one warning naming it and the exception; the run, its stop checkpoint
+    and the other sinks go on without it. A sink has ``name``, ``write(record)``, ``close()`` and
+    optionally ``abandon()`` (release what it holds after a failure; its errors are ignored).
+    """
 
     def __init__(self, sinks: list):
         self.sinks = sinks
@@ -358,12 +384,30 @@ class MetricsLogger:
         return cls(sinks)
 
     def write(self, rec: StepMetrics) -> None:
-        for sink in self.sinks:
-            sink.write(rec)
+        for sink in list(self.sinks):
+            self._call(sink, f"step {rec.step}", sink.write, rec)
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        for sink in list(self.sinks):
+            self._call(sink, "closing", sink.close)
+        self.sinks = []
+
+    def _call(self, sink, when: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:
+            self.sinks.remove(sink)
+            log.warning(
+                "metrics sink %s failed (%s, %s: %s); training goes on without it",
+                sink.name,
+                when,
+                type(e).__name__,
+                " ".join(str(e).split())[:200],
+            )
+            abandon = getattr(sink, "abandon", None)
+            if abandon is not None:
+                with contextlib.suppress(Exception, SystemExit):
+                    abandon()
 
 
 def truncate_metrics(path: str, step: int) -> None:

@@ -144,3 +144,22 @@ def read_metrics(run_dir) -> list[dict]:
 
 def checkpoints(run_dir) -> list[str]:
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*")))
+
+
+def checkpoint_state(path) -> dict:
+    """A checkpoint's ``{"model": state dict, "optim": optimizer state dict}`` on the CPU, from its
+    ``dcp/`` (parallel=none|ddp|fsdp) or the older ``model.pt`` / ``optimizer.pt``. The optimizer's
+    state and param groups are keyed by parameter name under DCP, by index in the older files."""
+    import tempfile
+
+    import torch
+
+    path = Path(path)
+    if not (path / "dcp").is_dir():
+        load = lambda n: torch.load(path / f"{n}.pt", map_location="cpu", weights_only=True)  # noqa: E731
+        return {"model": load("model"), "optim": load("optimizer")}
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path / "dcp", os.path.join(tmp, "state.pt"))
+        return torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)

@@ -49,7 +49,7 @@ COMMANDS = {
         ],
     ),
     ".venv/bin/python -m harness.prepare_data": ("run", ["data.num_proc=2"]),
-    ".venv/bin/python -m harness.train data.path=/data/c4_tok": (
+    ".venv/bin/python -m harness.train run_name=c4-prepared data.path=/data/c4_tok": (
         "run",
         [*SHORT, *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
     ),
@@ -59,12 +59,16 @@ COMMANDS = {
         "run",
         [*SHORT, *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
     ),
-    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=ddp": (
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train run_name=ddp parallel=ddp": (
+        "run",
+        [*SHORT, *TINY],
+    ),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train run_name=profiled parallel=ddp": (
         "run",
         [*SHORT, *TINY],
     ),
     ".venv/bin/torchrun --standalone --nproc_per_node 8": ("skip", "8 processes of llama_1b: a GPU node"),
-    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=fsdp parallel.tp=2": (
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train run_name=tp2": (
         "skip",
         "run by tests/test_tensor_parallel.py (parallel=fsdp parallel.tp=2 untied, world 2, to parity)",
     ),
@@ -73,14 +77,14 @@ COMMANDS = {
         "run",
         [],
     ),
-    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train parallel=deepspeed": (
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train run_name=zero3 parallel=deepspeed": (
         "run",
         [*SHORT, *TINY],
     ),
     ".venv/bin/deepspeed --num_gpus 2": ("run", [*SHORT, *TINY]),
     ".venv/bin/python -m harness.export": ("run", []),
     ".venv/bin/python -m harness.plan model=llama3_8b": ("run", []),
-    ".venv/bin/python -m harness.train train.max_steps=10 schedule.batch_warmup.steps=4 eval.every=5": (
+    ".venv/bin/python -m harness.train run_name=smoke": (
         "run",
         ["logging.wandb.mode=disabled"],
     ),
@@ -91,7 +95,7 @@ COMMANDS = {
     "NPROC=8 launch/deepspeed.sh": ("skip", "8 processes of llama_1b: a GPU node"),
     "NNODES=4": ("skip", "four nodes"),
     ".venv/bin/python -m harness.cluster.slurm model=llama3_8b": ("run", ["slurm.dry_run=true"]),
-    ".venv/bin/python -m harness.train -m optim.lr=1e-3,3e-4 parallel=fsdp hydra/launcher=submitit_slurm": (
+    ".venv/bin/python -m harness.train -m run_name=lr-sweep": (
         "skip",
         "an h100 Slurm partition (submitit sweeps: tests/test_slurm.py)",
     ),
@@ -147,8 +151,9 @@ def _run(command: str, extra: list[str], tmp, subs: dict, index: int, checkpoint
     if checkpoint:
         command = command.replace("runs/default/checkpoints/step_00000200", checkpoint[0])
     command = command.replace(" exported/", f" {tmp}/exported/")
-    run_dir = tmp / f"run{index}"
     args = shlex.split(command)
+    names = [a.split("=", 1)[1] for a in args if a.startswith("run_name=")]
+    run_dir = tmp / "runs" / (names[-1] if names else "default")  # runs/<run_name>, as for a user
     trains = "harness.train" in command
     if args[0] == "make":
         args += [f"ARGS={' '.join([*extra, f'hydra.run.dir={run_dir}'])}"]
@@ -166,7 +171,22 @@ def _run(command: str, extra: list[str], tmp, subs: dict, index: int, checkpoint
         steps = int(re.findall(r"train\.max_steps=(\d+)", " ".join(args))[-1])
         assert [r["step"] for r in records] == list(range(1, steps + 1)), command
         checkpoint[:] = [str(sorted((run_dir / "checkpoints").iterdir())[-1])]
-    return proc
+    return proc, run_dir
+
+
+def test_every_training_command_has_its_own_run_name():
+    """Only ``make train`` uses ``runs/default``; every other command that trains names its own run, so
+    that no command lands on another's checkpoints (a one-process run's, say, under DeepSpeed)."""
+    names = []
+    for command in readme_commands():
+        trains = re.search(r"harness\.train|launch/(torchrun|deepspeed)\.sh|^docker run", command)
+        if not trains or command.startswith("make train") or command.startswith("docker build"):
+            continue
+        found = re.findall(r"(?:run_name=|hydra\.run\.dir=\S*/)(\S+)", command)
+        assert found, f"README command without a run_name: {command}"
+        names.append(found[-1])
+    assert len(names) >= 18 and "default" not in names
+    assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
 
 
 @pytest.mark.slow
@@ -179,7 +199,7 @@ def test_readme_commands_run_as_written(tmp_path, shared_data):
         kind, extra = entry(command)
         if kind == "skip":
             continue
-        proc = _run(command, extra, tmp_path, subs, i, checkpoint)
+        proc, run_dir = _run(command, extra, tmp_path, subs, i, checkpoint)
         ran.append(command)
         if "harness.plan model=llama3_8b" in command and "plan.gpus=32" in command:
             assert "max_steps          238,982 optimizer steps" in proc.stdout
@@ -192,9 +212,7 @@ def test_readme_commands_run_as_written(tmp_path, shared_data):
                 table = section.split(head)[1].split("```")[0]
                 assert table.strip() in proc.stdout.split(head)[1], head
         if "harness.train" in command and ("data.sources=" in command or "data=mixture" in command):
-            records = [
-                json.loads(x) for x in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()
-            ]
+            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             assert all(sum(r["tokens_by_source"].values()) == r["tokens"] for r in records)
         if "harness.export" in command:
             assert (tmp_path / "exported" / "config.json").is_file()

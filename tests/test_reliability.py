@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, SMALL, checkpoints, compose, read_metrics, train_small
+from conftest import REPO, SMALL, checkpoint_state, checkpoints, compose, read_metrics, train_small
 
 from harness import checkpoint as ckpt
 from harness.errors import CheckpointError, NonFiniteError
@@ -55,7 +55,7 @@ def two_checkpoints(tmp_path, small_corpus):
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(two_checkpoints, damage, caplog):
     root = two_checkpoints / "checkpoints"
-    target = root / "step_00000006" / "optimizer.pt"
+    target = root / "step_00000006" / "dcp" / "__0_0.distcp"
     data = bytearray(target.read_bytes())
     if damage == "truncate":
         target.write_bytes(data[: len(data) // 2])
@@ -63,7 +63,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(two_checkpoints, d
         data[len(data) // 2] ^= 0xFF
         target.write_bytes(bytes(data))
     assert ckpt.verify(str(root / "step_00000003")) is None
-    assert "optimizer.pt" in ckpt.verify(str(root / "step_00000006"))
+    assert "dcp/__0_0.distcp" in ckpt.verify(str(root / "step_00000006"))
     with caplog.at_level("WARNING", logger="harness"):
         assert ckpt.latest_checkpoint(str(root), check=True) == str(root / "step_00000003")
     assert any("step_00000006" in r.getMessage() for r in caplog.records)  # the warning names it
@@ -72,7 +72,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(two_checkpoints, d
 def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(two_checkpoints, small_corpus):
     root = two_checkpoints / "checkpoints"
     for step in ("step_00000003", "step_00000006"):
-        (root / step / "model.pt").write_bytes(b"x" * 10)
+        (root / step / "dcp" / "__0_0.distcp").write_bytes(b"x" * 10)
     before = {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match="holds 2 checkpoint.* none is complete and intact"):
         train_small(two_checkpoints, small_corpus, "train.max_steps=8", "checkpoint.every=3")
@@ -160,11 +160,12 @@ def test_nonfinite_step_is_skipped_without_touching_the_weights(tmp_path, small_
     assert [r["skipped_steps"] for r in recs] == [0, 0, 0, 1, 1, 1]
     assert all(r["loss"] is not None for r in recs if r["step"] != 4)
     root = run_dir / "checkpoints"
-    for name in ("model.pt", "optimizer.pt"):  # no parameter or optimizer-state change at step 4
-        a = torch.load(root / "step_00000003" / name, weights_only=True)
-        b = torch.load(root / "step_00000004" / name, weights_only=True)
+    for name in ("model", "optim"):  # no parameter or optimizer-state change at step 4
+        a = checkpoint_state(root / "step_00000003")[name]
+        b = checkpoint_state(root / "step_00000004")[name]
         flat_a, flat_b = _tensors(a), _tensors(b)
-        assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
+        assert len(flat_a) > 20 and flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
     assert json.loads((root / "step_00000006" / "trainer_state.json").read_text())["skipped_steps"] == 1
 
 
@@ -246,6 +247,102 @@ def test_wandb_key_never_written(tmp_path, small_corpus):
     cfg = to_object(compose("+slurm.env.WANDB_API_KEY=abc", schema="slurm"))
     with pytest.raises(Exception, match="looks like a secret"):
         validate_slurm(cfg.slurm, "none")
+
+
+# -- a metrics sink that fails ----------------------------------------------------------------------
+
+
+class _Sink:
+    def __init__(self, name, fail_on=None):
+        self.name, self.fail_on, self.steps, self.closed, self.abandoned = name, fail_on, [], False, False
+
+    def write(self, rec):
+        if self.fail_on == "write" and rec.step == 2:
+            raise ConnectionResetError("Connection lost")
+        self.steps.append(rec.step)
+
+    def close(self):
+        if self.fail_on == "close":
+            raise OSError("No space left on device")
+        self.closed = True
+
+    def abandon(self):
+        self.abandoned = True
+        raise RuntimeError("its own teardown fails too")  # ignored
+
+
+def test_a_failing_sink_is_dropped_with_one_warning(caplog):
+    from types import SimpleNamespace
+
+    from harness.metrics import MetricsLogger
+
+    ok, bad, bad_close = _Sink("jsonl"), _Sink("tracker", "write"), _Sink("other", "close")
+    logger = MetricsLogger([bad, ok, bad_close])
+    for step in (1, 2, 3):
+        logger.write(SimpleNamespace(step=step))
+    logger.close()
+    assert (ok.steps, bad.steps, bad_close.steps) == ([1, 2, 3], [1], [1, 2, 3])
+    assert (ok.closed, bad.closed, bad.abandoned, bad_close.abandoned) == (True, False, True, True)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "metrics sink tracker failed (step 2, ConnectionResetError: Connection lost); training goes on "
+        "without it",
+        "metrics sink other failed (closing, OSError: No space left on device); training goes on without it",
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_with_wandb_still_checkpoints(tmp_path, small_corpus):
+    """``scancel`` signals every process of the job: SIGTERM to the trainer and to its wandb-core
+    process (wandb starts it in a session of its own). The dead wandb is dropped with one warning; the
+    stop checkpoint is written at the step the run stopped on, exit 75, and a rerun continues."""
+    run_dir = tmp_path / "run"
+    args = [
+        *SMALL,
+        "logging.wandb.mode=offline",
+        f"data.path={small_corpus}",
+        "train.max_steps=30",
+        "checkpoint.every=0",
+        "eval.every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [PY, "-m", "harness.train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+        ):
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)  # wandb-core and its helpers
+        assert "wandb-core" in [os.path.basename(c.exe()) for c in children]
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer's process group
+        for child in children:  # and wandb's own session, as scancel does
+            child.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, err[-3000:]
+    stopped_at = read_metrics(run_dir)[-1]["step"]
+    assert 3 <= stopped_at < 30 and checkpoints(run_dir) == [f"step_{stopped_at:08d}"]
+    with open(run_dir / "invocations.jsonl") as f:
+        assert json.loads(f.readlines()[-1])["outcome"] == "preempt"
+    warnings = [line for line in (out + err).splitlines() if "metrics sink" in line]
+    assert len(warnings) == 1 and "metrics sink wandb failed" in warnings[0], out + err
+    assert "Traceback" not in err, err[-3000:]
+    rerun = _cli(*args[len(SMALL) :], env={"OMP_NUM_THREADS": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d} at step {stopped_at}" in rerun.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 31))
 
 
 # -- multi-process: no hang, restarts ---------------------------------------------------------------

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import SMALL, checkpoints, compose, read_metrics, train_small
+from conftest import SMALL, checkpoint_state, checkpoints, compose, read_metrics, train_small
 
 from harness import checkpoint as ckpt
 from harness.config import to_object
@@ -97,8 +97,7 @@ def test_hf_export_reloads_with_same_logits(run12):
     tok = AutoTokenizer.from_pretrained(run_dir / "hf")
     cfg = to_object(compose(*SMALL))
     model = build_model(cfg.model, exported.config.vocab_size, seed=0)
-    objs, _ = ckpt.load_checkpoint(str(run_dir / "checkpoints" / "step_00000012"), names=("model",))
-    model.load_state_dict(objs["model"])
+    model.load_state_dict(checkpoint_state(run_dir / "checkpoints" / "step_00000012")["model"])
     ids = torch.tensor([tok("def add(a, b):\n    return a + b\n")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -129,12 +128,13 @@ def test_resume_after_a_crash_is_bitwise_identical(tmp_path, small_corpus, monke
     state = train_small(stopped, small_corpus, "train.max_steps=12", "checkpoint.resume=auto")
     assert state.step == 12
     assert _values(read_metrics(stopped)) == _values(read_metrics(straight))  # losses, lr, grad norms, tokens
-    a = torch.load(straight / "checkpoints" / "step_00000012" / "model.pt", weights_only=True)
-    b = torch.load(stopped / "checkpoints" / "step_00000012" / "model.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    oa = torch.load(straight / "checkpoints" / "step_00000012" / "optimizer.pt", weights_only=True)
-    ob = torch.load(stopped / "checkpoints" / "step_00000012" / "optimizer.pt", weights_only=True)
-    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
+    a = checkpoint_state(straight / "checkpoints" / "step_00000012")
+    b = checkpoint_state(stopped / "checkpoints" / "step_00000012")
+    assert a["model"].keys() == b["model"].keys() and all(
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+    )
+    oa, ob = a["optim"]["state"], b["optim"]["state"]
+    assert len(oa) == 20 and all(torch.equal(oa[n]["exp_avg_sq"], ob[n]["exp_avg_sq"]) for n in oa)
 
 
 def test_resume_from_another_run_directory(tmp_path, small_corpus):

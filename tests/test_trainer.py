@@ -90,7 +90,7 @@ def test_parallel_dims_multiply_to_the_world_size():
 def test_backends_come_from_the_registry_with_their_checkpoint_formats():
     assert set(BACKENDS) == {"none", "ddp", "fsdp", "deepspeed"}
     formats = {name: backend_class(name).checkpoint_format for name in BACKENDS}
-    assert formats == {"none": "torch", "ddp": "dcp", "fsdp": "dcp", "deepspeed": "deepspeed"}
+    assert formats == {"none": "dcp", "ddp": "dcp", "fsdp": "dcp", "deepspeed": "deepspeed"}
     assert not backend_class("deepspeed").reshardable and backend_class("fsdp").reshardable
 
 
