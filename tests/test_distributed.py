@@ -100,6 +100,10 @@ def test_communication_fields(parity_runs):
             assert r["comm_busbw_gbps"] > 0 and r["comm_exposed_s"] is not None
             by_op = r["comm_bytes_by_op"]
             assert r["comm_bytes"] == sum(by_op.values())
+            # every collective is labelled with the mesh dimension it spans (ZeRO-1/2 reduce over
+            # DeepSpeed's own copy of the world group: dp_shard's ranks, not a process-group id)
+            assert set(r["comm_by_dim"]) == {"dp_replicate" if name == "ddp" else "dp_shard"}, (name, r)
+            assert sum(d["comm_bytes"] for d in r["comm_by_dim"].values()) == r["comm_bytes"]
             if (
                 name == "ddp"
             ):  # one all-reduce of every gradient per step (no_sync on the others) + loss/tokens
