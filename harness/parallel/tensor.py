@@ -14,10 +14,10 @@ the embedding output is replicated and the first block's input is split.
 
 Gradients: a replicated parameter used on sequence-sharded activations (the norm gains under
 sequence parallelism) gets a ``Partial`` gradient, and the row-wise embedding a ``Replicate`` one;
-:func:`align_grad_placements` brings every gradient to its parameter's placement before the norm and
-the optimizer (the bug class of torchtitan PR #3412). :func:`clip_grad_norm_` computes the global L2
-norm over DTensors on any mesh (each shard counted once, replicas not double counted) and adds the
-epsilon once (cf. pytorch #149768).
+:func:`harness.parallel.norm.align_grad_placements` brings every gradient to its parameter's
+placement before the norm and the optimizer (the bug class of torchtitan PR #3412), and
+:func:`harness.parallel.norm.clip_grad_norm_` computes the global L2 norm over DTensors on any mesh
+(each shard counted once, replicas not double counted) and adds the epsilon once.
 """
 
 from __future__ import annotations
@@ -134,72 +134,3 @@ def loss_context(loss_parallel: bool) -> contextlib.AbstractContextManager:
     from torch.distributed.tensor.parallel import loss_parallel as ctx
 
     return ctx()
-
-
-def align_grad_placements(params) -> None:
-    """Redistribute every DTensor gradient to its parameter's placements (``Partial`` -> all-reduce,
-    ``Replicate`` -> local slice); plain tensors are left alone."""
-    from torch.distributed.tensor import DTensor
-
-    for p in params:
-        g = p.grad
-        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
-            p.grad = g.redistribute(p.device_mesh, p.placements)
-
-
-def _sharded_groups(t) -> tuple:
-    """The process groups over which ``t``'s local squares must be summed (its sharded mesh dims)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(t, DTensor):
-        return ()
-    mesh = t.device_mesh
-    # every placement but Replicate is a split (Shard, _StridedShard); Partial was refused before
-    return tuple(mesh.get_group(i) for i, p in enumerate(t.placements) if not p.is_replicate())
-
-
-def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of ``grads`` (tensors or DTensors on any meshes) as a plain fp32 0-d tensor,
-    equal on every rank: local sums of squares, summed over each sharded mesh dimension once
-    (replicated dimensions hold copies and are not summed). One all-reduce per distinct set of groups.
-
-    Raises:
-        ValueError: a gradient still ``Partial`` (call :func:`align_grad_placements` first).
-    """
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    sums: dict[tuple, torch.Tensor] = {}
-    groups: dict[tuple, tuple] = {}
-    for g in grads:
-        if isinstance(g, DTensor) and any(p.is_partial() for p in g.placements):
-            raise ValueError(f"gradient with placements {g.placements} is still Partial")
-        gs = _sharded_groups(g)
-        key = tuple(x.group_name for x in gs)
-        local = g.to_local() if isinstance(g, DTensor) else g
-        sq = local.detach().float().pow(2).sum()
-        sums[key] = sums[key] + sq if key in sums else sq
-        groups[key] = gs
-    total = torch.zeros((), device=grads[0].device if grads else "cpu")
-    for key, s in sums.items():
-        for group in groups[key]:
-            dist.all_reduce(s, group=group)
-        total = total + s
-    return total.sqrt()
-
-
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-    """Clip the gradients of ``params`` in place to global L2 norm ``max_norm`` (``<= 0``: measure
-    only), as ``torch.nn.utils.clip_grad_norm_``: coefficient ``max_norm / (norm + 1e-6)`` capped at 1,
-    the epsilon added once to the global norm. Returns the norm before clipping (plain 0-d tensor)."""
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in params if p.grad is not None]
-    align_grad_placements(params)
-    grads = [p.grad for p in params]
-    norm = total_grad_norm(grads)
-    if max_norm > 0 and grads:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        torch._foreach_mul_(local, coef.to(local[0].device))
-    return norm
