@@ -6,11 +6,13 @@ attention q/k/v and MLP gate/up projections are column-wise (each rank holds ``h
 ``intermediate / tp`` MLP columns), the attention output and MLP down projections row-wise (their
 partial outputs are all-reduced); the token embedding is row-wise (vocabulary rows; its output
 all-reduced) and the LM head column-wise (vocabulary columns; logits all-gathered, or kept sharded
-for loss-parallel cross-entropy). With ``sequence_parallel`` (Korthikanti et al. 2022, Sec. 4.2.2) the
-residual stream between the projections is sharded along the sequence: the norms run on
-``seq / tp`` positions and each all-reduce becomes a reduce-scatter plus an all-gather (same bytes,
-activations divided by ``tp``). The model's preamble (rotary tables, masks) sees the whole sequence:
-the embedding output is replicated and the first block's input is split.
+for loss-parallel cross-entropy). Both split the vocabulary dimension of their weight (``Shard(0)``),
+so tied embeddings stay one Parameter, sharded once, as in Megatron-LM. With ``sequence_parallel``
+(Korthikanti et al. 2022, Sec. 4.2.2) the residual stream between the projections is sharded along
+the sequence: the norms run on ``seq / tp`` positions and each all-reduce becomes a reduce-scatter
+plus an all-gather (same bytes, activations divided by ``tp``). The model's preamble (rotary tables,
+masks) sees the whole sequence: the embedding output is replicated and the first block's input is
+split.
 
 Gradients: a replicated parameter used on sequence-sharded activations (the norm gains under
 sequence parallelism) gets a ``Partial`` gradient, and the row-wise embedding a ``Replicate`` one;
@@ -36,8 +38,8 @@ def check_tensor_parallel(model: ModelConfig, tp: int, backend: str) -> None:
 
     Raises:
         ConfigError: ``tp > 1`` with a backend other than fsdp, a GPT-2 model (fused ``c_attn``
-            Conv1D projections: no column-wise split of q/k/v), tied embeddings, or head, kv-head or
-            MLP widths not divisible by ``tp``.
+            Conv1D projections: no column-wise split of q/k/v), or head, kv-head or MLP widths not
+            divisible by ``tp``.
     """
     if tp == 1:
         return
@@ -50,11 +52,6 @@ def check_tensor_parallel(model: ModelConfig, tp: int, backend: str) -> None:
         raise ConfigError(
             f"parallel.tp={tp}: tensor parallelism supports Llama-style models (model.arch=llama); "
             f"model.arch={model.arch} fuses q/k/v into one Conv1D (c_attn) that cannot be split by heads"
-        )
-    if model.tie_word_embeddings:
-        raise ConfigError(
-            f"parallel.tp={tp} with model.tie_word_embeddings=true: the row-wise embedding and the "
-            "column-wise LM head cannot share one weight; set model.tie_word_embeddings=false"
         )
     from harness.model import intermediate_size
 
@@ -101,7 +98,10 @@ def apply_tensor_parallel(
         top["model.layers.0"] = PrepareModuleInput(
             input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
         )
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(model, tp_mesh, top)
+    if tied:  # each plan made its own DTensor of the shared weight, both Shard(0): share one again
+        model.lm_head.weight = model.model.embed_tokens.weight
     for block in model.model.layers:
         plan = {
             "self_attn.q_proj": ColwiseParallel(),
