@@ -99,3 +99,31 @@ def test_checkpoint_format_must_suit_the_backend():
         CheckpointError, match=r"DeepSpeed at world size 2, .* resume only at that world size \(now 1\)"
     ):
         _check_format("ck", {"parallel": "deepspeed", "world_size": 2}, "deepspeed", 1)
+
+
+def test_groups_made_outside_the_mesh_are_labelled_by_the_dimension_they_span():
+    """DeepSpeed's ZeRO-1/2 reduce gradients over its own copy of the world group
+    (``dist.new_group(range(world))``): its traffic is ``dp_shard``'s, not a process-group id."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from harness.parallel.dims import ParallelDims
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        dims = ParallelDims(1, 2, 1, 2)  # ZeRO at world 2: dp_shard spans the world
+        tr = comm.CommTracker(group_dims=dims.group_dims("cpu"), rank_dims=dims.rank_dims("cpu"))
+        clone = dist.new_group(ranks=[0, 1])  # deepspeed.utils.groups._clone_world_group
+        assert clone.group_name not in tr.group_dims
+        all_reduce = comm._wrap(dist.all_reduce, "all_reduce", 0)
+        saved, comm._TRACKER = comm._TRACKER, tr
+        try:
+            all_reduce(torch.zeros(10), group=clone)
+            all_reduce(torch.zeros(1))
+        finally:
+            comm._TRACKER = saved
+        assert tr.stats().by_dim["dp_shard"]["bytes_by_op"] == {"all_reduce": 44}
+        assert list(tr.stats().by_dim) == ["dp_shard"]
+        assert tr.describe_last().startswith("all_reduce of 4 bytes over dp_shard (2 ranks)")
+    finally:
+        dist.destroy_process_group()

@@ -185,7 +185,8 @@ class Backend(ABC):
         return t
 
     def clip_and_step(self, max_norm: float, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-        """Clip by the global L2 norm (when ``max_norm > 0``), step the optimizer, zero the gradients.
+        """Clip by the global L2 norm (when ``max_norm > 0``; :mod:`harness.parallel.norm`), step the
+        optimizer, zero the gradients.
 
         With ``loss`` given (the step's loss, equal on every rank), the step is skipped -- no parameter
         or optimizer-state change -- when it or the global norm is not finite; both are the same on
@@ -194,16 +195,10 @@ class Backend(ABC):
         Returns:
             ``(norm before clipping (0-d tensor), stepped)``.
         """
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.dims.tp > 1:  # DTensors on the tp and (dp_shard, tp) meshes: their own global norm
-            from harness.parallel.tensor import clip_grad_norm_
+        from harness.parallel.norm import clip_grad_norm_
 
-            norm = clip_grad_norm_(params, max_norm)
-        elif max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        # plain tensors, FSDP2's and tensor parallelism's DTensors: one norm, computed the same way
+        norm = clip_grad_norm_(self.model.parameters(), max_norm)
         if loss is not None and not bool(torch.isfinite(norm) & torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             return norm, False

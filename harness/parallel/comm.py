@@ -26,7 +26,9 @@ inside ``torch.compile``'d regions are not seen.
 Every call is attributed to the mesh dimension of its process group (``CommTracker.group_dims``,
 filled by the backend from :meth:`ParallelDims.group_dims`), so a step's record splits ``comm_s`` and
 ``comm_bytes`` by dimension (``tp``, ``dp_shard``, ``dp_replicate``, ``dp`` for the flattened
-data-parallel group, ``world`` for the default group when no dimension spans the world).
+data-parallel group, ``world`` for the default group when no dimension spans the world). A group
+created outside the mesh (DeepSpeed's copy of the world group for ZeRO's gradient reduction) is
+labelled by the ranks it spans (``CommTracker.rank_dims``, from :meth:`ParallelDims.rank_dims`).
 
 Bytes follow nccl-tests' "size": the tensor for all-reduce/broadcast, the gathered output for
 all-gather, the input for reduce-scatter. Bus bandwidth = bytes x factor / time with factor
@@ -118,8 +120,11 @@ class CommTracker:
     calls: list[_Call] = field(default_factory=list)
     blocked_s: float = 0.0
     enabled: bool = True
-    # process group name -> mesh dimension (unknown groups are reported under their own name)
+    # process group name -> mesh dimension (other groups are looked up by their ranks, then cached)
     group_dims: dict[str, str] = field(default_factory=dict)
+    # sorted global ranks of a group -> the mesh dimension of those ranks (a group spanning none keeps
+    # its own name)
+    rank_dims: dict[tuple[int, ...], str] = field(default_factory=dict)
     # the latest collective issued (set before it runs, so a hang inside it is named)
     last: _Call | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -129,11 +134,21 @@ class CommTracker:
         c = self.last
         if c is None:
             return "no collective issued yet"
-        dim = self.group_dims.get(c.group, c.group or "world")
+        dim = self.dim_of(c.group)
         state = "finished" if c.end is not None else "not finished"
         age = time.perf_counter() - c.start
         ranks = f"{c.group_size} ranks"
         return f"{c.kind} of {c.nbytes:,} bytes over {dim} ({ranks}), issued {age:.1f} s ago, {state}"
+
+    def dim_of(self, group: str) -> str:
+        """The mesh dimension of the process group named ``group``: by name (``group_dims``), else by
+        the ranks it spans (``rank_dims``; cached); its own name when it spans no dimension, ``world``
+        for an unnamed group."""
+        dim = self.group_dims.get(group)
+        if dim is None:
+            dim = self.rank_dims.get(_group_ranks(group), group) if group else "world"
+            self.group_dims[group] = dim
+        return dim
 
     def reset(self) -> None:
         with self._lock:
@@ -169,7 +184,7 @@ class CommTracker:
         """``{dim: {comm_s, comm_bytes, calls, bytes_by_op}}`` of the step's calls."""
         groups: dict[str, list[_Call]] = {}
         for c in calls:
-            groups.setdefault(self.group_dims.get(c.group, c.group or "world"), []).append(c)
+            groups.setdefault(self.dim_of(c.group), []).append(c)
         out = {}
         for dim, cs in sorted(groups.items()):
             if self.cuda_timing:
@@ -192,6 +207,16 @@ class CommTracker:
     def _blocked(self, seconds: float) -> None:
         with self._lock:
             self.blocked_s += seconds
+
+
+def _group_ranks(name: str) -> tuple[int, ...]:
+    """The sorted global ranks of the process group named ``name`` (``()`` when it is not known)."""
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return tuple(sorted(dist.get_process_group_ranks(_resolve_process_group(name))))
+    except Exception:
+        return ()
 
 
 _TRACKER: CommTracker | None = None

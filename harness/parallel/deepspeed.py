@@ -240,8 +240,9 @@ class DeepSpeedBackend(DistributedBackend):
             return torch.tensor(float("nan")), False
         norm = None
         if self.cfg.zero_stage == 0:  # the engine clips but does not keep the norm without ZeRO
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            from harness.parallel.norm import total_grad_norm
+
+            norm = total_grad_norm([p.grad for p in self.module.parameters() if p.grad is not None]).float()
         self.engine.step()
         if norm is None:
             value = self.engine.get_global_grad_norm()

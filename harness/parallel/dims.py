@@ -112,6 +112,23 @@ class ParallelDims:
         names.setdefault(dist.group.WORLD.group_name, "world")
         return names
 
+    def rank_dims(self, device_type: str) -> dict[tuple[int, ...], str]:
+        """``sorted global ranks -> mesh dimension`` of this rank's group along each dimension of more
+        than one rank (``dp`` for the flattened data-parallel group, ``world`` for all ranks when no
+        dimension spans them): labels process groups created outside the mesh by the ranks they span."""
+        import torch.distributed as dist
+
+        out: dict[tuple[int, ...], str] = {}
+        if self.world_size == 1:
+            return out
+        mesh = self.mesh(device_type)
+        groups = [(mesh.get_group(dim), dim) for dim in MESH_DIMS if getattr(self, dim) > 1]
+        dp = self.dp_group(device_type)
+        for group, dim in groups + ([(dp, "dp")] if dp is not None else []):
+            out.setdefault(tuple(sorted(dist.get_process_group_ranks(group))), dim)
+        out.setdefault(tuple(range(self.world_size)), "world")
+        return out
+
     def fsdp_mesh(self, device_type: str):
         """The mesh FSDP2 shards over: ``dp_shard``, or ``(dp_replicate, dp_shard)`` for HSDP."""
         mesh = self.mesh(device_type)

@@ -37,6 +37,7 @@ class DistributedBackend(Backend):
         self.dp_group = dims.dp_group(env.device.type)
         if self.tracker is not None:
             self.tracker.group_dims = dims.group_dims(env.device.type)
+            self.tracker.rank_dims = dims.rank_dims(env.device.type)
 
     @classmethod
     def from_config(

@@ -6,18 +6,20 @@ attention q/k/v and MLP gate/up projections are column-wise (each rank holds ``h
 ``intermediate / tp`` MLP columns), the attention output and MLP down projections row-wise (their
 partial outputs are all-reduced); the token embedding is row-wise (vocabulary rows; its output
 all-reduced) and the LM head column-wise (vocabulary columns; logits all-gathered, or kept sharded
-for loss-parallel cross-entropy). With ``sequence_parallel`` (Korthikanti et al. 2022, Sec. 4.2.2) the
-residual stream between the projections is sharded along the sequence: the norms run on
-``seq / tp`` positions and each all-reduce becomes a reduce-scatter plus an all-gather (same bytes,
-activations divided by ``tp``). The model's preamble (rotary tables, masks) sees the whole sequence:
-the embedding output is replicated and the first block's input is split.
+for loss-parallel cross-entropy). Both split the vocabulary dimension of their weight (``Shard(0)``),
+so tied embeddings stay one Parameter, sharded once, as in Megatron-LM. With ``sequence_parallel``
+(Korthikanti et al. 2022, Sec. 4.2.2) the residual stream between the projections is sharded along
+the sequence: the norms run on ``seq / tp`` positions and each all-reduce becomes a reduce-scatter
+plus an all-gather (same bytes, activations divided by ``tp``). The model's preamble (rotary tables,
+masks) sees the whole sequence: the embedding output is replicated and the first block's input is
+split.
 
 Gradients: a replicated parameter used on sequence-sharded activations (the norm gains under
 sequence parallelism) gets a ``Partial`` gradient, and the row-wise embedding a ``Replicate`` one;
-:func:`align_grad_placements` brings every gradient to its parameter's placement before the norm and
-the optimizer (the bug class of torchtitan PR #3412). :func:`clip_grad_norm_` computes the global L2
-norm over DTensors on any mesh (each shard counted once, replicas not double counted) and adds the
-epsilon once (cf. pytorch #149768).
+:func:`harness.parallel.norm.align_grad_placements` brings every gradient to its parameter's
+placement before the norm and the optimizer (the bug class of torchtitan PR #3412), and
+:func:`harness.parallel.norm.clip_grad_norm_` computes the global L2 norm over DTensors on any mesh
+(each shard counted once, replicas not double counted) and adds the epsilon once.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def check_tensor_parallel(model: ModelConfig, tp: int, backend: str) -> None:
 
     Raises:
         ConfigError: ``tp > 1`` with a backend other than fsdp, a GPT-2 model (fused ``c_attn``
-            Conv1D projections: no column-wise split of q/k/v), tied embeddings, or head, kv-head or
-            MLP widths not divisible by ``tp``.
+            Conv1D projections: no column-wise split of q/k/v), or head, kv-head or MLP widths not
+            divisible by ``tp``.
     """
     if tp == 1:
         return
@@ -50,11 +52,6 @@ def check_tensor_parallel(model: ModelConfig, tp: int, backend: str) -> None:
         raise ConfigError(
             f"parallel.tp={tp}: tensor parallelism supports Llama-style models (model.arch=llama); "
             f"model.arch={model.arch} fuses q/k/v into one Conv1D (c_attn) that cannot be split by heads"
-        )
-    if model.tie_word_embeddings:
-        raise ConfigError(
-            f"parallel.tp={tp} with model.tie_word_embeddings=true: the row-wise embedding and the "
-            "column-wise LM head cannot share one weight; set model.tie_word_embeddings=false"
         )
     from harness.model import intermediate_size
 
@@ -101,7 +98,10 @@ def apply_tensor_parallel(
         top["model.layers.0"] = PrepareModuleInput(
             input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
         )
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(model, tp_mesh, top)
+    if tied:  # each plan made its own DTensor of the shared weight, both Shard(0): share one again
+        model.lm_head.weight = model.model.embed_tokens.weight
     for block in model.model.layers:
         plan = {
             "self_attn.q_proj": ColwiseParallel(),
@@ -134,72 +134,3 @@ def loss_context(loss_parallel: bool) -> contextlib.AbstractContextManager:
     from torch.distributed.tensor.parallel import loss_parallel as ctx
 
     return ctx()
-
-
-def align_grad_placements(params) -> None:
-    """Redistribute every DTensor gradient to its parameter's placements (``Partial`` -> all-reduce,
-    ``Replicate`` -> local slice); plain tensors are left alone."""
-    from torch.distributed.tensor import DTensor
-
-    for p in params:
-        g = p.grad
-        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
-            p.grad = g.redistribute(p.device_mesh, p.placements)
-
-
-def _sharded_groups(t) -> tuple:
-    """The process groups over which ``t``'s local squares must be summed (its sharded mesh dims)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(t, DTensor):
-        return ()
-    mesh = t.device_mesh
-    # every placement but Replicate is a split (Shard, _StridedShard); Partial was refused before
-    return tuple(mesh.get_group(i) for i, p in enumerate(t.placements) if not p.is_replicate())
-
-
-def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of ``grads`` (tensors or DTensors on any meshes) as a plain fp32 0-d tensor,
-    equal on every rank: local sums of squares, summed over each sharded mesh dimension once
-    (replicated dimensions hold copies and are not summed). One all-reduce per distinct set of groups.
-
-    Raises:
-        ValueError: a gradient still ``Partial`` (call :func:`align_grad_placements` first).
-    """
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    sums: dict[tuple, torch.Tensor] = {}
-    groups: dict[tuple, tuple] = {}
-    for g in grads:
-        if isinstance(g, DTensor) and any(p.is_partial() for p in g.placements):
-            raise ValueError(f"gradient with placements {g.placements} is still Partial")
-        gs = _sharded_groups(g)
-        key = tuple(x.group_name for x in gs)
-        local = g.to_local() if isinstance(g, DTensor) else g
-        sq = local.detach().float().pow(2).sum()
-        sums[key] = sums[key] + sq if key in sums else sq
-        groups[key] = gs
-    total = torch.zeros((), device=grads[0].device if grads else "cpu")
-    for key, s in sums.items():
-        for group in groups[key]:
-            dist.all_reduce(s, group=group)
-        total = total + s
-    return total.sqrt()
-
-
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-    """Clip the gradients of ``params`` in place to global L2 norm ``max_norm`` (``<= 0``: measure
-    only), as ``torch.nn.utils.clip_grad_norm_``: coefficient ``max_norm / (norm + 1e-6)`` capped at 1,
-    the epsilon added once to the global norm. Returns the norm before clipping (plain 0-d tensor)."""
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in params if p.grad is not None]
-    align_grad_placements(params)
-    grads = [p.grad for p in params]
-    norm = total_grad_norm(grads)
-    if max_norm > 0 and grads:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        torch._foreach_mul_(local, coef.to(local[0].device))
-    return norm
