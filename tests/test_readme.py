@@ -70,7 +70,8 @@ COMMANDS = {
     ".venv/bin/torchrun --standalone --nproc_per_node 8": ("skip", "8 processes of llama_1b: a GPU node"),
     ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train run_name=tp2": (
         "skip",
-        "run by tests/test_tensor_parallel.py (parallel=fsdp parallel.tp=2, tied and untied, world 2, to parity)",
+        "run by tests/test_tensor_parallel.py (parallel=fsdp parallel.tp=2, tied and untied, world 2, "
+        "to parity)",
     ),
     ".venv/bin/torchrun --nnodes 4": ("skip", "four nodes of 8 GPUs (Llama 3 70B)"),
     ".venv/bin/python -m harness.plan model=llama3_8b model.vocab_size=128256 parallel=fsdp parallel.tp=2": (
