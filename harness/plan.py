@@ -586,23 +586,31 @@ def _warnings(
 
 
 def _memory_warnings(cfg: PlanJobConfig, mem: MemoryEstimate, checkpointed: bool) -> list[str]:
-    """One line when the peak exceeds the device; it names reduce_grads_every_micro_batch when that
-    alone makes the estimate fit."""
+    """One line when the peak exceeds the device, naming each switch that alone makes the estimate
+    fit (activation checkpointing, parallel.reduce_grads_every_micro_batch), cheapest in
+    communication first; otherwise the general remedies."""
     peak, device, gib = mem.peak(checkpointed), mem.device_memory, 2**30
     if not device or peak <= device:
         return []
     line = f"estimated {peak / gib:.1f} GiB per device exceeds the {cfg.plan.gpu}'s {device / gib:.0f} GiB: "
-    par = cfg.parallel
-    if mem.unsharded_grads_other is not None and not par.reduce_grads_every_micro_batch:
-        other = mem.peak(checkpointed, mem.unsharded_grads_other)
-        if other <= device:
-            return [
-                line + f"set parallel.reduce_grads_every_micro_batch=true ({other / gib:.1f} GiB: the "
-                f"{mem.unsharded_grads / gib:.1f} GiB of unsharded gradients held between micro-batches are "
-                "reduce-scattered after each one instead, accumulation x the reduce-scatter bytes)"
-            ]
+    can_reduce = mem.unsharded_grads_other is not None and not cfg.parallel.reduce_grads_every_micro_batch
+    fits = []
+    if not checkpointed and mem.peak(True) <= device:
+        fits.append(
+            f"set parallel.activation_checkpointing=true ({mem.peak(True) / gib:.1f} GiB: recomputes each "
+            "block's activations in backward, about a third more compute)"
+        )
+    if can_reduce and mem.peak(checkpointed, mem.unsharded_grads_other) <= device:
+        fits.append(
+            f"set parallel.reduce_grads_every_micro_batch=true "
+            f"({mem.peak(checkpointed, mem.unsharded_grads_other) / gib:.1f} GiB: the "
+            f"{mem.unsharded_grads / gib:.1f} GiB of unsharded gradients held between micro-batches are "
+            "reduce-scattered after each one instead, accumulation x the reduce-scatter bytes)"
+        )
+    if fits:
+        return [line + "; or ".join(fits)]
     fixes = "lower train.micro_batch_size, shard more (parallel=fsdp / zero_stage=3)"
-    if mem.unsharded_grads_other is not None and not par.reduce_grads_every_micro_batch:
+    if can_reduce:
         fixes += ", set parallel.reduce_grads_every_micro_batch=true"
     return [line + fixes + ("" if checkpointed else " or enable activation checkpointing")]
 

@@ -56,7 +56,10 @@ BAD_CONFIGS = [  # (overrides, text the error line must contain)
     ),
     ("schedule.batch_warmup.start_global_batch_size=16", "start_global_batch_size=16 must be in [1, "),
     ("schedule.batch_warmup.increment=null", "schedule.batch_warmup.increment is required with a batch ramp"),
-    ("schedule.batch_warmup.increment=0", "schedule.batch_warmup.increment=0 must be > 0 (or null)"),
+    (
+        "schedule.batch_warmup.increment=0",
+        "schedule.batch_warmup.increment=0 must be a positive number of sequences",
+    ),
     (
         "tokenizer.eos_token=<|endoftext|>",
         "cannot parse the override 'tokenizer.eos_token=<|endoftext|>' (token recognition error at: '<'); "

@@ -182,7 +182,9 @@ def check_schedule(s: ScheduleConfig, lr: float | None = None) -> None:
     if bw.tokens is not None and bw.tokens <= 0:
         problems.append(f"schedule.batch_warmup.tokens={bw.tokens} must be > 0 (or null)")
     if bw.increment is not None and bw.increment <= 0:
-        problems.append(f"schedule.batch_warmup.increment={bw.increment} must be > 0 (or null)")
+        problems.append(
+            f"schedule.batch_warmup.increment={bw.increment} must be a positive number of sequences"
+        )
     if lr is not None and s.min_lr > lr:
         problems.append(f"schedule.min_lr={s.min_lr} is larger than optim.lr={lr}")
     if bw.tokens is not None and bw.steps:

@@ -99,7 +99,8 @@ def resolve_corpus(path: Any, fmt: str | None, hub_name: str | None = None) -> C
             )
         if len(formats) > 1:
             raise DataError(
-                f"data.path mixes formats {sorted(formats)}; give one format per run (data.format)"
+                f"data.path mixes formats {sorted(formats)}; give one format per run (data.format), or one "
+                "data.sources entry per format (a mixture)"
             )
         fmt = formats.pop()
     return Corpus(tuple(files), fmt)

@@ -93,7 +93,7 @@ class DistributedBackend(Backend):
         path = os.path.join(directory, DCP_DIR)
         if not os.path.isdir(path):
             raise CheckpointError(
-                f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=ddp|fsdp); resume "
+                f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=none|ddp|fsdp); resume "
                 "it with "
                 "the backend that wrote it, or export it with python -m harness.export"
             )
