@@ -93,9 +93,8 @@ class DistributedBackend(Backend):
         path = os.path.join(directory, DCP_DIR)
         if not os.path.isdir(path):
             raise CheckpointError(
-                f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=none|ddp|fsdp); resume "
-                "it with "
-                "the backend that wrote it, or export it with python -m harness.export"
+                f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=none|ddp|fsdp); "
+                "resume it with the backend that wrote it, or export it with python -m harness.export"
             )
         msd, osd = get_state_dict(self._state_module(), self.optimizer)
         state = {"model": msd, "optim": osd}
