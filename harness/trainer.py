@@ -225,7 +225,7 @@ class Trainer:
             run.path,
             self.faults,
             self.data,
-            checked.batch.micro_batch_size,
+            checked.batch,
             metrics,
             self.loader,
         )

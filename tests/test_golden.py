@@ -84,3 +84,14 @@ def test_one_process_and_two_ranks_ramp_alike():
     assert [[s[k] for k in keys] for s in two] == [[s[k] for k in keys] for s in one[: len(two)]]
     assert [s["global_batch_size"] for s in two] == [4, 4, 6, 6, 8, 8, 8, 8]
     assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-6)  # same first batch, same weights
+
+
+def test_the_validation_loss_does_not_depend_on_the_layout():
+    """ddp (micro-batch 2) and fsdp (micro-batch 1) at world 2 train on the same batches and evaluate
+    the same eval.batches x global_batch_size sequences: equal val_loss (it used to differ by 2e-4,
+    the set was eval.batches x micro_batch_size x world_size sequences)."""
+    ddp, fsdp = (
+        json.loads((GOLDEN / f"{c}.json").read_text())["steps"] for c in ("ddp_world2", "fsdp_world2")
+    )
+    pairs = [(a["val_loss"], b["val_loss"]) for a, b in zip(ddp, fsdp) if a["val_loss"] is not None]
+    assert len(pairs) == 2 and all(a == pytest.approx(b, rel=1e-6) for a, b in pairs)

@@ -109,6 +109,8 @@ def test_groups_made_outside_the_mesh_are_labelled_by_the_dimension_they_span():
 
     from harness.parallel.dims import ParallelDims
 
+    if dist.is_initialized():  # left by an earlier in-process one-rank run that failed on purpose
+        dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         dims = ParallelDims(1, 2, 1, 2)  # ZeRO at world 2: dp_shard spans the world

@@ -214,15 +214,15 @@ def test_a_ramp_stage_splits_evenly_over_the_ranks():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_the_validation_set_is_the_same_at_every_world_size(world):
-    """eval.batches=3 x micro_batch_size=2: the first 6 held-out sequences at any world size, each read
-    by exactly one rank; every rank runs the same number of forwards (a rank without a share gets one
-    sequence whose labels are all ignored)."""
+    """6 sequences (eval.batches x global_batch_size) in micro-batches of 2: the same 6 at any world
+    size, each read by exactly one rank; every rank runs the same number of forwards (a rank without a
+    share gets one sequence whose labels are all ignored)."""
     import numpy as np
 
     from harness.data.loader import IGNORE_INDEX, PackedSequences, validation_batches
 
     seqs = PackedSequences(np.arange(2000, dtype=np.uint16), seq_len=9)
-    per_rank = [validation_batches(seqs, 3, 2, rank=r, world_size=world) for r in range(world)]
+    per_rank = [validation_batches(seqs, 6, 2, rank=r, world_size=world) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1
     starts = [
         int(row[0]) // 9

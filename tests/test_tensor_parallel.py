@@ -26,7 +26,7 @@ TP = [
     "checkpoint.keep_last=3",
     "train.dtype=float32",
 ]
-MICRO1 = ["train.micro_batch_size=1"]  # dp=2 layouts: the ramp's increment stays 2 sequences
+MICRO1 = ["train.micro_batch_size=1"]  # dp=2 layouts: another micro-batch size, the same batches and val set
 
 
 def _launch(nproc: int, run_dir, *overrides: str, env_extra: dict | None = None, check: bool = True):

@@ -182,7 +182,7 @@ class TrainingConfig:
 class EvalConfig:
     # steps between validation passes; 0 disables
     every: int = 50
-    # validation set: the first batches x micro_batch_size held-out sequences (the same at any world size)
+    # validation set: the first batches x train.global_batch_size held-out sequences (any layout alike)
     batches: int = 4
     # stop after this many evaluations without improvement; None disables
     patience: int | None = None

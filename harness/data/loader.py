@@ -233,21 +233,22 @@ class PrefetchLoader:
 
 def validation_batches(
     sequences: PackedSequences,
-    num_batches: int,
+    num_sequences: int,
     micro_batch_size: int,
     rank: int = 0,
     world_size: int = 1,
     eos_id: int | None = None,
 ) -> list[MicroBatch]:
-    """A fixed validation set: the first ``num_batches * micro_batch_size`` sequences, in order (the
-    one-process set, the same at every world size, so ``val_loss`` does not depend on the layout),
-    cut into global micro-batches of ``micro_batch_size * world_size``: this rank's share of each.
+    """A fixed validation set: the first ``num_sequences`` sequences, in order (``eval.batches`` global
+    batches, the same at every world size and micro-batch size, so ``val_loss`` does not depend on the
+    layout), cut into global micro-batches of ``micro_batch_size * world_size``: this rank's share of
+    each.
 
     Every rank gets the same number of micro-batches (sharded backends gather parameters in every
     forward, so a rank that skipped one would hang the others): where a short last batch leaves a
     rank nothing, it gets one sequence with every label ``IGNORE_INDEX`` (no loss, no targets).
     """
-    n = min(len(sequences), num_batches * micro_batch_size)
+    n = min(len(sequences), num_sequences)
     idx = np.arange(n)
     out = []
     per = micro_batch_size * world_size

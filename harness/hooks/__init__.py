@@ -47,19 +47,17 @@ __all__ = [
 ]
 
 
-def default_hooks(
-    cfg, env, dp: tuple[int, int], run_dir: str, faults, data, micro_batch_size, metrics, loader
-):
+def default_hooks(cfg, env, dp: tuple[int, int], run_dir: str, faults, data, batch, metrics, loader):
     """The hooks of a training run, in the order they are called: faults, a mixture's tokens by
     source, evaluation and early stopping, loss spikes, per-rank stats, the profiler, the metrics
     sinks, stop requests, checkpoint cadence, export, the hang watchdog. ``dp``: this rank's
-    ``(data-parallel rank, data-parallel ranks)``."""
+    ``(data-parallel rank, data-parallel ranks)``; ``batch``: the full-size :class:`BatchSizes`."""
     eos = data.tokenizer.eos_token_id if cfg.data.document_mask else None
     stop = StopHook.from_config(cfg.train)
     return [
         FaultHook(faults),
         MixtureHook(loader),
-        EvalHook.from_config(cfg.eval, data, micro_batch_size, dp, eos),
+        EvalHook.from_config(cfg.eval, data, batch, dp, eos),
         LossSpikeHook.from_config(cfg.train),
         RankStatsHook.from_config(cfg.logging),
         ProfilerHook(cfg.profile, run_dir, env.rank, stop.signal),

@@ -20,16 +20,19 @@ class EvalHook(Hook):
         self.every, self.patience, self.batches = every, patience, batches
 
     @classmethod
-    def from_config(cls, cfg, data, micro_batch_size: int, dp: tuple[int, int], eos_id=None) -> EvalHook:
+    def from_config(cls, cfg, data, batch, dp: tuple[int, int], eos_id=None) -> EvalHook:
         """The ``eval`` section over this data-parallel rank's share (``dp = (rank, ranks)``) of each
-        source's held-out sequences."""
+        source's first ``eval.batches`` global batches (``batch.global_batch_size`` sequences each, as
+        Megatron's ``--eval-iters``) of held-out sequences, in micro-batches of ``batch.micro_batch_size``
+        per rank: the same set at every layout."""
         splits = (
             data.val_by_source if data.is_mixture else ({"data": data.val} if data.val is not None else {})
         )
         batches = {}
         if cfg.every and splits:
             for name, seqs in splits.items():
-                batches[name] = validation_batches(seqs, cfg.batches, micro_batch_size, *dp, eos_id)
+                n = cfg.batches * batch.global_batch_size
+                batches[name] = validation_batches(seqs, n, batch.micro_batch_size, *dp, eos_id)
         return cls(cfg.every, cfg.patience, batches)
 
     def due(self, step: int, max_steps: int) -> bool:
