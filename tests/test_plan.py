@@ -17,6 +17,14 @@ from harness.plan import make_plan, schedule_series
 
 PY = sys.executable
 compose = functools.partial(conftest.compose, schema="plan")  # the plan command's schema
+# Llama 3 8B (its real vocabulary) under FSDP2 with bf16 parameters and fp32 gradient reduction
+L8B_FSDP = [
+    "model=llama3_8b",
+    "model.vocab_size=128256",
+    "parallel=fsdp",
+    "parallel.param_dtype=bfloat16",
+    "parallel.reduce_dtype=float32",
+]
 
 
 def test_plan_equals_the_trainers_logged_steps_and_tokens(tmp_path, small_corpus):
@@ -354,11 +362,7 @@ def test_plan_weighs_reducing_every_micro_batch():
     pl = make_plan(
         to_object(
             compose(
-                "model=llama3_8b",
-                "model.vocab_size=128256",
-                "parallel=fsdp",
-                "parallel.param_dtype=bfloat16",
-                "parallel.reduce_dtype=float32",
+                *L8B_FSDP,
                 "parallel.activation_checkpointing=true",
                 "plan.gpus=64",
             )
@@ -404,11 +408,7 @@ def test_the_memory_warning_names_every_switch_that_alone_fits():
     and reducing every micro-batch alone (72.6) both fit, and the warning names both, AC first."""
     cfg = to_object(
         compose(
-            "model=llama3_8b",
-            "model.vocab_size=128256",
-            "parallel=fsdp",
-            "parallel.param_dtype=bfloat16",
-            "parallel.reduce_dtype=float32",
+            *L8B_FSDP,
             "plan.gpus=8",
             "train.global_batch_size=64",
             "train.max_steps=1000",
