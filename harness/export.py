@@ -20,6 +20,7 @@ from harness import checkpoint as ckpt
 from harness.config import ModelConfig
 from harness.errors import CheckpointError, HarnessError
 from harness.model import build_model
+from harness.parallel.dcp import DCP_DIR, quiet
 
 
 def load_weights(path: str, model: torch.nn.Module) -> dict:
@@ -30,14 +31,12 @@ def load_weights(path: str, model: torch.nn.Module) -> dict:
     """
     if os.path.isfile(os.path.join(path, "model.pt")):
         return torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-    if os.path.isdir(os.path.join(path, "dcp")):
+    if os.path.isdir(os.path.join(path, DCP_DIR)):
         import torch.distributed.checkpoint as dcp
 
-        from harness.parallel.none import no_process_group
-
         state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}  # filled in place
-        with no_process_group():
-            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)
+        with quiet():
+            dcp.load(state, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=True)
         return state["model"]
     if os.path.isdir(os.path.join(path, "deepspeed")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -19,9 +19,8 @@ from harness.dist import DistEnv, init_distributed, shutdown_distributed
 from harness.errors import CheckpointError, ConfigError
 from harness.parallel import comm
 from harness.parallel.base import Backend, CommStats, transformer_blocks
+from harness.parallel.dcp import DCP_DIR, load_dcp, save_dcp
 from harness.parallel.dims import ParallelDims
-
-DCP_DIR = "dcp"
 
 
 class DistributedBackend(Backend):
@@ -80,31 +79,15 @@ class DistributedBackend(Backend):
         return self.model
 
     def save(self, directory: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        msd, osd = get_state_dict(self._state_module(), self.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(directory, DCP_DIR))
+        save_dcp(self._state_module(), self.optimizer, directory)
 
     def load(self, directory: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        path = os.path.join(directory, DCP_DIR)
-        if not os.path.isdir(path):
+        if not os.path.isdir(os.path.join(directory, DCP_DIR)):
             raise CheckpointError(
                 f"checkpoint {directory} has no {DCP_DIR}/ (it was not written by parallel=none|ddp|fsdp); "
                 "resume it with the backend that wrote it, or export it with python -m harness.export"
             )
-        msd, osd = get_state_dict(self._state_module(), self.optimizer)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(
-            self._state_module(),
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-        )
+        load_dcp(self._state_module(), self.optimizer, directory)
 
     def full_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

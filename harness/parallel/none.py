@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import warnings
 
 import torch
 
 from harness.parallel.base import Backend
-
-DCP_DIR = "dcp"  # as harness.parallel.distributed: one format for every backend but DeepSpeed
+from harness.parallel.dcp import DCP_DIR, load_dcp, save_dcp
 
 
 class SingleProcess(Backend):
@@ -42,40 +39,12 @@ class SingleProcess(Backend):
         return model.to(self.env.device)
 
     def save(self, directory: str) -> None:
-        """``<directory>/dcp``: ``{"model", "optim"}`` as ``get_state_dict`` gives them (parameter names
-        as keys, as under DDP and FSDP2)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        with no_process_group():
-            dcp.save(
-                {"model": msd, "optim": osd}, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=True
-            )
+        """``<directory>/dcp`` (:func:`harness.parallel.dcp.save_dcp`), without a process group."""
+        save_dcp(self.model, self.optimizer, directory, no_dist=True)
 
     def load(self, directory: str) -> None:
         """Restore what :meth:`save` (or DDP / FSDP2 at any world size) wrote; a checkpoint without
         ``dcp/`` is read as the older ``model.pt`` / ``optimizer.pt``."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        path = os.path.join(directory, DCP_DIR)
-        if not os.path.isdir(path):
+        if not os.path.isdir(os.path.join(directory, DCP_DIR)):
             return super().load(directory)
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        state = {"model": msd, "optim": osd}
-        with no_process_group():
-            dcp.load(state, checkpoint_id=path, no_dist=True)
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-
-
-@contextlib.contextmanager
-def no_process_group():
-    """Silences DCP's warning that it runs without a process group (which is the intent here)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized"
-        )
-        yield
+        load_dcp(self.model, self.optimizer, directory, no_dist=True)
