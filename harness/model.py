@@ -1,8 +1,10 @@
-"""Models: ``transformers`` causal LMs built from a shape config with random init, plus
+"""Models: ``transformers`` causal LMs built from a shape config (on the meta device, or initialized by
+:mod:`harness.weights`), plus
 parameter counts and FLOPs per token for MFU."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -89,19 +91,44 @@ def build_model(
     eos_token_id: int | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.nn.Module:
-    """A randomly initialised ``AutoModelForCausalLM`` of the given shape (fp32 weights).
+    """An ``AutoModelForCausalLM`` of the given shape (fp32 weights).
 
-    The init is seeded with ``seed`` so every run (and rank) starts from the same weights.
+    ``device="meta"``: parameters on the meta device (no storage, at any size: give them storage with
+    :func:`harness.weights.materialize`), buffers such as the rotary ``inv_freq`` computed on the CPU.
+    Otherwise the model is built there and initialized by :func:`harness.weights.init_weights` with
+    ``seed``: the same weights as a meta build materialized under any layout.
     """
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(model, vocab_size, eos_token_id)
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with _parameters_on_meta():
         net = AutoModelForCausalLM.from_config(
             cfg, attn_implementation=model.attn_implementation, dtype=torch.float32
         )
-    return net
+    if torch.device(device).type == "meta":
+        return net
+    from harness.weights import init_weights, materialize
+
+    return materialize(net, torch.device(device), lambda m: init_weights(m, model, seed))
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside is moved to the meta device (buffers stay where they are
+    made), as ``accelerate.init_empty_weights(include_buffers=False)`` does; ``transformers``' own
+    initialization then has nothing to draw."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a tied parameter is already on meta: keep it
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 @dataclass(frozen=True)

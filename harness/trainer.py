@@ -17,6 +17,7 @@ model: bad input fails fast and leaves an existing run as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ from harness.model import (
 from harness.parallel import Backend, ParallelDims, build_backend
 from harness.rundir import RunDir
 from harness.schedule import DataPosition, StepInfo, TrainingSchedule, build_schedule
+from harness.weights import init_weights
 
 log = logging.getLogger("harness")
 LOGGERS = (log, step_log)
@@ -312,8 +314,9 @@ class Trainer:
         """The model, parallelized over the mesh (TP -> AC -> compile -> FSDP/DDP), the optimizer after
         sharding, the LR scheduler, and the MFU arithmetic."""
         cfg, env = self.cfg, self.env
-        model = build_model(cfg.model, vocab_size, cfg.seed, self.data.tokenizer.eos_token_id)
-        self.backend.parallelize(model, cfg.train.compile)
+        model = build_model(cfg.model, vocab_size, cfg.seed, self.data.tokenizer.eos_token_id, device="meta")
+        init = functools.partial(init_weights, model=cfg.model, seed=cfg.seed)  # only this rank's shards
+        self.backend.parallelize(model, cfg.train.compile, init=init)
         self.optimizer = self.backend.build_optimizer(cfg.optim)  # DeepSpeed wraps the model here
         self.model = self.backend.model
         lr = self.schedule.lr

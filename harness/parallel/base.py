@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,10 @@ def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) 
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+
+
+def _on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -138,13 +143,25 @@ class Backend(ABC):
         """
         return cls(env, cfg, dims)
 
-    def parallelize(self, model: torch.nn.Module, compile_blocks: bool = False) -> torch.nn.Module:
+    def parallelize(
+        self,
+        model: torch.nn.Module,
+        compile_blocks: bool = False,
+        init: Callable[[torch.nn.Module], None] | None = None,
+    ) -> torch.nn.Module:
         """Apply, in order: tensor parallelism over ``tp`` -> activation checkpointing -> compile ->
-        :meth:`wrap`. Returns the module to call forward on."""
+        :meth:`wrap`. Returns the module to call forward on.
+
+        ``model`` may be on the meta device (:func:`harness.model.build_model`): everything up to the
+        sharding happens there, and :meth:`wrap` gives storage to this rank's shards only and fills them
+        with ``init(model)`` (:func:`harness.weights.init_weights`, or released weights).
+        """
+        self._init = init
         if self.dims.tp > 1:
             from harness.parallel.tensor import apply_tensor_parallel
 
-            model.to(self.env.device)
+            if not _on_meta(model):
+                model.to(self.env.device)
             tp_mesh = self.dims.mesh(self.env.device.type)["tp"]
             apply_tensor_parallel(model, tp_mesh, self.cfg.sequence_parallel, self.cfg.loss_parallel)
         if self.cfg.activation_checkpointing:
@@ -154,9 +171,27 @@ class Backend(ABC):
         self.model = self.wrap(model)
         return self.model
 
+    def materialize(self, model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+        """``model`` (whole or sharded) with storage on ``device`` (this rank's device by default): a meta
+        model is materialized and initialized by :func:`harness.weights.materialize` with the ``init``
+        given to :meth:`parallelize`; a model with storage is moved there.
+
+        Raises:
+            ValueError: a meta model and no ``init``.
+        """
+        device = device or self.env.device
+        if not _on_meta(model):
+            return model.to(device)
+        if getattr(self, "_init", None) is None:
+            raise ValueError("a model on the meta device needs parallelize(..., init=...) to fill it")
+        from harness.weights import materialize
+
+        return materialize(model, device, self._init)
+
     @abstractmethod
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Place (and wrap or shard) the model on this rank's device; returns the module to call."""
+        """Shard or wrap the model and give it storage on this rank's device (:meth:`materialize`, before
+        or after sharding); returns the module to call."""
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
         """The torch optimizer (its ``param_groups`` carry the LR the scheduler sets)."""

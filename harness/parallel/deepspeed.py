@@ -207,7 +207,7 @@ class DeepSpeedBackend(DistributedBackend):
         return cls(env, cfg, dims, batch, optim.grad_clip, comm_timing)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        self.module = model.to(self.env.device)
+        self.module = self.materialize(model)
         return self.module  # replaced by the engine in build_optimizer
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -18,7 +18,7 @@ from harness.config import BatchSizes, FSDPConfig, OptimConfig, ParallelConfig
 from harness.dist import DistEnv, init_distributed, shutdown_distributed
 from harness.errors import CheckpointError, ConfigError
 from harness.parallel import comm
-from harness.parallel.base import Backend, CommStats, transformer_blocks
+from harness.parallel.base import Backend, CommStats, _on_meta, transformer_blocks
 from harness.parallel.dcp import DCP_DIR, load_dcp, save_dcp
 from harness.parallel.dims import ParallelDims
 
@@ -112,7 +112,7 @@ class DDPBackend(DistributedBackend):
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = model.to(self.env.device)
+        model = self.materialize(model)
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
         self.ddp.register_comm_hook(None, _sum_allreduce_hook)
@@ -155,14 +155,17 @@ class FSDPBackend(DistributedBackend):
         c = self.cfg
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[c.param_dtype], reduce_dtype=_DTYPES[c.reduce_dtype])
         offload = CPUOffloadPolicy() if c.cpu_offload else OffloadPolicy()
-        if not c.cpu_offload:
+        meta = _on_meta(model)  # sharded first, then only this rank's shards get storage
+        if not meta and not c.cpu_offload:
             model = model.to(self.env.device)
         if self.dims.dp == 1:  # tensor parallel only: nothing to shard over
-            return model
+            return self.materialize(model)
         kw = {"mesh": self.dims.fsdp_mesh(self.env.device.type), "mp_policy": mp, "offload_policy": offload}
         for block in transformer_blocks(model):
             fully_shard(block, reshard_after_forward=c.reshard_after_forward, **kw)
         fully_shard(model, reshard_after_forward=c.reshard_after_forward, **kw)
+        if meta:  # offloaded shards live on the CPU
+            self.materialize(model, torch.device("cpu") if c.cpu_offload else None)
         return model
 
     def accumulate(self, is_last: bool):

@@ -36,7 +36,7 @@ class SingleProcess(Backend):
         return cls(env, cfg, dims)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.env.device)
+        return self.materialize(model)
 
     def save(self, directory: str) -> None:
         """``<directory>/dcp`` (:func:`harness.parallel.dcp.save_dcp`), without a process group."""
