@@ -4,7 +4,7 @@ by tests/test_init.py).
 ``python -m torch.distributed.run --nproc_per_node N tests/init_probe.py OUT [overrides]`` builds the
 model on the meta device and the harness's backend from ``overrides`` as the trainer does
 (``build_model(device="meta")`` -> ``backend.parallelize(init=init_weights)`` -> ``build_optimizer``),
-then writes the whole model gathered on rank 0 to ``OUT.pt`` and, per rank, ``OUT.rank<r>.json``: the
+then writes the whole model gathered on rank 0 to ``OUT.pt`` (not with ``--no-gather``) and, per rank, ``OUT.rank<r>.json``: the
 peak RSS grown while building (bytes), the bytes of this rank's parameter shards and of the largest
 parameter, and the model's full fp32 bytes.
 """
@@ -30,7 +30,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(out: str, overrides: list[str]) -> None:
+def main(out: str, overrides: list[str], gather: bool = True) -> None:
     from omegaconf import open_dict
 
     from harness.config import compose_checked, to_object
@@ -60,9 +60,10 @@ def main(out: str, overrides: list[str]) -> None:
         for _, p in unique_parameters(backend.unwrapped())
     )
     backend.build_optimizer(cfg.optim)
-    state = backend.full_state_dict()
-    if env.is_main:
-        torch.save(state, out + ".pt")
+    if gather:
+        state = backend.full_state_dict()
+        if env.is_main:
+            torch.save(state, out + ".pt")
     with open(f"{out}.rank{env.rank}.json", "w") as f:
         json.dump({"grown": grown, "local": local, "largest": largest, "full": full}, f)
     backend.barrier()
@@ -70,4 +71,6 @@ def main(out: str, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[1:]
+    gather = "--no-gather" not in args
+    main(*[a for a in args if a != "--no-gather"][:1], [a for a in args[1:] if a != "--no-gather"], gather)
