@@ -331,7 +331,7 @@ def test_sigterm_to_the_whole_job_with_wandb_still_checkpoints(tmp_path, small_c
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 75, err[-3000:]
+    assert proc.returncode == 75, out[-2000:] + err[-3000:]
     stopped_at = read_metrics(run_dir)[-1]["step"]
     assert 3 <= stopped_at < 30 and checkpoints(run_dir) == [f"step_{stopped_at:08d}"]
     with open(run_dir / "invocations.jsonl") as f:
