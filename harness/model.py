@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.config import ModelConfig
+from harness.config import ModelConfig, intermediate_size
 from harness.errors import ConfigError
 
 
@@ -29,15 +29,6 @@ def resolve_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:
         return model.vocab_size
     m = model.vocab_multiple
     return (tokenizer_vocab + m - 1) // m * m
-
-
-def intermediate_size(model: ModelConfig) -> int:
-    """MLP width: as configured, else 4*hidden (GPT-2) or 8/3*hidden rounded up to 64 (LLaMA)."""
-    if model.intermediate_size is not None:
-        return model.intermediate_size
-    if model.arch == "gpt2":
-        return 4 * model.hidden_size
-    return (int(8 * model.hidden_size / 3) + 63) // 64 * 64
 
 
 def hf_config(model: ModelConfig, vocab_size: int, eos_token_id: int | None = None):

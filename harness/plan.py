@@ -19,14 +19,20 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
-from harness.config import JobConfig, compose_checked, register_schema, to_object, validate
-from harness.config.validate import resolve_batch_sizes
+from harness.config import (
+    JobConfig,
+    check_tensor_parallel,
+    compose_checked,
+    register_schema,
+    resolve_batch_sizes,
+    to_object,
+    validate,
+)
 from harness.errors import ConfigError, DataError, HarnessError
 from harness.layouts import comm_per_step
 from harness.metrics import GPU_SPECS
-from harness.model import lr_warning, model_stats, resolve_vocab_size
+from harness.model import document_mask_path, lr_warning, model_stats, resolve_vocab_size
 from harness.parallel.dims import ParallelDims
-from harness.parallel.tensor import check_tensor_parallel
 from harness.schedule import IterationPlan, TrainingSchedule, build_schedule
 
 MAX_USEFUL_EPOCHS = 4.0  # Muennighoff et al. 2023: beyond ~4 epochs repeated data is worth much less
@@ -359,7 +365,9 @@ def make_plan(
     gpus = world_size or p.gpus
     _check_plan_section(p, gpus)
     try:
-        batch = validate(cfg, gpus)
+        batch = validate(cfg, gpus)  # the config alone; then what needs a part, as the trainer checks it
+        if cfg.data.document_mask:
+            document_mask_path(cfg.model, "cpu")
     except ConfigError as e:
         if "world_size" not in str(e):
             raise

@@ -286,7 +286,9 @@ class Trainer:
     @staticmethod
     def _check(cfg: JobConfig, env: DistEnv, run_dir: str) -> _Checked:
         """Everything before a model: config, backend (process group, mesh), data, plan, resume point."""
-        batch = validate(cfg, env.world_size)
+        batch = validate(cfg, env.world_size)  # the config alone; then what needs a part
+        if cfg.data.document_mask:
+            document_mask_path(cfg.model, env.device.type)  # transformers reads the position_ids resets
         check_attention(cfg.model, env.device.type)
         dims = ParallelDims.from_config(cfg.parallel, env.world_size)
         if env.world_size > 1:

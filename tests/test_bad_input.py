@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from conftest import REPO, SMALL, compose, train_small
 import harness.train as harness_train
 import harness.trainer
 from harness.cluster import slurm
+from harness.config import to_object
 from harness.errors import ConfigError, DataError, HarnessError
 
 BAD_CONFIGS = [  # (overrides, text the error line must contain)
@@ -262,6 +264,35 @@ def test_slurm_config_without_nodes(tmp_path, override, message):
     with pytest.raises(HarnessError, match=message):
         slurm.submit([override, "slurm.dry_run=true", f"hydra.run.dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_document_mask_this_transformers_cannot_apply_is_refused_before_a_model(
+    existing_run, small_corpus, tmp_path, capsys, monkeypatch
+):
+    """The one check that needs a part (harness.model reads the installed transformers) runs after
+    the config's own, in the trainer, the plan and the Slurm submitter, before anything is built."""
+    import transformers
+
+    from harness.plan import make_plan
+
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)  # as in transformers < 4.56
+    message = (
+        "data.document_mask=true needs transformers >= 4.56 (packed sequences from position_ids); "
+        f"this is {transformers.__version__}: upgrade it or set data.document_mask=false"
+    )
+    before = _snapshot(existing_run)
+    argv = [*SMALL, f"data.path={small_corpus}", "train.max_steps=6", "data.document_mask=true"]
+    assert _attempt(argv, existing_run, capsys, monkeypatch) == (2, [f"error: {message}"])
+    assert _snapshot(existing_run) == before
+    with pytest.raises(ConfigError) as e:
+        make_plan(to_object(compose(*argv, schema="plan")))
+    assert str(e.value) == message
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=re.escape(f"{message} (world size 1 = slurm.nodes=1 x ")):
+        slurm.submit(
+            [*argv, "slurm.nodes=1", "slurm.gpus_per_node=1", "slurm.dry_run=true", f"hydra.run.dir={run}"]
+        )
+    assert not run.exists()
 
 
 @pytest.mark.slow

@@ -243,6 +243,7 @@ def submit(overrides: list[str], workdir: str | None = None) -> tuple[str, str |
         HarnessError: a config or data problem (nothing is written), or ``sbatch`` missing or failing.
     """
     from harness.data.sources import is_prepared_dir, resolve_corpus
+    from harness.model import document_mask_path
 
     workdir = os.path.abspath(workdir or os.getcwd())
     composed = compose_checked(overrides, schema="slurm")
@@ -252,7 +253,9 @@ def submit(overrides: list[str], workdir: str | None = None) -> tuple[str, str |
     cfg = to_object(composed)
     launcher, nproc = validate_slurm(cfg.slurm, cfg.parallel.name)
     try:
-        validate(cfg, cfg.slurm.nodes * nproc)
+        validate(cfg, cfg.slurm.nodes * nproc)  # the config alone; then what needs a part
+        if cfg.data.document_mask:
+            document_mask_path(cfg.model, "cpu")
     except ConfigError as e:
         raise ConfigError(
             f"{e} (world size {cfg.slurm.nodes * nproc} = slurm.nodes={cfg.slurm.nodes} x "

@@ -2,6 +2,9 @@
 
 - :mod:`harness.config.schema`    the sections of ``configs/train.yaml`` as dataclasses
 - :mod:`harness.config.validate`  each section's checks, then the cross-section ones (:func:`validate`)
+
+The ground floor: nothing here imports another harness module but :mod:`harness.errors`
+(tests/test_layers.py); every part imports its section from here.
 - :mod:`harness.config.compose`   the ConfigStore, resolvers, :func:`compose_checked`, one-line errors
 """
 
@@ -38,7 +41,14 @@ from harness.config.schema import (
     TrainingConfig,
     WandbConfig,
 )
-from harness.config.validate import resolve_batch_sizes, validate
+from harness.config.validate import (
+    check_sources,
+    check_tensor_parallel,
+    intermediate_size,
+    mesh_degrees,
+    resolve_batch_sizes,
+    validate,
+)
 
 __all__ = [
     "CONFIG_DIR",
@@ -64,9 +74,13 @@ __all__ = [
     "TrainingConfig",
     "WandbConfig",
     "check_run_dir",
+    "check_sources",
+    "check_tensor_parallel",
     "compose_checked",
     "composition_error",
     "default_cache_dir",
+    "intermediate_size",
+    "mesh_degrees",
     "register_schema",
     "resolve_batch_sizes",
     "to_object",

@@ -3,6 +3,14 @@ few checks that involve several sections run in one short ordered function, :fun
 
 Every check raises :class:`~harness.errors.ConfigError` whose message names the offending key and
 the fix; the schedule section reports all of its problems in one message.
+
+The ground floor: this module imports the schema, :mod:`harness.errors` and the standard library,
+never a part (tests/test_layers.py). The arithmetic on the config that the parts build on lives
+here: the sources' keys (:func:`check_sources`, for :func:`harness.data.source_specs`), the mesh
+degrees (:func:`mesh_degrees`, for ``ParallelDims``), the widths tensor parallelism splits
+(:func:`check_tensor_parallel`, :func:`intermediate_size`). What needs a part -- the installed
+``transformers`` for the document mask (:func:`harness.model.document_mask_path`) -- the callers
+check after :func:`validate`, before anything is built.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from harness.config.schema import (
     ParallelConfig,
     ProfileConfig,
     ScheduleConfig,
+    SourceConfig,
     TokenizerConfig,
     TrainingConfig,
 )
@@ -147,9 +156,48 @@ def check_data(d: DataConfig) -> None:
     check_rules("data", d)
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    from harness.data import source_specs  # the sources' keys and weights, before anything is read
+    check_sources(d)
 
-    source_specs(d)
+
+def check_sources(d: DataConfig) -> list[tuple[str, SourceConfig]]:
+    """The sources of ``data.sources`` checked, in order, as ``(name, SourceConfig)``; ``[]`` for
+    ``data.path`` alone (``data.sources`` null). :func:`harness.data.source_specs` builds on it.
+
+    Raises:
+        ConfigError: ``data.sources`` not a mapping or empty; a source that is not a mapping of
+            :class:`SourceConfig` keys, without a path, with a weight that is not a finite number
+            > 0, or with a format / sample_by outside ``CHOICES["data"]`` (naming the source).
+    """
+    if d.sources is None:
+        return []
+    if not isinstance(d.sources, dict):
+        raise ConfigError(f"data.sources={d.sources!r} must map source names to {{path: ..., weight: ...}}")
+    if not d.sources:
+        raise ConfigError(
+            "data.sources={} names no source: give at least one, or data.sources=null for data.path"
+        )
+    return [(str(name), _check_source(f"data.sources.{name}", src)) for name, src in d.sources.items()]
+
+
+def _check_source(key: str, src: Any) -> SourceConfig:
+    keys = [f.name for f in dataclasses.fields(SourceConfig)]
+    if not isinstance(src, dict):
+        raise ConfigError(f"{key}={src!r} must be a mapping with the keys {', '.join(keys)}")
+    unknown = [k for k in src if k not in keys]
+    if unknown:
+        raise ConfigError(f"{key}: unknown key {unknown[0]!r} (a source has {', '.join(keys)})")
+    src = SourceConfig(**src)
+    if src.path in (None, "", []):
+        raise ConfigError(f"{key}.path is not set: give the source's file, glob, directory or list")
+    if isinstance(src.weight, bool) or not isinstance(src.weight, (int, float)) or not src.weight > 0:
+        raise ConfigError(f"{key}.weight={src.weight!r} must be a number > 0 (the weights are normalized)")
+    if not math.isfinite(src.weight):
+        raise ConfigError(f"{key}.weight={src.weight!r} must be a finite number > 0")
+    for k, allowed in CHOICES["data"].items():  # the same choices as data.format / data.sample_by
+        if getattr(src, k) is not None and getattr(src, k) not in allowed:
+            choices = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{key}.{k}={getattr(src, k)!r} is not one of {choices}")
+    return src
 
 
 def check_tokenizer(t: TokenizerConfig) -> None:
@@ -317,6 +365,46 @@ SECTION_CHECKS = {
 }
 
 
+def intermediate_size(model: ModelConfig) -> int:
+    """MLP width: as configured, else 4*hidden (GPT-2) or 8/3*hidden rounded up to 64 (LLaMA)."""
+    if model.intermediate_size is not None:
+        return model.intermediate_size
+    if model.arch == "gpt2":
+        return 4 * model.hidden_size
+    return (int(8 * model.hidden_size / 3) + 63) // 64 * 64
+
+
+def check_tensor_parallel(model: ModelConfig, tp: int, backend: str) -> None:
+    """Refuse a ``tp`` the model or the backend cannot run (:mod:`harness.parallel.tensor` splits
+    heads, kv heads and MLP columns over ``tp``), before anything is built.
+
+    Raises:
+        ConfigError: ``tp > 1`` with a backend other than fsdp, a GPT-2 model (fused ``c_attn``
+            Conv1D projections: no column-wise split of q/k/v), or head, kv-head or MLP widths not
+            divisible by ``tp``.
+    """
+    if tp == 1:
+        return
+    if backend != "fsdp":
+        raise ConfigError(
+            f"parallel.tp={tp} needs parallel=fsdp (FSDP2 over dp_shard x tensor parallel over tp); "
+            f"parallel={backend} runs data parallelism only"
+        )
+    if model.arch != "llama":
+        raise ConfigError(
+            f"parallel.tp={tp}: tensor parallelism supports Llama-style models (model.arch=llama); "
+            f"model.arch={model.arch} fuses q/k/v into one Conv1D (c_attn) that cannot be split by heads"
+        )
+    widths = {
+        "model.num_heads": model.num_heads,
+        "model.num_kv_heads": model.num_kv_heads or model.num_heads,
+        "model.intermediate_size": intermediate_size(model),
+    }
+    for key, value in widths.items():
+        if value % tp:
+            raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp} (each rank holds 1/tp)")
+
+
 def resolve_batch_sizes(train: TrainingConfig, world_size: int, label: str = "world_size") -> BatchSizes:
     """Derive the missing one of global/micro/accumulation from the two given, at ``world_size``
     data-parallel ranks (``label`` names them in the messages).
@@ -398,9 +486,35 @@ def check_batch_ramp(schedule: ScheduleConfig, batch: BatchSizes, label: str = "
         )
 
 
+def mesh_degrees(parallel: ParallelConfig, world_size: int) -> tuple[int, int, int]:
+    """The mesh ``(dp_replicate, dp_shard, tp)`` the backend ``parallel.name`` uses at ``world_size``
+    ranks (:meth:`harness.parallel.dims.ParallelDims.from_config` builds on it): DDP replicates over
+    every data-parallel rank, FSDP shards over ``dp_shard`` (replicas x shards), ZeRO shards over all.
+
+    Raises:
+        ConfigError: ``parallel.tp`` or ``parallel.dp_replicate`` (FSDP) does not divide the world size.
+    """
+    tp = parallel.tp
+    if world_size % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide world_size={world_size}")
+    dp = world_size // tp
+    if parallel.name == "ddp":
+        return dp, 1, tp
+    replicate = getattr(parallel, "dp_replicate", 1)
+    if dp % replicate:
+        raise ConfigError(
+            f"parallel.dp_replicate={replicate} must divide world_size={world_size} (replicas x shards)"
+            if tp == 1
+            else f"parallel.dp_replicate={replicate} must divide the data-parallel ranks world_size / "
+            f"tp = {world_size} / {tp} = {dp} (replicas x shards)"
+        )
+    return replicate, dp // replicate, tp
+
+
 def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
     """Check everything that can be checked from the config alone (no data, no model): the top-level
-    keys, each section, then the checks across sections, in this order.
+    keys, each section, then the checks across sections, in this order. What needs a part (the
+    document mask's ``transformers``) the caller checks next: see the module docstring.
 
     Returns:
         The full-size :class:`BatchSizes` at ``world_size`` processes.
@@ -428,16 +542,9 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
             "train.nonfinite=skip is not supported with parallel=deepspeed (the engine steps inside "
             "engine.step()); use train.nonfinite=abort or leave it null"
         )
-    if cfg.data.document_mask:
-        from harness.model import document_mask_path  # transformers must read the position_ids resets
-
-        document_mask_path(cfg.model, "cpu")
-    from harness.parallel.dims import ParallelDims  # the mesh: its degrees must multiply to world_size
-    from harness.parallel.tensor import check_tensor_parallel
-
     check_tensor_parallel(cfg.model, cfg.parallel.tp, cfg.parallel.name)
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    label = "world_size" if dims.tp == 1 else f"data-parallel ranks (world_size / tp={dims.tp})"
-    batch = resolve_batch_sizes(cfg.train, dims.dp, label)
+    dp_replicate, dp_shard, tp = mesh_degrees(cfg.parallel, world_size)
+    label = "world_size" if tp == 1 else f"data-parallel ranks (world_size / tp={tp})"
+    batch = resolve_batch_sizes(cfg.train, dp_replicate * dp_shard, label)
     check_batch_ramp(cfg.schedule, batch, label)
     return batch

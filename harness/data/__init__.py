@@ -12,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 
-from harness.config import DataConfig, SourceConfig, TokenizerConfig
+from harness.config import DataConfig, SourceConfig, TokenizerConfig, check_sources
 from harness.data.loader import (
     IGNORE_INDEX,
     MicroBatch,
@@ -30,7 +29,7 @@ from harness.data.shards import DEFAULT_MAX_SHARD_BYTES
 from harness.data.sources import Corpus, is_prepared_dir, load_corpus, resolve_corpus
 from harness.data.store import FORMAT, TokenStore, open_store, write_store
 from harness.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
-from harness.errors import ConfigError, DataError
+from harness.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -67,44 +66,18 @@ def source_specs(data: DataConfig) -> list[SourceSpec]:
 
     Raises:
         ConfigError: a source that is not a mapping of :class:`SourceConfig` keys, without a path, or
-            with a weight that is not a number > 0 (naming the source).
+            with a weight that is not a number > 0, naming the source (the checks are
+            :func:`harness.config.check_sources`, which :func:`harness.config.validate` runs).
     """
     if data.sources is None:
         return [SourceSpec("data", data, 1.0, "data.path")]
-    if not isinstance(data.sources, dict):
-        raise ConfigError(
-            f"data.sources={data.sources!r} must map source names to {{path: ..., weight: ...}}"
-        )
-    if not data.sources:
-        raise ConfigError(
-            "data.sources={} names no source: give at least one, or data.sources=null for data.path"
-        )
-    return [_source_spec(str(name), src, data) for name, src in data.sources.items()]
+    return [_source_spec(name, src, data) for name, src in check_sources(data)]
 
 
-def _source_spec(name: str, src, data: DataConfig) -> SourceSpec:
-    key = f"data.sources.{name}"
-    keys = [f.name for f in dataclasses.fields(SourceConfig)]
-    if not isinstance(src, dict):
-        raise ConfigError(f"{key}={src!r} must be a mapping with the keys {', '.join(keys)}")
-    unknown = [k for k in src if k not in keys]
-    if unknown:
-        raise ConfigError(f"{key}: unknown key {unknown[0]!r} (a source has {', '.join(keys)})")
-    src = SourceConfig(**src)
-    if src.path in (None, "", []):
-        raise ConfigError(f"{key}.path is not set: give the source's file, glob, directory or list")
-    if isinstance(src.weight, bool) or not isinstance(src.weight, (int, float)) or not src.weight > 0:
-        raise ConfigError(f"{key}.weight={src.weight!r} must be a number > 0 (the weights are normalized)")
-    if not math.isfinite(src.weight):
-        raise ConfigError(f"{key}.weight={src.weight!r} must be a finite number > 0")
+def _source_spec(name: str, src: SourceConfig, data: DataConfig) -> SourceSpec:
     own = {k: getattr(src, k) for k in ("format", "text_field", "sample_by") if getattr(src, k) is not None}
-    from harness.config.validate import CHOICES  # the same choices as data.format / data.sample_by
-
-    for k, allowed in CHOICES["data"].items():
-        if k in own and own[k] not in allowed:
-            choices = ", ".join(str(a) for a in allowed if a is not None)
-            raise ConfigError(f"{key}.{k}={own[k]!r} is not one of {choices}")
-    return SourceSpec(name, dataclasses.replace(data, path=src.path, **own), float(src.weight), key)
+    spec_data = dataclasses.replace(data, path=src.path, **own)
+    return SourceSpec(name, spec_data, float(src.weight), f"data.sources.{name}")
 
 
 @contextlib.contextmanager

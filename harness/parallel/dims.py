@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config import ParallelConfig
+from harness.config import ParallelConfig, mesh_degrees
 from harness.errors import ConfigError
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
@@ -46,26 +46,13 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
-        """The layout the chosen backend uses at ``world_size`` ranks.
+        """The layout the chosen backend uses at ``world_size`` ranks
+        (:func:`harness.config.validate.mesh_degrees`).
 
         Raises:
             ConfigError: ``parallel.dp_replicate`` (FSDP) or ``parallel.tp`` does not divide the world size.
         """
-        tp = cfg.tp
-        if world_size % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide world_size={world_size}")
-        dp = world_size // tp
-        if cfg.name == "ddp":
-            return cls(dp, 1, tp, world_size)
-        replicate = getattr(cfg, "dp_replicate", 1)
-        if dp % replicate:
-            raise ConfigError(
-                f"parallel.dp_replicate={replicate} must divide world_size={world_size} (replicas x shards)"
-                if tp == 1
-                else f"parallel.dp_replicate={replicate} must divide the data-parallel ranks world_size / "
-                f"tp = {world_size} / {tp} = {dp} (replicas x shards)"
-            )
-        return cls(replicate, dp // replicate, tp, world_size)
+        return cls(*mesh_degrees(cfg, world_size), world_size)
 
     @property
     def dp(self) -> int:

@@ -20,6 +20,9 @@ sequence parallelism) gets a ``Partial`` gradient, and the row-wise embedding a 
 placement before the norm and the optimizer (the bug class of torchtitan PR #3412), and
 :func:`harness.parallel.norm.clip_grad_norm_` computes the global L2 norm over DTensors on any mesh
 (each shard counted once, replicas not double counted) and adds the epsilon once.
+
+Which ``tp`` a model and a backend can run is a check of the config alone
+(:func:`harness.config.validate.check_tensor_parallel`), refused before anything is built.
 """
 
 from __future__ import annotations
@@ -28,41 +31,6 @@ import contextlib
 import logging
 
 import torch
-
-from harness.config import ModelConfig
-from harness.errors import ConfigError
-
-
-def check_tensor_parallel(model: ModelConfig, tp: int, backend: str) -> None:
-    """Refuse a ``tp`` the model or the backend cannot run, before anything is built.
-
-    Raises:
-        ConfigError: ``tp > 1`` with a backend other than fsdp, a GPT-2 model (fused ``c_attn``
-            Conv1D projections: no column-wise split of q/k/v), or head, kv-head or MLP widths not
-            divisible by ``tp``.
-    """
-    if tp == 1:
-        return
-    if backend != "fsdp":
-        raise ConfigError(
-            f"parallel.tp={tp} needs parallel=fsdp (FSDP2 over dp_shard x tensor parallel over tp); "
-            f"parallel={backend} runs data parallelism only"
-        )
-    if model.arch != "llama":
-        raise ConfigError(
-            f"parallel.tp={tp}: tensor parallelism supports Llama-style models (model.arch=llama); "
-            f"model.arch={model.arch} fuses q/k/v into one Conv1D (c_attn) that cannot be split by heads"
-        )
-    from harness.model import intermediate_size
-
-    widths = {
-        "model.num_heads": model.num_heads,
-        "model.num_kv_heads": model.num_kv_heads or model.num_heads,
-        "model.intermediate_size": intermediate_size(model),
-    }
-    for key, value in widths.items():
-        if value % tp:
-            raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp} (each rank holds 1/tp)")
 
 
 def apply_tensor_parallel(
