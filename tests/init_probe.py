@@ -4,9 +4,9 @@ by tests/test_init.py).
 ``python -m torch.distributed.run --nproc_per_node N tests/init_probe.py OUT [overrides]`` builds the
 model on the meta device and the harness's backend from ``overrides`` as the trainer does
 (``build_model(device="meta")`` -> ``backend.parallelize(init=init_weights)`` -> ``build_optimizer``),
-then writes the whole model gathered on rank 0 to ``OUT.pt`` (not with ``--no-gather``) and, per rank, ``OUT.rank<r>.json``: the
-peak RSS grown while building (bytes), the bytes of this rank's parameter shards and of the largest
-parameter, and the model's full fp32 bytes.
+then writes the whole model gathered on rank 0 to ``OUT.pt`` (not with ``--no-gather``) and, per
+rank, ``OUT.rank<r>.json``: the peak RSS grown while building (bytes), the bytes of this rank's
+parameter shards and of the largest parameter, and the model's full fp32 bytes.
 """
 
 import functools
