@@ -70,21 +70,30 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
 
 
 def worker(out_dir: str, overrides: list[str]) -> None:
-    """Run ``harness.train`` with ``overrides`` as this torchrun rank; at the first checkpoint (the end
-    of the run's only step) write ``rank_<r>.json``: ``vmhwm_bytes``, ``vmrss_bytes``,
-    ``time_s`` (since the launch time in ``$STARTUP_BENCH_T0``) and ``step``."""
+    """Run ``harness.train`` with ``overrides`` as this torchrun rank, writing ``rank_<r>.json`` with
+    two snapshots: ``built`` as ``Trainer.train`` starts (model built and wrapped, optimizer made, no
+    step yet) and ``stepped`` at the first checkpoint (the end of the run's only step, optimizer step
+    included; the checkpoint itself is skipped). Each: ``vmhwm_bytes`` (peak RSS so far),
+    ``vmrss_bytes``, ``time_s`` (since the launch time in ``$STARTUP_BENCH_T0``)."""
     import harness.train
     from harness.trainer import Trainer
 
     t0, rank = float(os.environ[T0_ENV]), int(os.environ["RANK"])
+    rec: dict = {"rank": rank}
+    train = Trainer.train
 
-    def record_first_step(trainer) -> None:  # replaces Trainer.save_checkpoint
-        rec = {"rank": rank, "time_s": time.time() - t0, "step": trainer.state.step, **_lower(proc_status())}
+    def snapshot(name: str) -> None:
+        rec[name] = {"time_s": time.time() - t0, **_lower(proc_status())}
         path = Path(out_dir, f"rank_{rank}.json")
         path.with_suffix(".tmp").write_text(json.dumps(rec))
         path.with_suffix(".tmp").replace(path)
 
-    Trainer.save_checkpoint = record_first_step
+    def train_recorded(trainer):  # replaces Trainer.train
+        snapshot("built")
+        return train(trainer)
+
+    Trainer.train = train_recorded
+    Trainer.save_checkpoint = lambda trainer: snapshot("stepped")
     sys.argv = [harness.train.__file__, *overrides]
     harness.train.main()
 
@@ -204,7 +213,7 @@ def launch(args: argparse.Namespace, cmd: list[str], env: dict, log_path: Path) 
     env = {**env, T0_ENV: repr(t0)}
     ranks: dict[int, int] = {}
     sampled: dict[int, dict[str, int]] = {}
-    peak_sum, killed = 0, None
+    peak_sum, killed, timeline = 0, None, []
     with open(log_path, "w") as log:
         p = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -219,6 +228,8 @@ def launch(args: argparse.Namespace, cmd: list[str], env: dict, log_path: Path) 
                     seen[k] = max(seen[k], v)
                 total += st.get("VmRSS", 0)
             peak_sum = max(peak_sum, total)
+            if not timeline or time.time() - t0 >= timeline[-1][0] + 1:
+                timeline.append((round(time.time() - t0, 1), total, mem_available()))
             if total > args.max_gib * GIB:
                 killed = f"the ranks' summed RSS {total / GIB:.1f} GiB > --max-gib {args.max_gib:g}"
             elif mem_available() < args.floor_gib * GIB:
@@ -226,6 +237,7 @@ def launch(args: argparse.Namespace, cmd: list[str], env: dict, log_path: Path) 
             elif time.time() - t0 > args.timeout_min * 60:
                 killed = f"no exit after --timeout-min {args.timeout_min:g}"
             if killed:
+                print(f"killing the ranks: {killed}", flush=True)
                 kill(p, ranks)
                 p.wait()
                 break
@@ -237,6 +249,7 @@ def launch(args: argparse.Namespace, cmd: list[str], env: dict, log_path: Path) 
         "sampled": {r: _lower(s) for r, s in sorted(sampled.items())},
         "peak_sum_bytes": peak_sum,
         "killed": killed,
+        "timeline": timeline,  # (seconds since launch, the ranks' summed RSS, MemAvailable), every 1 s
     }
 
 
@@ -280,14 +293,28 @@ def measure(args: argparse.Namespace) -> dict:
     res = launch(args, cmd, env, tmp / "torchrun.log")
     res["ranks"] = [json.loads(p.read_text()) for p in sorted(out.glob("rank_*.json"))]
     metrics = tmp / "run" / "metrics.jsonl"
-    res["record"] = json.loads(metrics.read_text().splitlines()[0]) if metrics.exists() else None
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    res["record"] = json.loads(lines[0]) if lines else None
     res.update(warm_s=warm_s, tmp=str(tmp), overrides=train, log=(tmp / "torchrun.log").read_text()[-3000:])
     return res
 
 
+HEADER = (
+    "| rank | peak RSS to the end of step 1, GiB | launch to the end of step 1, s "
+    "| peak RSS before step 1, GiB | launch to step 1, s |"
+)
+
+
 def table(res: dict) -> list[str]:
-    """Markdown rows ``| rank | peak RSS GiB | time to first step s |`` (no label column)."""
-    return [f"| {r['rank']} | {r['vmhwm_bytes'] / GIB:.2f} | {r['time_s']:.1f} |" for r in res["ranks"]]
+    """Markdown rows under :data:`HEADER`, one per rank."""
+    rows = []
+    for r in res["ranks"]:
+        built, stepped = r["built"], r["stepped"]
+        rows.append(
+            f"| {r['rank']} | {stepped['vmhwm_bytes'] / GIB:.2f} | {stepped['time_s']:.1f} "
+            f"| {built['vmhwm_bytes'] / GIB:.2f} | {built['time_s']:.1f} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -299,7 +326,7 @@ def main() -> None:
     res.update(commit=commit, world=args.world, model=args.model, parallel=args.parallel)
     with open(REPO / args.json, "w") as f:
         json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
-    if res["killed"] or len(res["ranks"]) != args.world:
+    if res["killed"] or [len(r) for r in res["ranks"]] != [3] * args.world:
         print(res["log"], file=sys.stderr)
         sys.exit(f"error: run failed (rc {res['rc']}, {res['killed'] or 'ranks missing'}); see {res['tmp']}")
     report(args, res)
@@ -321,8 +348,8 @@ def report(args: argparse.Namespace, res: dict) -> None:
     print(f"command: {command(args)}")
     launched = f"torchrun --standalone --nproc_per_node {args.world} bench/startup.py --worker DIR"
     print(f"measured: {launched} {' '.join(res['overrides'])}")
-    print("\n| rank | peak RSS GiB | time to first step s |")
-    print("|---:|---:|---:|")
+    print("\n" + HEADER)
+    print("|---:|---:|---:|---:|---:|")
     print("\n".join(table(res)))
     for rank, s in res["sampled"].items():
         rss, hwm = s["vmrss_bytes"] / GIB, s["vmhwm_bytes"] / GIB
@@ -351,7 +378,7 @@ def write_doc(args: argparse.Namespace, res: dict, label: str) -> None:
     text = DOC.read_text()
     title = section_title(args)
     sets = parse_section(text, title)
-    rows = [f"| {label} {row[1:]}" for row in table(res)]
+    rows = [f"| {label} |{row[1:]}" for row in table(res)]
     rec = res["record"] or {}
     date = datetime.datetime.fromtimestamp(res["t0"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total, step = res["peak_sum_bytes"] / GIB, rec.get("step_time_s", 0)
@@ -400,14 +427,17 @@ def render_section(args: argparse.Namespace, title: str, sets: dict[str, tuple[l
     out = [
         title,
         "",
-        f"`{command(args)} --doc before|after` (bench/startup.py). Each rank's peak RSS (`VmHWM`) at the",
-        "end of the first optimizer step, and the wall time from launching torchrun to that point: imports,",
-        "config and data checks, the model build, the backend's wrap, one step (seq 64, micro-batch 1, one",
-        "micro-batch per rank), gloo, `OMP_NUM_THREADS=1` per rank, GPT-2 tokenizer (vocabulary padded to",
-        "50,304), 2 shared cores (times move with the other jobs on the machine).",
+        f"`{command(args)} --doc before|after`",
         "",
-        "| code | rank | peak RSS GiB | time to first step s |",
-        "|---|---:|---:|---:|",
+        "Each rank's peak RSS (`VmHWM`) and the wall time from launching torchrun, at two points: as the",
+        "first step starts (imports, config and data checks, model build, the backend's wrap, optimizer)",
+        "and at the end of that step (optimizer step included: AdamW's state is made there). One cheap",
+        "step: seq 64, micro-batch 1, one micro-batch per rank; gloo, `OMP_NUM_THREADS=1` per rank, the",
+        "GPT-2 tokenizer (vocabulary padded to 50,304); 2 cores shared with other jobs (times move with",
+        "the machine's load).",
+        "",
+        "| code " + HEADER,
+        "|---|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for name, what in LABELS.items():
@@ -415,7 +445,7 @@ def render_section(args: argparse.Namespace, title: str, sets: dict[str, tuple[l
             out += sets[name][0]
             notes.append(sets[name][1])
         else:
-            out += [f"| {name} (to be measured: {what}) | all | to be measured | to be measured |"]
+            out += [f"| {name} (to be measured: {what}) | all |" + " to be measured |" * 4]
     return "\n".join([*out, "", *[n for n in notes if n], ""]) + "\n"
 
 
