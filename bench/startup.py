@@ -69,7 +69,7 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return {m[1]: int(m[2]) * 1024 for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
 
 
-def worker(out_dir: str, overrides: list[str]) -> None:
+def worker(out_dir: str, phase: str, overrides: list[str]) -> None:
     """Run ``harness.train`` with ``overrides`` as this torchrun rank, writing ``rank_<r>.json`` with
     two snapshots: ``built`` as ``Trainer.train`` starts (model built and wrapped, optimizer made, no
     step yet) and ``stepped`` at the first checkpoint (the end of the run's only step, optimizer step
@@ -90,7 +90,11 @@ def worker(out_dir: str, overrides: list[str]) -> None:
 
     def train_recorded(trainer):  # replaces Trainer.train
         snapshot("built")
-        return train(trainer)
+        if phase == "step":
+            return train(trainer)
+        for hook in trainer.hooks:
+            hook.close()
+        return trainer.state
 
     Trainer.train = train_recorded
     Trainer.save_checkpoint = lambda trainer: snapshot("stepped")
@@ -119,6 +123,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--timeout-min", type=float, default=30.0)
     ap.add_argument("--doc", choices=sorted(LABELS), help="write this row set into docs/benchmarks.md")
     ap.add_argument("--label", help="the row set's label (default: '<set> (<commit>: <what>)')")
+    ap.add_argument(
+        "--phase",
+        choices=["step", "start"],
+        default="step",
+        help="step: to the end of step 1; start: stop as step 1 would begin (no step, no optimizer state)",
+    )
+    ap.add_argument("--note", default="", help="a sentence appended to the row set's note in the doc")
     ap.add_argument("--json", default="bench/startup.json")
     ap.add_argument("extra", nargs="*", help="more harness.train overrides")
     return ap.parse_args()
@@ -289,7 +300,7 @@ def measure(args: argparse.Namespace) -> dict:
     wait_for_memory(args.need_gib, args.wait_min)
     train = overrides(args, corpus, tmp / "run", args.model, args.parallel, args.world)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world}"]
-    cmd += [__file__, "--worker", str(out), *train]
+    cmd += [__file__, "--worker", str(out), args.phase, *train]
     res = launch(args, cmd, env, tmp / "torchrun.log")
     res["ranks"] = [json.loads(p.read_text()) for p in sorted(out.glob("rank_*.json"))]
     metrics = tmp / "run" / "metrics.jsonl"
@@ -300,33 +311,36 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 HEADER = (
-    "| rank | peak RSS to the end of step 1, GiB | launch to the end of step 1, s "
-    "| peak RSS before step 1, GiB | launch to step 1, s |"
+    "| rank | peak RSS before step 1, GiB | launch to step 1, s "
+    "| peak RSS to the end of step 1, GiB | launch to the end of step 1, s |"
 )
 
 
 def table(res: dict) -> list[str]:
-    """Markdown rows under :data:`HEADER`, one per rank."""
+    """Markdown rows under :data:`HEADER`, one per rank (``not run`` for the step under ``--phase start``)."""
     rows = []
     for r in res["ranks"]:
-        built, stepped = r["built"], r["stepped"]
-        rows.append(
-            f"| {r['rank']} | {stepped['vmhwm_bytes'] / GIB:.2f} | {stepped['time_s']:.1f} "
-            f"| {built['vmhwm_bytes'] / GIB:.2f} | {built['time_s']:.1f} |"
+        built, stepped = r["built"], r.get("stepped")
+        row = f"| {r['rank']} | {built['vmhwm_bytes'] / GIB:.2f} | {built['time_s']:.1f} |"
+        row += (
+            f" {stepped['vmhwm_bytes'] / GIB:.2f} | {stepped['time_s']:.1f} |"
+            if stepped
+            else " not run | not run |"
         )
+        rows.append(row)
     return rows
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        return worker(sys.argv[2], sys.argv[3:])
+    if len(sys.argv) > 3 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2], sys.argv[3], sys.argv[4:])
     args = parse_args()
     commit = harness_commit()
     res = measure(args)
     res.update(commit=commit, world=args.world, model=args.model, parallel=args.parallel)
     with open(REPO / args.json, "w") as f:
         json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
-    if res["killed"] or [len(r) for r in res["ranks"]] != [3] * args.world:
+    if res["killed"] or [len(r) for r in res["ranks"]] != [2 if args.phase == "start" else 3] * args.world:
         print(res["log"], file=sys.stderr)
         sys.exit(f"error: run failed (rc {res['rc']}, {res['killed'] or 'ranks missing'}); see {res['tmp']}")
     report(args, res)
@@ -357,10 +371,11 @@ def report(args: argparse.Namespace, res: dict) -> None:
     rec = res["record"] or {}
     print(f"the ranks' summed RSS at its peak: {res['peak_sum_bytes'] / GIB:.2f} GiB (sampled every 0.1 s)")
     print(f"launch to exit {res['wall_s']:.1f} s; warm-up run {res['warm_s']:.1f} s")
-    step, peak0 = rec.get("step_time_s", 0), rec.get("max_memory_bytes", 0) / GIB
-    print(
-        f"rank 0's record: step_time_s {step:.2f}, max_memory_bytes {peak0:.2f} GiB, loss {rec.get('loss')}"
-    )
+    if rec:
+        step, peak0 = rec["step_time_s"], rec["max_memory_bytes"] / GIB
+        print(
+            f"rank 0's record: step_time_s {step:.2f}, max_memory_bytes {peak0:.2f} GiB, loss {rec['loss']}"
+        )
 
 
 # ----------------------------------------------------------------------------- docs/benchmarks.md
@@ -384,8 +399,11 @@ def write_doc(args: argparse.Namespace, res: dict, label: str) -> None:
     total, step = res["peak_sum_bytes"] / GIB, rec.get("step_time_s", 0)
     note = (
         f"- {label}: {date}; the ranks' summed RSS at its peak {total:.1f} GiB (sampled every 0.1 s); "
-        f"rank 0's first step {step:.1f} s; launch to exit {res['wall_s']:.0f} s; "
+        + (f"rank 0's first step {step:.1f} s; " if rec else "")
+        + f"launch to exit {res['wall_s']:.0f} s; "
         f"load average {os.getloadavg()[0]:.1f} at the end"
+        + (f"; `--phase {args.phase}`" if args.phase != "step" else "")
+        + (f". {args.note}" if args.note else "")
     )
     sets[args.doc] = (rows, note)
     body = render_section(args, title, sets)
@@ -434,7 +452,9 @@ def render_section(args: argparse.Namespace, title: str, sets: dict[str, tuple[l
         "and at the end of that step (optimizer step included: AdamW's state is made there). One cheap",
         "step: seq 64, micro-batch 1, one micro-batch per rank; gloo, `OMP_NUM_THREADS=1` per rank, the",
         "GPT-2 tokenizer (vocabulary padded to 50,304); 2 cores shared with other jobs (times move with",
-        "the machine's load).",
+        "the machine's load). `--phase start` ends each rank as step 1 would begin (the step's columns",
+        "read `not run`): the step adds the gradient and AdamW shards (12 bytes per parameter / world in",
+        "fp32) and the unsharded buffers of the layer in flight, which the build does not change.",
         "",
         "| code " + HEADER,
         "|---|---:|---:|---:|---:|---:|",
