@@ -1,8 +1,9 @@
-"""Start-up cost of a model under torchrun on CPU (gloo): each rank's peak resident memory up to and
-including the first optimizer step, and the wall time from launch to the end of that step.
+"""Start-up cost of a model under torchrun on CPU (gloo): each rank's peak resident memory and the
+wall time from launch, as the first step starts and at the end of that step (optimizer step included).
 
     PYTHONPATH=$PWD .venv/bin/python bench/startup.py --world 4 --model llama_1b [--parallel fsdp]
-        [--doc before|after] [--label TEXT] [--json bench/startup.json]
+        [--phase step|start] [--doc before|after] [--label TEXT] [--note TEXT] [--json bench/startup.json]
+    PYTHONPATH=$PWD .venv/bin/python bench/startup.py ... --doc before|after --from-json SAVED.json
 
 The harness measured is the one on ``PYTHONPATH`` (its checkout's commit is printed). One run:
 
@@ -14,18 +15,22 @@ The harness measured is the one on ``PYTHONPATH`` (its checkout's commit is prin
   ``data.seq_len=64``, micro-batch 1, global batch = WORLD (one micro-batch per rank: the step
   itself is cheap), evaluation, export and wandb off, ``OMP_NUM_THREADS=1`` per rank.
 
-Each rank runs ``harness.train`` inside this file's ``--worker`` mode, which replaces
-``Trainer.save_checkpoint`` (called once, right after the first step's hooks) by a recorder: the
-rank's ``VmHWM`` (peak RSS, ``/proc/self/status``) and the seconds since launch at that moment
-go to a JSON file, and the end-of-run checkpoint is not written (it is not start-up, and would
-write the whole model to disk). From outside, every 0.1 s, this process samples each rank's
-``VmRSS`` / ``VmHWM`` (a cross-check, and the sum of the ranks' RSS at its peak) and kills the
-ranks if their summed RSS passes ``--max-gib`` or the machine's ``MemAvailable`` falls under
-``--floor-gib``. Before launching it waits (polling every 30 s, up to ``--wait-min``) until
-``MemAvailable`` is at least ``--need-gib``.
+Each rank runs ``harness.train`` inside this file's ``--worker`` mode, which wraps ``Trainer.train``
+(snapshot ``built``: the model is built and wrapped, no step yet) and replaces
+``Trainer.save_checkpoint`` (called once, right after the only step; snapshot ``stepped``). A
+snapshot is the rank's ``VmHWM`` (peak RSS, ``/proc/self/status``) and the seconds since launch, in
+a JSON file per rank. The end-of-run checkpoint is not written (it is not start-up, and would write
+the whole model to disk). ``--phase start`` returns from ``Trainer.train`` after ``built``: no step,
+for a model whose step does not fit the host. From outside, every 0.1 s, this process samples each
+rank's ``VmRSS`` / ``VmHWM`` (a cross-check, and the sum of the ranks' RSS at its peak) and kills
+the ranks (SIGKILL by pid) if their summed RSS passes ``--max-gib`` or the machine's
+``MemAvailable`` falls under ``--floor-gib``. Before launching it waits (polling every 30 s, up to
+``--wait-min``) until ``MemAvailable`` is at least ``--need-gib``. Exit 1 with the ranks' log when
+a run is killed or a rank's snapshot is missing; the result is still saved to ``--json``.
 
 ``--doc before|after`` writes the table into docs/benchmarks.md (section "Start-up memory and time
-to first step (...)"), replacing that row set and keeping the other one.
+to first step (MODEL, PARALLEL, world WORLD, CPU)", made before "## GPU" if missing), replacing that
+row set (and the "to be measured" placeholder) and keeping the other one.
 """
 
 from __future__ import annotations
@@ -131,6 +136,7 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--note", default="", help="a sentence appended to the row set's note in the doc")
     ap.add_argument("--json", default="bench/startup.json")
+    ap.add_argument("--from-json", help="write --doc from this saved result instead of measuring")
     ap.add_argument("extra", nargs="*", help="more harness.train overrides")
     return ap.parse_args()
 
@@ -306,7 +312,13 @@ def measure(args: argparse.Namespace) -> dict:
     metrics = tmp / "run" / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     res["record"] = json.loads(lines[0]) if lines else None
-    res.update(warm_s=warm_s, tmp=str(tmp), overrides=train, log=(tmp / "torchrun.log").read_text()[-3000:])
+    res.update(
+        warm_s=warm_s,
+        tmp=str(tmp),
+        load=os.getloadavg()[0],
+        overrides=train,
+        log=(tmp / "torchrun.log").read_text()[-3000:],
+    )
     return res
 
 
@@ -335,16 +347,23 @@ def main() -> None:
     if len(sys.argv) > 3 and sys.argv[1] == "--worker":
         return worker(sys.argv[2], sys.argv[3], sys.argv[4:])
     args = parse_args()
-    commit = harness_commit()
-    res = measure(args)
-    res.update(commit=commit, world=args.world, model=args.model, parallel=args.parallel)
-    with open(REPO / args.json, "w") as f:
-        json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        res["ranks"] = [
+            {"rank": r["rank"], **{k: v for k, v in r.items() if k != "rank"}} for r in res["ranks"]
+        ]
+    else:
+        res = measure(args)
+        res.update(commit=harness_commit(), world=args.world, model=args.model, parallel=args.parallel)
+        with open(REPO / args.json, "w") as f:
+            json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
+    commit = res["commit"]
     if res["killed"] or [len(r) for r in res["ranks"]] != [2 if args.phase == "start" else 3] * args.world:
-        print(res["log"], file=sys.stderr)
+        print(res.get("log", ""), file=sys.stderr)
         sys.exit(f"error: run failed (rc {res['rc']}, {res['killed'] or 'ranks missing'}); see {res['tmp']}")
     report(args, res)
-    shutil.rmtree(res["tmp"], ignore_errors=True)
+    if not args.from_json:
+        shutil.rmtree(res["tmp"], ignore_errors=True)
     if args.doc:
         label = args.label or f"{args.doc} ({commit.split()[0]}: {LABELS[args.doc]})"
         write_doc(args, res, label)
@@ -353,6 +372,7 @@ def main() -> None:
 def command(args: argparse.Namespace) -> str:
     """The command line that reproduces this measurement (from the checkout to measure)."""
     flags = f"--world {args.world} --model {args.model} --parallel {args.parallel}"
+    flags += f" --phase {args.phase}" if args.phase != "step" else ""
     return f"PYTHONPATH=$PWD python bench/startup.py {flags}"
 
 
@@ -397,20 +417,17 @@ def write_doc(args: argparse.Namespace, res: dict, label: str) -> None:
     rec = res["record"] or {}
     date = datetime.datetime.fromtimestamp(res["t0"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total, step = res["peak_sum_bytes"] / GIB, rec.get("step_time_s", 0)
-    note = (
-        f"- {label}: {date}; the ranks' summed RSS at its peak {total:.1f} GiB (sampled every 0.1 s); "
-        + (f"rank 0's first step {step:.1f} s; " if rec else "")
-        + f"launch to exit {res['wall_s']:.0f} s; "
-        f"load average {os.getloadavg()[0]:.1f} at the end"
-        + (f"; `--phase {args.phase}`" if args.phase != "step" else "")
-        + (f". {args.note}" if args.note else "")
-    )
+    parts = [date, f"the ranks' summed RSS at its peak {total:.1f} GiB (sampled every 0.1 s)"]
+    parts += [f"rank 0's first step {step:.1f} s"] if rec else []
+    parts += [f"launch to exit {res['wall_s']:.0f} s"]
+    parts += [f"load average {res['load']:.1f} at the end"] if "load" in res else []
+    note = f"- {label}: " + "; ".join(parts) + "." + (f" {args.note.rstrip('.')}." if args.note else "")
     sets[args.doc] = (rows, note)
     body = render_section(args, title, sets)
     start, end = section_span(text, title)
     if start is None:
-        gpu = text.index("\n## GPU")
-        text = text[:gpu] + "\n\n" + body + text[gpu:]
+        gpu = text.index("\n## GPU") + 1
+        text = text[:gpu] + body + text[gpu:]
     else:
         text = text[:start] + body + text[end:]
     DOC.write_text(text)
@@ -466,7 +483,7 @@ def render_section(args: argparse.Namespace, title: str, sets: dict[str, tuple[l
             notes.append(sets[name][1])
         else:
             out += [f"| {name} (to be measured: {what}) | all |" + " to be measured |" * 4]
-    return "\n".join([*out, "", *[n for n in notes if n], ""]) + "\n"
+    return "\n".join([*out, "", *[n for n in notes if n]]) + "\n\n"
 
 
 if __name__ == "__main__":
