@@ -130,3 +130,52 @@ def materialize(
                 b.copy_(buffers[name])
     init(net)
     return net
+
+
+def parameter_view(name: str, param: torch.nn.Parameter) -> torch.nn.Module:
+    """A module whose only parameter is ``param``, under ``name`` (dotted, as in the whole model), so
+    that an ``init`` callable (:func:`init_weights`, a loader) can fill it as it would the whole model."""
+    view = torch.nn.Module()
+    *path, leaf = name.split(".")
+    owner = view
+    for part in path:
+        child = torch.nn.Module()
+        owner.add_module(part, child)
+        owner = child
+    owner.register_parameter(leaf, param)
+    return view
+
+
+def materialize_each(
+    net: torch.nn.Module,
+    device: torch.device,
+    init: Callable[[torch.nn.Module], None],
+    convert: Callable[[torch.nn.Parameter], None],
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """Give ``net``'s meta parameters storage one at a time: each (a tied one once) becomes a whole
+    ``dtype`` tensor on ``device``, is filled by ``init(parameter_view(name, p))`` and handed to
+    ``convert(p)`` (e.g. DeepSpeed ZeRO-3's partitioning, which keeps this rank's slice) before the
+    next one is allocated; buffers move to ``device``. Returns ``net``.
+
+    Peak memory: what ``convert`` keeps, plus one whole parameter and ``init``'s temporaries (for
+    :func:`init_weights`, one fp32 copy of it).
+    """
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in net.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, attr))
+        for attr, b in module._buffers.items():
+            if b is not None:
+                module._buffers[attr] = b.to(device)
+    for name, p in unique_parameters(net):
+        new = torch.nn.Parameter(
+            torch.empty(p.shape, dtype=dtype, device=device), requires_grad=p.requires_grad
+        )
+        for module, attr in owners[id(p)]:
+            module._parameters[attr] = new
+        with torch.no_grad():
+            init(parameter_view(name, new))
+        convert(new)
+    return net
