@@ -20,6 +20,11 @@ So one process, DDP, FSDP2, tensor parallelism and any mix start from the same w
 given device type (CPU and CUDA generators differ). Peak memory per rank while initializing: its
 shards plus the largest single parameter (drawn whole, then dropped), e.g. 4.2 GB for LLaMA-3 70B's
 embedding in fp32; the draws cost one pass over the whole model per rank, on the device.
+
+DeepSpeed ZeRO-3 (``DeepSpeedBackend.partition``) cannot shard a meta model before storage exists, so
+:func:`materialize_each` gives the parameters storage one at a time: each is drawn whole into a
+one-parameter view (:func:`parameter_view`) and partitioned by DeepSpeed before the next, for the same
+weights (bitwise, or their bf16 rounding when the engine trains in bf16) and the same peak per rank.
 """
 
 from __future__ import annotations
