@@ -159,7 +159,8 @@ def materialize_each(
     dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
     """Give ``net``'s meta parameters storage one at a time: each (a tied one once) becomes a whole
-    ``dtype`` tensor on ``device``, is filled by ``init(parameter_view(name, p))`` and handed to
+    ``dtype`` tensor on ``device``, is filled by ``init(parameter_view(canonical_name(name), p))`` (the
+    name in the bare ``transformers`` model, a tied parameter under its first) and handed to
     ``convert(p)`` (e.g. DeepSpeed ZeRO-3's partitioning, which keeps this rank's slice) before the
     next one is allocated; buffers move to ``device``. Returns ``net``.
 
@@ -181,6 +182,6 @@ def materialize_each(
         for module, attr in owners[id(p)]:
             module._parameters[attr] = new
         with torch.no_grad():
-            init(parameter_view(name, new))
+            init(parameter_view(canonical_name(name), new))
         convert(new)
     return net

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, TORCHRUN2
+from conftest import REPO, TORCHRUN2, compose
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+from harness.config import to_object
 
 # tied embeddings (one parameter under two names), every parameter's element count even
 TINY = [
@@ -35,6 +35,32 @@ def probe(out, nproc: int, *overrides: str) -> tuple[dict, list[dict]]:
     return torch.load(f"{out}.pt"), ranks
 
 
+def test_materialize_each_gives_a_whole_builds_weights_one_parameter_at_a_time():
+    """Each parameter is filled through a one-parameter view under its bare name and converted before
+    the next exists; the weights are a whole build's, bitwise, and the tied embedding stays one
+    parameter."""
+    from harness.model import build_model
+    from harness.weights import init_weights, materialize_each
+
+    model_cfg = to_object(compose(*TINY)).model
+    ref = build_model(model_cfg, 300, 7, None, device="cpu")
+    net = build_model(model_cfg, 300, 7, None, device="meta")
+    seen, converted = [], []
+
+    def init(view):
+        seen.append([name for name, _ in view.named_parameters()])
+        assert len(converted) == len(seen) - 1  # the previous one was converted before this one
+        init_weights(view, model_cfg, 7)
+
+    materialize_each(net, torch.device("cpu"), init, converted.append)
+    assert seen[:2] == [["model.embed_tokens.weight"], ["model.layers.0.self_attn.q_proj.weight"]]
+    assert len(seen) == len(converted) == 20  # 21 names, lm_head.weight tied to the embedding
+    assert net.lm_head.weight is net.model.embed_tokens.weight is converted[0]
+    assert not any(p.is_meta for p in net.parameters())
+    for (name, a), (_, b) in zip(net.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     state, (rank0,) = probe(tmp_path_factory.mktemp("none") / "init", 1, "parallel=none")
@@ -42,6 +68,8 @@ def one_process(tmp_path_factory):
     return state
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("bf16", [False, True])
 def test_zero3_starts_from_one_process_weights_holding_only_its_partitions(tmp_path, one_process, bf16):
     """Bitwise the one-process weights (with bf16, their bf16 rounding: the engine's dtype), and each
