@@ -231,10 +231,13 @@ class DeepSpeedBackend(DistributedBackend):
         one-parameter view of the model (every rank calls it, DeepSpeed keeps rank 0's values), then
         DeepSpeed broadcasts it from rank 0 and keeps this rank's ``1/world`` slice (``p.ds_tensor``;
         with ``offload_param`` on the CPU), as ``deepspeed.zero.Init`` does for a model constructed
-        inside it. Peak memory per rank: its partitions plus one whole parameter and its fp32 draw.
+        inside it. Peak memory per rank: its partitions plus one whole parameter and its fp32 draw. (On
+        the CPU, glibc's heap can keep the freed whole parameters as holes between the partitions:
+        ``MALLOC_MMAP_THRESHOLD_=1048576`` returns them. Not measured on a GPU.)
 
         A loader given as ``init`` is called once per parameter with a module holding only that
-        parameter (whole, under its name in the model): it must fill the parameters the module has and
+        parameter (whole, under its name in the bare ``transformers`` model; a tied one once): it must
+        fill the parameters the module has and
         not require the others.
 
         Raises:
