@@ -237,8 +237,7 @@ class DeepSpeedBackend(DistributedBackend):
 
         A loader given as ``init`` is called once per parameter with a module holding only that
         parameter (whole, under its name in the bare ``transformers`` model; a tied one once): it must
-        fill the parameters the module has and
-        not require the others.
+        fill the parameters the module has and not require the others.
 
         Raises:
             ValueError: no ``init`` was given to :meth:`parallelize`.
