@@ -20,6 +20,11 @@ So one process, DDP, FSDP2, tensor parallelism and any mix start from the same w
 given device type (CPU and CUDA generators differ). Peak memory per rank while initializing: its
 shards plus the largest single parameter (drawn whole, then dropped), e.g. 4.2 GB for LLaMA-3 70B's
 embedding in fp32; the draws cost one pass over the whole model per rank, on the device.
+
+DeepSpeed ZeRO-3 (``DeepSpeedBackend.partition``) cannot shard a meta model before storage exists, so
+:func:`materialize_each` gives the parameters storage one at a time: each is drawn whole into a
+one-parameter view (:func:`parameter_view`) and partitioned by DeepSpeed before the next, for the same
+weights (bitwise, or their bf16 rounding when the engine trains in bf16) and the same peak per rank.
 """
 
 from __future__ import annotations
@@ -129,4 +134,54 @@ def materialize(
             if name in buffers:
                 b.copy_(buffers[name])
     init(net)
+    return net
+
+
+def parameter_view(name: str, param: torch.nn.Parameter) -> torch.nn.Module:
+    """A module whose only parameter is ``param``, under ``name`` (dotted, as in the whole model), so
+    that an ``init`` callable (:func:`init_weights`, a loader) can fill it as it would the whole model."""
+    view = torch.nn.Module()
+    *path, leaf = name.split(".")
+    owner = view
+    for part in path:
+        child = torch.nn.Module()
+        owner.add_module(part, child)
+        owner = child
+    owner.register_parameter(leaf, param)
+    return view
+
+
+def materialize_each(
+    net: torch.nn.Module,
+    device: torch.device,
+    init: Callable[[torch.nn.Module], None],
+    convert: Callable[[torch.nn.Parameter], None],
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """Give ``net``'s meta parameters storage one at a time: each (a tied one once) becomes a whole
+    ``dtype`` tensor on ``device``, is filled by ``init(parameter_view(canonical_name(name), p))`` (the
+    name in the bare ``transformers`` model, a tied parameter under its first) and handed to
+    ``convert(p)`` (e.g. DeepSpeed ZeRO-3's partitioning, which keeps this rank's slice) before the
+    next one is allocated; buffers move to ``device``. Returns ``net``.
+
+    Peak memory: what ``convert`` keeps, plus one whole parameter and ``init``'s temporaries (for
+    :func:`init_weights`, one fp32 copy of it).
+    """
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in net.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, attr))
+        for attr, b in module._buffers.items():
+            if b is not None:
+                module._buffers[attr] = b.to(device)
+    for name, p in unique_parameters(net):
+        new = torch.nn.Parameter(
+            torch.empty(p.shape, dtype=dtype, device=device), requires_grad=p.requires_grad
+        )
+        for module, attr in owners[id(p)]:
+            module._parameters[attr] = new
+        with torch.no_grad():
+            init(parameter_view(canonical_name(name), new))
+        convert(new)
     return net

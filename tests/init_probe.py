@@ -6,7 +6,8 @@ model on the meta device and the harness's backend from ``overrides`` as the tra
 (``build_model(device="meta")`` -> ``backend.parallelize(init=init_weights)`` -> ``build_optimizer``),
 then writes the whole model gathered on rank 0 to ``OUT.pt`` (not with ``--no-gather``) and, per
 rank, ``OUT.rank<r>.json``: the peak RSS grown while building (bytes), the bytes of this rank's
-parameter shards and of the largest parameter, and the model's full fp32 bytes.
+parameter shards (DeepSpeed ZeRO-3: its partitions, ``p.ds_tensor``) and of the largest parameter,
+and the model's full fp32 bytes.
 """
 
 import functools
@@ -28,6 +29,16 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def local_bytes(p: torch.Tensor) -> int:
+    """The bytes of ``p`` this rank stores: a DTensor's local shard, a DeepSpeed ZeRO-3 parameter's
+    partition (``p.ds_tensor``) plus whatever whole data it still holds, or a plain tensor."""
+    if isinstance(p, DTensor):
+        p = p.to_local()
+    partition = getattr(p, "ds_tensor", None)
+    own = p.numel() * p.element_size()
+    return own + (partition.numel() * partition.element_size() if partition is not None else 0)
 
 
 def main(out: str, overrides: list[str], gather: bool = True) -> None:
@@ -55,10 +66,7 @@ def main(out: str, overrides: list[str], gather: bool = True) -> None:
     largest = max(p.numel() * 4 for _, p in unique_parameters(model))
     backend.parallelize(model, init=functools.partial(init_weights, model=cfg.model, seed=cfg.seed))
     grown = peak_rss_bytes() - before
-    local = sum(
-        (p.to_local() if isinstance(p, DTensor) else p).numel() * 4
-        for _, p in unique_parameters(backend.unwrapped())
-    )
+    local = sum(local_bytes(p) for _, p in unique_parameters(backend.unwrapped()))
     backend.build_optimizer(cfg.optim)
     if gather:
         state = backend.full_state_dict()

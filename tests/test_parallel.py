@@ -130,3 +130,22 @@ def test_groups_made_outside_the_mesh_are_labelled_by_the_dimension_they_span():
         assert tr.describe_last().startswith("all_reduce of 4 bytes over dp_shard (2 ranks)")
     finally:
         dist.destroy_process_group()
+
+
+def test_adamw_decays_a_zero3_parameter_by_its_whole_shape():
+    """A ZeRO-3 partitioned parameter holds an empty 1-D placeholder and its whole shape in ``ds_shape``:
+    a matrix is decayed, a norm gain is not (grouped by the placeholder, every parameter lost its decay
+    and ZeRO-3's second step left one process's by 3e-5)."""
+    from harness.config import OptimConfig
+    from harness.parallel.base import build_adamw
+
+    net = torch.nn.Module()
+    for name, shape in (("weight", (4, 3)), ("gain", (4,))):
+        p = torch.nn.Parameter(torch.empty(0))
+        p.ds_shape = torch.Size(shape)
+        net.register_parameter(name, p)
+    opt = build_adamw(net, OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    assert [(g["weight_decay"], [p.ds_shape for p in g["params"]]) for g in opt.param_groups] == [
+        (0.1, [torch.Size([4, 3])]),
+        (0.0, [torch.Size([4])]),
+    ]

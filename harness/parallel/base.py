@@ -47,14 +47,15 @@ class CommStats:
 
 def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only (dim >= 2: linear
-    and embedding weights), none on biases and norm gains (the GPT-2 / nanoGPT grouping).
+    and embedding weights), none on biases and norm gains (the GPT-2 / nanoGPT grouping). A DeepSpeed
+    ZeRO-3 parameter is grouped by its whole shape (``ds_shape``; its data is an empty placeholder).
 
     ``optim.fused`` null picks the fused kernel on CUDA and the foreach one elsewhere.
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     kwargs = {"fused": True} if fused else {"foreach": True}

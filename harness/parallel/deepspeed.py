@@ -18,7 +18,7 @@ import torch
 from harness.config import BatchSizes, DeepSpeedConfig, OptimConfig
 from harness.dist import DistEnv
 from harness.errors import CheckpointError, ConfigError
-from harness.parallel.base import build_adamw
+from harness.parallel.base import _on_meta, build_adamw
 from harness.parallel.dims import ParallelDims
 from harness.parallel.distributed import DistributedBackend
 
@@ -187,11 +187,19 @@ class DeepSpeedBackend(DistributedBackend):
         try:
             from deepspeed.runtime.config import DeepSpeedConfig as DSConfig
 
-            DSConfig(copy.deepcopy(self.ds_config))
+            parsed = DSConfig(copy.deepcopy(self.ds_config))
         except Exception as e:
             raise ConfigError(
                 f"parallel.ds_config: DeepSpeed rejects the merged config: {' '.join(str(e).split())[:300]}"
             ) from e
+        # the dtype the engine trains the parameters in (ZeRO-3 partitions must already be in it)
+        self.param_dtype = (
+            torch.bfloat16
+            if parsed.bfloat16_config.enabled
+            else torch.half
+            if parsed.float16_config.enabled
+            else torch.float32
+        )
         self._is_last = True
 
     @classmethod
@@ -207,8 +215,53 @@ class DeepSpeedBackend(DistributedBackend):
         return cls(env, cfg, dims, batch, optim.grad_clip, comm_timing)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        self.module = self.materialize(model)
+        """ZeRO-3 and a meta model: :meth:`partition` (this rank holds its partitions only). Otherwise
+        the whole model on this rank's device (what ZeRO 0-2 hold anyway; ``deepspeed.initialize``
+        partitions a ZeRO-3 model that already has storage)."""
+        if self.cfg.zero_stage == 3 and _on_meta(model):
+            self.module = self.partition(model)
+        else:
+            self.module = self.materialize(model)
         return self.module  # replaced by the engine in build_optimizer
+
+    def partition(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Build the ZeRO-3 parameters of a meta ``model`` one at a time (:func:`harness.weights.
+        materialize_each`): each becomes a whole tensor on this rank's device in the engine's dtype
+        (fp32, or bf16/fp16 when enabled), is filled by the ``init`` given to :meth:`parallelize` on a
+        one-parameter view of the model (every rank calls it, DeepSpeed keeps rank 0's values), then
+        DeepSpeed broadcasts it from rank 0 and keeps this rank's ``1/world`` slice (``p.ds_tensor``;
+        with ``offload_param`` on the CPU), as ``deepspeed.zero.Init`` does for a model constructed
+        inside it. Peak memory per rank: its partitions plus one whole parameter and its fp32 draw. (On
+        the CPU, glibc's heap can keep the freed whole parameters as holes between the partitions:
+        ``MALLOC_MMAP_THRESHOLD_=1048576`` returns them. Not measured on a GPU.)
+
+        A loader given as ``init`` is called once per parameter with a module holding only that
+        parameter (whole, under its name in the bare ``transformers`` model; a tied one once): it must
+        fill the parameters the module has and not require the others.
+
+        Raises:
+            ValueError: no ``init`` was given to :meth:`parallelize`.
+        """
+        import deepspeed
+
+        from harness.weights import materialize_each
+
+        if getattr(self, "_init", None) is None:
+            raise ValueError("a model on the meta device needs parallelize(..., init=...) to fill it")
+        first: list[torch.nn.Parameter] = []
+
+        def convert(p: torch.nn.Parameter) -> None:
+            if first:  # the conversion DeepSpeed's engine applies to parameters added later
+                first[0].convert_to_zero_parameters([p])
+                return
+            holder = torch.nn.Module()
+            holder.register_parameter("weight", p)
+            deepspeed.zero.Init(
+                module=holder, config_dict_or_path=copy.deepcopy(self.ds_config), dtype=self.param_dtype
+            )
+            first.append(p)
+
+        return materialize_each(model, self.env.device, self._init, convert, self.param_dtype)
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
         import deepspeed
