@@ -38,7 +38,6 @@ step keeps alive, but it fuses temporaries).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import time
@@ -354,9 +353,9 @@ def dry_run(cfg, plan) -> DryRun:
         need = trace.peak * (1 + ALLOCATOR_RESERVE) + mem.context
         if need > mem.device_memory:
             out.refusal = (
-                f"the dry run's step needs {need / GIB:.1f} GiB on rank 0 ({trace.peak / GIB:.1f} GiB of tensors "
-                f"+ {ALLOCATOR_RESERVE:.0%} allocator reserve + {mem.context / GIB:.0f} GiB CUDA context) > the "
-                f"{plan.gpu}'s {mem.device_memory / GIB:.0f} GiB"
+                f"the dry run's step needs {need / GIB:.1f} GiB on rank 0 ({trace.peak / GIB:.1f} GiB of "
+                f"tensors + {ALLOCATOR_RESERVE:.0%} allocator reserve + {mem.context / GIB:.0f} GiB CUDA "
+                f"context) > the {plan.gpu}'s {mem.device_memory / GIB:.0f} GiB"
             )
     return out
 
@@ -373,7 +372,8 @@ def _compare(out: DryRun, plan) -> None:
             row["diff"] = (maximum - planned) / planned if planned else math.inf
             if abs(row["diff"]) > TOLERANCE:
                 out.warnings.append(
-                    f"{name}: traced {maximum / GIB:.2f} GiB vs planned {planned / GIB:.2f} GiB ({row['diff']:+.0%})"
+                    f"{name}: traced {maximum / GIB:.2f} GiB vs planned {planned / GIB:.2f} GiB "
+                    f"({row['diff']:+.0%})"
                 )
         out.rows.append(row)
     planned_total = mem.tensors(ac)
@@ -395,6 +395,8 @@ def _compare(out: DryRun, plan) -> None:
 
 def render(out: DryRun, plan, seconds: float) -> str:
     """The dry run's printout: the per-category table for rank 0, the ranks' state bytes, warnings."""
+    from harness.plan import ALLOCATOR_RESERVE
+
     m = plan.memory
     lines = [
         f"== Dry run: rank 0 of {out.world_size} (fsdp, dp_shard {m.shards}"
@@ -415,7 +417,8 @@ def render(out: DryRun, plan, seconds: float) -> str:
         f"ranks              rank {out.most_bytes_rank} holds the most parameter + optimizer bytes "
         f"({out.state_bytes[out.most_bytes_rank] / GIB:.3f} GiB); rank {out.fewest_bytes_rank} the fewest "
         f"({out.state_bytes[out.fewest_bytes_rank] / GIB:.3f} GiB)",
-        f"not traced         {m.context / GIB:.2f} GiB CUDA context + allocator reserve (the plan's assumption)",
+        f"not traced         {m.context / GIB:.2f} GiB CUDA context + {ALLOCATOR_RESERVE:.0%} allocator "
+        "reserve (the plan's assumptions)",
         f"dry run            {seconds:.1f} s",
     ]
     lines += [f"WARNING: {w}" for w in out.warnings] or ["every category within 10 % of the plan"]
