@@ -8,7 +8,8 @@ once) and ``FakeTensorMode`` (tensors have shapes, dtypes and devices but no sto
 step is then traced with ``torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker``: the step's
 micro-batches as the trainer runs them (``backend.accumulate``, the trainer's ``token_loss_sum`` and
 ``backend.backward``; with accumulation and the reduce-scatter deferred, a first micro-batch whose
-unsharded gradients stay held, then the last one), gradient clipping and the optimizer step.
+unsharded gradients stay held, then the last one), gradient clipping and the optimizer step. The
+step traced is a steady-state one: AdamW's moments exist from its start, as from step 2 on.
 
 What differs from a GPU run, and how it is handled here:
 
@@ -185,6 +186,19 @@ def _held_grads_as_unsharded(tracker, model: torch.nn.Module) -> None:
     tracker.max_by_category.clear()
 
 
+def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's state as after the first step (as ``AdamW._init_group`` makes it for the fused kernel: an
+    fp32 step counter on the device and two moments like the parameter), so that the traced step is a
+    steady-state one whose forward and backward already hold the moments."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+
+
 def check_dry_run(cfg) -> None:
     """Refuse what the dry run cannot trace, before anything is built.
 
@@ -284,7 +298,9 @@ def trace_rank(cfg, vocab: int, rank: int, world_size: int, accumulation: int) -
         backend.optimizer = optimizer
         autocast = _autocast_dtype(cfg.train.dtype, torch.device("cuda"))
         mbs = [_micro_batch(cfg.train.micro_batch_size or 1, cfg.data.seq_len, vocab) for _ in range(n_micro)]
+        _init_adamw_state(optimizer)
         tracker = _tracker_class()(model, optimizer)
+        tracker.track_external(optimizer)
         tracker.max_by_category = {}
         tracker.kernels = kernels
         tracker.track_inputs(tuple(mb.input_ids for mb in mbs))
