@@ -336,12 +336,11 @@ def dry_run(cfg, plan) -> DryRun:
     rank holding the fewest and by how much.
 
     Raises:
-        ConfigError: what :func:`check_dry_run` refuses; the traced peak (plus the planner's assumed
-            CUDA context and allocator reserve) exceeds the device's memory.
+        ConfigError: what :func:`check_dry_run` refuses (the trainer's own checks ran in ``make_plan``).
+        A traced peak the device cannot hold is not raised: it is :attr:`DryRun.refusal`
+        (:func:`device_refusal`), printed after the figures.
     """
     import torch.distributed as dist
-
-    from harness.plan import ALLOCATOR_RESERVE
 
     check_dry_run(cfg)
     vocab = plan.vocab_size
@@ -364,16 +363,23 @@ def dry_run(cfg, plan) -> DryRun:
         attention_kernels=kernels,
     )
     _compare(out, plan)
-    mem = plan.memory
-    if mem.device_memory:
-        need = trace.peak * (1 + ALLOCATOR_RESERVE) + mem.context
-        if need > mem.device_memory:
-            out.refusal = (
-                f"the dry run's step needs {need / GIB:.1f} GiB on rank 0 ({trace.peak / GIB:.1f} GiB of "
-                f"tensors + {ALLOCATOR_RESERVE:.0%} allocator reserve + {mem.context / GIB:.0f} GiB CUDA "
-                f"context) > the {plan.gpu}'s {mem.device_memory / GIB:.0f} GiB"
-            )
+    out.refusal = device_refusal(trace.peak, plan.memory, plan.gpu)
     return out
+
+
+def device_refusal(peak: int, mem, gpu: str) -> str | None:
+    """The error line when ``peak`` bytes of traced tensors, plus the planner's assumed allocator reserve
+    and CUDA context (:class:`harness.plan.MemoryEstimate`), exceed the device's memory; else None."""
+    from harness.plan import ALLOCATOR_RESERVE
+
+    need = peak * (1 + ALLOCATOR_RESERVE) + mem.context
+    if not mem.device_memory or need <= mem.device_memory:
+        return None
+    return (
+        f"the dry run's step needs {need / GIB:.1f} GiB on rank 0 ({peak / GIB:.1f} GiB of tensors + "
+        f"{ALLOCATOR_RESERVE:.0%} allocator reserve + {mem.context / GIB:.0f} GiB CUDA context) > the "
+        f"{gpu}'s {mem.device_memory / GIB:.0f} GiB: the run would fail there"
+    )
 
 
 def _compare(out: DryRun, plan) -> None:

@@ -4,13 +4,15 @@ step held against the planner's arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import conftest
 import pytest
 
 from harness.config import to_object
-from harness.dryrun import GIB, dry_run
+from harness.dryrun import GIB, device_refusal, dry_run
+from harness.metrics import GPU_SPECS
 from harness.plan import main, make_plan
 
 compose = functools.partial(conftest.compose, schema="plan")
@@ -86,3 +88,14 @@ def test_dry_run_refuses_what_the_build_refuses(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == ["error: model.num_heads=32 is not divisible by parallel.tp=3 (each rank holds 1/tp)"]
+
+
+def test_dry_run_refuses_a_step_the_device_cannot_hold(llama3_8b_64):
+    """The same step on an H100 (80 GB = 74.5 GiB): 69.4 GiB of tensors + 10 % reserve + 1 GiB context."""
+    plan, out = llama3_8b_64
+    h100 = dataclasses.replace(plan.memory, device_memory=GPU_SPECS["H100"][1])
+    assert device_refusal(out.traces[0].peak, h100, "H100") == (
+        "the dry run's step needs 77.4 GiB on rank 0 (69.4 GiB of tensors + 10% allocator reserve + 1 GiB "
+        "CUDA context) > the H100's 75 GiB: the run would fail there"
+    )
+    assert device_refusal(out.traces[0].peak, plan.memory, "H200") is None
