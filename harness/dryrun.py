@@ -27,7 +27,9 @@ What differs from a GPU run, and how it is handled here:
 * Meta -> fake. ``Backend.wrap`` (today) calls ``model.to(device)``; ``nn.Module.to`` cannot swap a
   fake parameter in place (``FakeTensorMode`` holds weak references to it), so the meta model is
   materialized here with ``to_empty`` under ``FakeTensorMode`` and that instance's ``to`` is a no-op
-  while the backend parallelizes it (its parameters are already on the device).
+  while the backend parallelizes it (its parameters are already on the device). ``parallelize`` runs
+  outside the mode (its parameters stay fake): FSDP2 derives the 2-D (dp_shard, tp) mesh from real
+  rank tensors (``nonzero``), which a fake mode cannot compute.
 * DTensor's sharding propagation runs each op once more on fake tensors of the *global* shape, under
   the same ``FakeTensorMode``; the tracker would count those as memory (AdamW states of the whole
   model). :class:`_Tracker` skips what is allocated inside that propagation.
@@ -85,6 +87,8 @@ class RankTrace:
         at_peak: ``{tracker category: bytes}`` at that peak.
         max_by_category: each tracker category's own maximum over the step.
         seconds: wall time of the build and trace.
+        state_bytes: per ``dp_shard`` coordinate, the bytes of :func:`fsdp_state_bytes`.
+        tp: the tensor-parallel degree (global rank = coordinate x tp on replica 0).
     """
 
     rank: int
@@ -92,6 +96,8 @@ class RankTrace:
     at_peak: dict[str, int]
     max_by_category: dict[str, int]
     seconds: float
+    state_bytes: list[int] = field(default_factory=list)
+    tp: int = 1
 
 
 @dataclass
@@ -237,7 +243,8 @@ def fsdp_state_bytes(model: torch.nn.Module, dp_shard: int) -> list[int]:
     return out
 
 
-def _micro_batch(batch: int, seq: int, vocab: int):
+def _micro_batch(batch: int, seq: int):
+    """A ``(batch, seq)`` micro-batch of token 0 (values do not matter to a fake trace)."""
     from harness.data.loader import MicroBatch
 
     ids = torch.zeros((batch, seq + 1), dtype=torch.long)
@@ -297,7 +304,7 @@ def trace_rank(cfg, vocab: int, rank: int, world_size: int, accumulation: int) -
         optimizer = build_adamw(model, cfg.optim, torch.device("cuda"))  # fused, as on a GPU
         backend.optimizer = optimizer
         autocast = _autocast_dtype(cfg.train.dtype, torch.device("cuda"))
-        mbs = [_micro_batch(cfg.train.micro_batch_size or 1, cfg.data.seq_len, vocab) for _ in range(n_micro)]
+        mbs = [_micro_batch(cfg.train.micro_batch_size or 1, cfg.data.seq_len) for _ in range(n_micro)]
         _init_adamw_state(optimizer)
         tracker = _tracker_class()(model, optimizer)
         tracker.track_external(optimizer)
@@ -320,10 +327,9 @@ def trace_rank(cfg, vocab: int, rank: int, world_size: int, accumulation: int) -
         snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
     at_peak = {str(getattr(k, "value", k)): v for k, v in snap.items()}
     peak = at_peak.pop("Total")
-    trace = RankTrace(rank, peak, at_peak, dict(tracker.max_by_category), time.perf_counter() - t0)
-    trace.max_by_category.pop("Total", None)
-    trace.state_bytes = fsdp_state_bytes(model, dims.dp_shard)  # type: ignore[attr-defined]
-    trace.tp = dims.tp  # type: ignore[attr-defined]
+    maxima = {k: v for k, v in tracker.max_by_category.items() if k != "Total"}
+    seconds = time.perf_counter() - t0
+    trace = RankTrace(rank, peak, at_peak, maxima, seconds, fsdp_state_bytes(model, dims.dp_shard), dims.tp)
     return trace, kernels, n_micro
 
 
