@@ -59,6 +59,9 @@ class PlanConfig:
     exact_max_mb: float = 512.0
     # larger ones: estimate tokens from the first files up to this size (needs tokenizer.path)
     sample_mb: float = 64.0
+    # true: also build rank 0 through the real build path (meta device, parallelize) under a fake process
+    # group and FakeTensorMode, trace one step's memory and print it beside this estimate (harness.dryrun)
+    dry_run: bool = False
 
 
 @dataclass
@@ -180,6 +183,8 @@ class PlanReport:
     gpu_hours: float
     memory: MemoryEstimate
     activation_checkpointing: bool = False
+    # the model's vocabulary (model.vocab_size, or the tokenizer's padded)
+    vocab_size: int = 0
     # a mixture's sources: name, weight, tokens and training sequences of the source, tokens and
     # sequences the run draws from it, and the epochs that makes
     sources: list[dict] | None = None
@@ -426,6 +431,7 @@ def make_plan(
         gpu_hours=wall * gpus / 3600,
         memory=mem,
         activation_checkpointing=ac,
+        vocab_size=vocab,
         sources=drawn,
         communication=comm,
         layouts=layout_rows(cfg, stats.params, vocab, gpus, memory_bytes),
@@ -866,12 +872,34 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.plan.dry_run:
+        return _dry_run(cfg, pl)
     if cfg.plan.format == "json":
         print(json.dumps({**pl.to_dict(), "png": png or None}, indent=1))
     else:
         print(render_text(pl))
         if png:
             print(f"\nschedule plot: {png}")
+    return 0
+
+
+def _dry_run(cfg: PlanJobConfig, pl: PlanReport) -> int:
+    """Print the dry run of rank 0's step beside the plan's memory; exit 2 with one ``error:`` line
+    when the dry run refuses the config (see :mod:`harness.dryrun`)."""
+    import time
+
+    from harness.dryrun import dry_run, render
+
+    t0 = time.perf_counter()
+    try:
+        out = dry_run(cfg, pl)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(out, pl, time.perf_counter() - t0))
+    if out.refusal:
+        print(f"error: {out.refusal}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -85,6 +85,7 @@ COMMANDS = {
     ".venv/bin/deepspeed --num_gpus 2": ("run", [*SHORT, *TINY]),
     ".venv/bin/python -m harness.export": ("run", []),
     ".venv/bin/python -m harness.plan model=llama3_8b": ("run", []),
+    ".venv/bin/python -m harness.plan model=llama3_70b": ("run", []),  # the 512-GPU dry run (~75 s of CPU)
     ".venv/bin/python -m harness.train run_name=smoke": (
         "run",
         ["logging.wandb.mode=disabled"],
@@ -215,6 +216,10 @@ def test_readme_commands_run_as_written(tmp_path, shared_data):
         if "harness.train" in command and ("data.sources=" in command or "data=mixture" in command):
             records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             assert all(sum(r["tokens_by_source"].values()) == r["tokens"] for r in records)
+        if "plan.dry_run=true" in command:  # the README's table is this output (all but the timing)
+            section = README.read_text().split("## Check a big config before you queue it")[1]
+            table = section.split("== Dry run")[1].split("dry run            ")[0]
+            assert table in proc.stdout, proc.stdout
         if "harness.export" in command:
             assert (tmp_path / "exported" / "config.json").is_file()
         if "harness.cluster.slurm" in command:
