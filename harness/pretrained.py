@@ -1,0 +1,172 @@
+"""Continued pretraining from released weights (``model.init_from=<dir>``).
+
+``<dir>`` is a Hugging Face checkpoint directory as ``save_pretrained`` and ``python -m harness.export``
+write it: one ``model.safetensors``, or shards listed by ``model.safetensors.index.json``, and
+(usually) the tokenizer. :func:`check_pretrained` compares the files' headers with the configured
+model before anything is built; :func:`load_pretrained` fills a built, possibly sharded, model from
+them, each rank reading only its slices. The run's own schedule starts at step 0.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+from dataclasses import replace
+
+import torch
+
+from harness.config import ModelConfig, TokenizerConfig
+from harness.errors import CheckpointError, ConfigError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# safetensors dtypes that load into the model's fp32 parameters (converted on copy)
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+_MAX_HEADER = 100 * 2**20  # bytes; a larger header is a corrupt file
+
+
+def tokenizer_config(model: ModelConfig, tokenizer: TokenizerConfig) -> TokenizerConfig:
+    """``tokenizer`` with ``path`` set to ``model.init_from`` when it is unset (the export writes the
+    tokenizer beside the weights); ``tokenizer`` unchanged otherwise."""
+    if model.init_from and not tokenizer.path:
+        return replace(tokenizer, path=model.init_from)
+    return tokenizer
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The safetensors files of ``path``: the files its index lists, else ``model.safetensors``.
+
+    Raises:
+        CheckpointError: ``path`` is not a directory, holds neither file, or its index lists a file that
+            is not there.
+    """
+    where = f"model.init_from={path}"
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{where} is not a directory")
+    if os.path.isfile(os.path.join(path, INDEX)):
+        with open(os.path.join(path, INDEX)) as f:
+            names = sorted(set(json.load(f).get("weight_map", {}).values()))
+        for name in names:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise CheckpointError(f"{where}: {INDEX} lists {name}, which is not in the directory")
+        return [os.path.join(path, n) for n in names]
+    if os.path.isfile(os.path.join(path, SINGLE)):
+        return [os.path.join(path, SINGLE)]
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.safetensors")))[:3]
+    raise CheckpointError(
+        f"{where} holds no {SINGLE} or {INDEX} (a directory save_pretrained or python -m harness.export "
+        f"writes){'; it has ' + ', '.join(found) if found else ''}"
+    )
+
+
+def read_headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``name -> (safetensors dtype, shape)`` of every tensor under ``path``, in file order, read from
+    the headers only (the first 8 + header-length bytes of each file; no tensor data).
+
+    Raises:
+        CheckpointError: see :func:`safetensors_files`, or a file whose header is not safetensors.
+    """
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in safetensors_files(path):
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            try:
+                if not 0 < n <= _MAX_HEADER:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointError(f"model.init_from: {file} is not a safetensors file ({e})") from e
+        for name, info in header.items():
+            if name != "__metadata__":
+                out[name] = (info["dtype"], tuple(info["shape"]))
+    return out
+
+
+def expected_tensors(model: ModelConfig, vocab_size: int) -> tuple[dict[str, tuple[int, ...]], str]:
+    """``(name -> shape`` of the tensors a checkpoint of the configured model holds, the input
+    embedding's name)``, from the model built on the meta device (no memory, any size). A tied output
+    layer (``lm_head.weight`` with ``model.tie_word_embeddings``) is not in the file."""
+    from harness.model import build_model
+
+    net = build_model(model, vocab_size, seed=0, device="meta")
+    names = {id(p): n for n, p in net.named_parameters()}
+    embedding = names[id(net.get_input_embeddings().weight)]
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if model.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes, embedding
+
+
+def check_pretrained(model: ModelConfig, vocab_size: int) -> None:
+    """Refuse a ``model.init_from`` checkpoint that does not fit the configured model, before any
+    model exists: tensor names, shapes ([rows, ...]) and dtypes from the safetensors headers against
+    :func:`expected_tensors`, in the model's order, then tensors the model does not have.
+
+    Raises:
+        ConfigError: one line naming the first offending tensor (and both shapes): a missing or
+            unexpected tensor, another shape, embedding rows that differ from ``vocab_size`` (the
+            vocabulary: ``model.vocab_size`` / the tokenizer), a dtype that is not a float.
+        CheckpointError: no safetensors checkpoint at ``model.init_from`` (see :func:`read_headers`).
+    """
+    path = model.init_from
+    found = read_headers(path)
+    expected, embedding = expected_tensors(model, vocab_size)
+    where = f"model.init_from={path}"
+    for name, shape in expected.items():
+        if name not in found:
+            hint = "; set model.tie_word_embeddings=true" if name == "lm_head.weight" else ""
+            raise ConfigError(f"{where} has no tensor {name} (the configured model's is {list(shape)}){hint}")
+        dtype, got = found[name]
+        if name == embedding and got[1:] == shape[1:] and got[0] != shape[0]:
+            source = f"model.vocab_size={model.vocab_size}" if model.vocab_size else "from the tokenizer"
+            raise ConfigError(
+                f"{where}: {name} is {list(got)} there, {list(shape)} in the configured model: a vocabulary "
+                f"of {got[0]} rows there, {shape[0]} here ({source}); set model.vocab_size={got[0]} and use "
+                "the checkpoint's tokenizer (leave tokenizer.path unset)"
+            )
+        if got != shape:
+            raise ConfigError(
+                f"{where}: {name} is {list(got)} there, {list(shape)} in the configured model; configure the "
+                "checkpoint's shape (model.hidden_size, model.num_layers, model.num_heads, ...)"
+            )
+        if dtype not in FLOAT_DTYPES:
+            raise ConfigError(
+                f"{where}: {name} is {dtype}; only float tensors ({', '.join(FLOAT_DTYPES)}) load into the "
+                "model's fp32 parameters"
+            )
+    for name, (_, got) in found.items():
+        if name not in expected:
+            hint = "; set model.tie_word_embeddings=false" if name == "lm_head.weight" else ""
+            raise ConfigError(
+                f"{where} has a tensor {name} {list(got)} the configured model does not have{hint}"
+            )
+
+
+def load_pretrained(model: torch.nn.Module, path: str) -> None:
+    """Fill every parameter of ``model`` in place from the safetensors checkpoint at ``path`` (checked
+    by :func:`check_pretrained`), converting bf16/fp16/fp64 to the parameters' dtype.
+
+    The parameters may be plain tensors or DTensors (FSDP2 ``Shard(0)``, tensor-parallel colwise
+    ``Shard(0)`` / rowwise ``Shard(1)``, 2-D tp x dp_shard). ``torch.distributed.checkpoint``'s
+    ``HuggingFaceStorageReader`` plans the reads (a collective over the default process group when one
+    exists; every rank calls this). What each rank reads: every file's header (names, dtypes, shapes),
+    then, per tensor, only the block of its local shard -- ``safe_open(...).get_slice(name)[offsets :
+    offsets + lengths]`` on the memory-mapped file: rows ``[r * ceil(n / d), ...)`` of a ``Shard(0)``
+    tensor over ``d`` ranks, a column block of each row for ``Shard(1)``, the whole tensor for a
+    replicated one (plain tensors, DDP, norms under tensor parallelism). A tied ``lm_head.weight`` is
+    the embedding's parameter: it is not in the file and is filled with the embedding.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from harness.parallel.dcp import quiet
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with torch.no_grad(), quiet(no_dist):
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=no_dist)
