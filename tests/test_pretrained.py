@@ -222,3 +222,15 @@ def test_tokenizer_comes_from_the_checkpoint(tmp_path):
     assert tokenizer_config(model, TokenizerConfig()).path == str(tmp_path)
     assert tokenizer_config(model, TokenizerConfig(path="/x")).path == "/x"
     assert tokenizer_config(_model(), TokenizerConfig()).path is None
+
+
+def test_plan_reads_the_checkpoints_tokenizer_and_checks_its_tensors(small_corpus, exported):
+    from harness.config import to_object
+    from harness.errors import ConfigError
+    from harness.plan import make_plan
+
+    argv = [*SMALL, f"data.path={small_corpus}", *ONE, f"model.init_from={exported}", "plan.gpus=1"]
+    plan = make_plan(to_object(compose(*argv, schema="plan")))
+    assert plan.params == 64 * 320 + 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+    with pytest.raises(ConfigError, match=r"model.embed_tokens.weight is \[320, 64\] there, \[384, 64\]"):
+        make_plan(to_object(compose(*argv, "model.vocab_size=384", schema="plan")))
