@@ -145,28 +145,70 @@ def check_pretrained(model: ModelConfig, vocab_size: int) -> None:
             )
 
 
+def tensor_files(path: str) -> dict[str, str]:
+    """``name -> safetensors file`` of every tensor under ``path`` (from the index when there is one,
+    else from ``model.safetensors``'s header).
+
+    Raises:
+        CheckpointError: see :func:`safetensors_files`.
+    """
+    if os.path.isfile(os.path.join(path, INDEX)):
+        safetensors_files(path)  # every listed file is there
+        with open(os.path.join(path, INDEX)) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    return dict.fromkeys(read_headers(path), os.path.join(path, SINGLE))
+
+
+def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """``(the tensor this rank holds, its block of the full tensor as slices)``: for a DTensor its local
+    shard and the shard's offsets and lengths in every dimension (any mesh and placements, FSDP2's and
+    tensor parallelism's alike); for a plain tensor itself and the whole range."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t, tuple(slice(0, n) for n in t.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
 def load_pretrained(model: torch.nn.Module, path: str) -> None:
-    """Fill every parameter of ``model`` in place from the safetensors checkpoint at ``path`` (checked
-    by :func:`check_pretrained`), converting bf16/fp16/fp64 to the parameters' dtype.
+    """Fill every tensor of ``model.state_dict()`` in place from the safetensors checkpoint at ``path``
+    (checked by :func:`check_pretrained`), converting bf16/fp16/fp64 to the parameters' dtype. No
+    collective: every rank of any layout calls it on its own.
 
     The parameters may be plain tensors or DTensors (FSDP2 ``Shard(0)``, tensor-parallel colwise
-    ``Shard(0)`` / rowwise ``Shard(1)``, 2-D tp x dp_shard). ``torch.distributed.checkpoint``'s
-    ``HuggingFaceStorageReader`` plans the reads (a collective over the default process group when one
-    exists; every rank calls this). What each rank reads: every file's header (names, dtypes, shapes),
-    then, per tensor, only the block of its local shard -- ``safe_open(...).get_slice(name)[offsets :
-    offsets + lengths]`` on the memory-mapped file: rows ``[r * ceil(n / d), ...)`` of a ``Shard(0)``
-    tensor over ``d`` ranks, a column block of each row for ``Shard(1)``, the whole tensor for a
-    replicated one (plain tensors, DDP, norms under tensor parallelism). A tied ``lm_head.weight`` is
-    the embedding's parameter: it is not in the file and is filled with the embedding.
-    """
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+    ``Shard(0)`` / rowwise ``Shard(1)``, 2-D tp x dp_shard). What each rank reads: the header of each
+    file (names, dtypes, shapes: ``safe_open``), then per tensor only the block its shard covers
+    (:func:`local_block`), through ``safe_open(...).get_slice(name)[block]`` on the memory-mapped file:
+    rows ``[r * ceil(n / d), (r + 1) * ceil(n / d))`` of an ``n``-row ``Shard(0)`` tensor over ``d`` ranks,
+    that column range of every row for ``Shard(1)``, the whole tensor for a replicated one (one process,
+    DDP, DeepSpeed before its engine, norms under tensor parallelism). Peak extra memory: one block in
+    the file's dtype. A tied ``lm_head.weight`` is the embedding's tensor: not in the file, filled with it.
+    (torch.distributed.checkpoint's ``HuggingFaceStorageReader`` reads slices the same way in torch 2.13,
+    but earlier versions deserialized each whole file on every rank, and its load plan is a collective.)
 
-    from harness.parallel.dcp import quiet
+    Raises:
+        CheckpointError: a tensor of the model is not in the checkpoint (run :func:`check_pretrained`
+            first for the full check).
+    """
+    from safetensors import safe_open
 
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    no_dist = not (dist.is_available() and dist.is_initialized())
-    with torch.no_grad(), quiet(no_dist):
-        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=no_dist)
+    files = tensor_files(path)
+    missing = [name for name in state if name not in files]
+    if missing:
+        raise CheckpointError(f"model.init_from={path} has no tensor {missing[0]}")
+    by_file: dict[str, list[str]] = {}
+    for name in state:
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    local, block = local_block(state[name])
+                    if local.numel():
+                        local.copy_(f.get_slice(name)[block])
