@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
+import math
 import os
 import struct
+import time
 from dataclasses import replace
 
 import torch
@@ -20,6 +23,7 @@ import torch
 from harness.config import ModelConfig, TokenizerConfig
 from harness.errors import CheckpointError, ConfigError
 
+log = logging.getLogger("harness")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # safetensors dtypes that load into the model's fp32 parameters (converted on copy)
@@ -205,10 +209,40 @@ def load_pretrained(model: torch.nn.Module, path: str) -> None:
     by_file: dict[str, list[str]] = {}
     for name in state:
         by_file.setdefault(files[name], []).append(name)
+    start, read = time.perf_counter(), 0
     with torch.no_grad():
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as f:
                 for name in names:
                     local, block = local_block(state[name])
                     if local.numel():
-                        local.copy_(f.get_slice(name)[block])
+                        part = f.get_slice(name)[block]
+                        local.copy_(part)
+                        read += part.numel() * part.element_size()
+    log.info(
+        "model.init_from=%s: %d tensors from %d file(s), %s of the checkpoint's %s bytes read on this rank "
+        "(%.1f s); the schedule starts at step 0",
+        path,
+        len(state),
+        len(by_file),
+        f"{read:,}",
+        f"{_tensor_bytes(path):,}",
+        time.perf_counter() - start,
+    )
+
+
+def _tensor_bytes(path: str) -> int:
+    """Bytes of all tensor data under ``path`` (from the headers)."""
+    size = {
+        "F64": 8,
+        "I64": 8,
+        "U64": 8,
+        "F32": 4,
+        "I32": 4,
+        "U32": 4,
+        "BF16": 2,
+        "F16": 2,
+        "I16": 2,
+        "U16": 2,
+    }
+    return sum(size.get(dtype, 1) * math.prod(shape) for dtype, shape in read_headers(path).values())

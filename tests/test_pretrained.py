@@ -53,18 +53,28 @@ def test_round_trip_one_process_is_bitwise(tmp_path, small_corpus, exported, ref
     train_small(tmp_path / "b", small_corpus, *ONE, f"model.init_from={exported}")
     rows = read_metrics(tmp_path / "b")
     assert [r["step"] for r in rows] == [1, 2]
+    assert (
+        f"{exported}: 20 tensors from 1 file(s), 410,880 of the checkpoint's 410,880 bytes read"
+        in (tmp_path / "b" / "train.log").read_text()
+    )
     assert rows[0]["loss"] == reference[0]["loss"]  # bitwise
     assert rows[1]["loss"] == reference[1]["loss"] and rows[0]["lr"] == reference[0]["lr"]
     train_small(tmp_path / "random", small_corpus, *ONE)  # the same run from random weights
     assert abs(read_metrics(tmp_path / "random")[0]["loss"] - rows[0]["loss"]) > 0.1
 
 
-@pytest.mark.parametrize(
-    "layout", [["parallel=fsdp"], ["parallel=fsdp", "parallel.tp=2"]], ids=["fsdp", "tp2"]
-)
+# 102,720 fp32 parameters (410,880 bytes). fsdp: rank 0 reads rows [0, n/2) of every tensor; tp=2: half of
+# every weight matrix and embedding, and the 5 norms (5 x 64 x 4 bytes) whole.
+WORLD_2 = {"fsdp": (["parallel=fsdp"], 205_440), "tp2": (["parallel=fsdp", "parallel.tp=2"], 206_080)}
+
+
+@pytest.mark.parametrize("layout", list(WORLD_2))
 def test_round_trip_world_2(tmp_path, small_corpus, exported, reference, layout):
-    args = [*SMALL, f"data.path={small_corpus}", *ONE, f"model.init_from={exported}", *layout]
+    overrides, rank0_bytes = WORLD_2[layout]
+    args = [*SMALL, f"data.path={small_corpus}", *ONE, f"model.init_from={exported}", *overrides]
     torchrun_train(2, *args, f"hydra.run.dir={tmp_path}")
+    log = (tmp_path / "train.log").read_text()
+    assert f"{rank0_bytes:,} of the checkpoint's 410,880 bytes read on this rank" in log
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     for got, ref in zip(rows, reference):
