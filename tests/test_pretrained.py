@@ -63,9 +63,13 @@ def test_round_trip_one_process_is_bitwise(tmp_path, small_corpus, exported, ref
     assert abs(read_metrics(tmp_path / "random")[0]["loss"] - rows[0]["loss"]) > 0.1
 
 
-# 102,720 fp32 parameters (410,880 bytes). fsdp: rank 0 reads rows [0, n/2) of every tensor; tp=2: half of
-# every weight matrix and embedding, and the 5 norms (5 x 64 x 4 bytes) whole.
-WORLD_2 = {"fsdp": (["parallel=fsdp"], 205_440), "tp2": (["parallel=fsdp", "parallel.tp=2"], 206_080)}
+# What rank 0 reads of the 102,720 fp32 parameters (410,880 bytes). fsdp: rows [0, n/2) of every tensor;
+# tp=2: half of every weight matrix and of the embedding, and the 5 norms (5 x 64 x 4 bytes) whole.
+WORLD_2 = {
+    "fsdp": (["parallel=fsdp"], 205_440),
+    "tp2": (["parallel=fsdp", "parallel.tp=2"], 206_080),
+    "ddp": (["parallel=ddp"], 410_880),  # replicated: every rank reads everything
+}
 
 
 @pytest.mark.parametrize("layout", list(WORLD_2))
