@@ -1,7 +1,8 @@
 """Continued pretraining from released weights (``model.init_from``): a run started from another run's
 Hugging Face export computes, on its first batch, the loss of the exported weights on that batch (bitwise
-in one process, rel 1e-5 under fsdp and tp=2 at world 2); a checkpoint that does not fit the configured
-model is refused with one line naming the first offending tensor, before any model is built.
+in one process; rel 1e-5 under fsdp, ddp and tp=2 at world 2 and tp=2 x dp_shard=2 at world 4, where rank 0
+reads only its slices, byte counts asserted); a checkpoint that does not fit the configured model is
+refused with one line naming the first offending tensor, before any model is built.
 
 The reference ("the exporting run's loss on that batch"): the exported weights loaded by ``transformers``
 itself (``from_pretrained``) into a one-process run of the same config without ``init_from``, whose first
@@ -64,19 +65,21 @@ def test_round_trip_one_process_is_bitwise(tmp_path, small_corpus, exported, ref
 
 
 # What rank 0 reads of the 102,720 fp32 parameters (410,880 bytes). fsdp: rows [0, n/2) of every tensor;
-# tp=2: half of every weight matrix and of the embedding, and the 5 norms (5 x 64 x 4 bytes) whole.
-WORLD_2 = {
-    "fsdp": (["parallel=fsdp"], 205_440),
-    "tp2": (["parallel=fsdp", "parallel.tp=2"], 206_080),
-    "ddp": (["parallel=ddp"], 410_880),  # replicated: every rank reads everything
+# tp=2: half of every weight matrix and of the embedding, and the 5 norms (5 x 64 x 4 bytes) whole;
+# tp=2 x dp_shard=2: a quarter of those, half of each norm.
+LAYOUTS = {
+    "fsdp": (2, ["parallel=fsdp"], 205_440),
+    "tp2": (2, ["parallel=fsdp", "parallel.tp=2"], 206_080),
+    "ddp": (2, ["parallel=ddp"], 410_880),  # replicated: every rank reads everything
+    "tp2_dp2": (4, ["parallel=fsdp", "parallel.tp=2", "train.micro_batch_size=1"], 103_040),
 }
 
 
-@pytest.mark.parametrize("layout", list(WORLD_2))
-def test_round_trip_world_2(tmp_path, small_corpus, exported, reference, layout):
-    overrides, rank0_bytes = WORLD_2[layout]
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_round_trip_distributed(tmp_path, small_corpus, exported, reference, layout):
+    nproc, overrides, rank0_bytes = LAYOUTS[layout]
     args = [*SMALL, f"data.path={small_corpus}", *ONE, f"model.init_from={exported}", *overrides]
-    torchrun_train(2, *args, f"hydra.run.dir={tmp_path}")
+    torchrun_train(nproc, *args, f"hydra.run.dir={tmp_path}")
     log = (tmp_path / "train.log").read_text()
     assert f"{rank0_bytes:,} of the checkpoint's 410,880 bytes read on this rank" in log
     rows = read_metrics(tmp_path)
