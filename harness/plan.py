@@ -33,6 +33,7 @@ from harness.layouts import comm_per_step
 from harness.metrics import GPU_SPECS
 from harness.model import document_mask_path, lr_warning, model_stats, resolve_vocab_size
 from harness.parallel.dims import ParallelDims
+from harness.pretrained import check_pretrained, safetensors_files, tokenizer_config
 from harness.schedule import IterationPlan, TrainingSchedule, build_schedule
 
 MAX_USEFUL_EPOCHS = 4.0  # Muennighoff et al. 2023: beyond ~4 epochs repeated data is worth much less
@@ -369,6 +370,9 @@ def make_plan(
     p = cfg.plan
     gpus = world_size or p.gpus
     _check_plan_section(p, gpus)
+    if cfg.model.init_from:  # as the trainer: its weights there, its tokenizer when tokenizer.path is unset
+        safetensors_files(cfg.model.init_from)
+        cfg = replace(cfg, tokenizer=tokenizer_config(cfg.model, cfg.tokenizer))
     try:
         batch = validate(cfg, gpus)  # the config alone; then what needs a part, as the trainer checks it
         if cfg.data.document_mask:
@@ -382,6 +386,8 @@ def make_plan(
     plan, max_steps = sched.plan, sched.max_steps
     last = _step(plan, max_steps)
     vocab = resolve_vocab_size(cfg.model, tok_vocab or cfg.tokenizer.train_vocab_size)
+    if cfg.model.init_from:
+        check_pretrained(cfg.model, vocab)
     stats = model_stats(cfg.model, vocab, cfg.data.seq_len)
     peak, memory_bytes, source = GPU_SPECS[p.gpu]
     total_flops = stats.flops_per_token * last.tokens_total

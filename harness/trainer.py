@@ -49,6 +49,7 @@ from harness.model import (
     resolve_vocab_size,
 )
 from harness.parallel import Backend, ParallelDims, build_backend
+from harness.pretrained import check_pretrained, load_pretrained, safetensors_files, tokenizer_config
 from harness.rundir import RunDir
 from harness.schedule import DataPosition, StepInfo, TrainingSchedule, build_schedule
 from harness.weights import init_weights
@@ -151,6 +152,14 @@ def forward_backward(
     return backend.all_reduce_sum(total)
 
 
+def _model_identity(cfg: JobConfig, vocab_size: int) -> dict:
+    """The model keys a checkpoint must match to be resumed: the shape (``model.init_from`` says where a
+    run started, not what it is: a resume may drop or change it)."""
+    identity = {**asdict(cfg.model), "vocab_size": vocab_size, "name": None}
+    identity.pop("init_from")
+    return identity
+
+
 class _Checked(NamedTuple):
     """What :meth:`Trainer.from_config` knows before any model exists."""
 
@@ -188,6 +197,7 @@ class Trainer:
         self.timer = StepTimer(env.device)
         self.autocast_dtype = _autocast_dtype(cfg.train.dtype, env.device)
         self.vocab_size = checked.vocab_size
+        self.init_from = None if checked.resume_from else cfg.model.init_from  # the checkpoint wins
         self._build_model(checked.vocab_size)
         if checked.resume_from:
             self.load_state_dict(self.checkpoints.restore(checked.resume_from))
@@ -200,6 +210,11 @@ class Trainer:
                 f"{self.state.tokens_total:,}",
             )
             self._warn_changed_settings(checked.resume_state)
+            if cfg.model.init_from:
+                log.info(
+                    "model.init_from=%s is ignored: the run continues from its checkpoint",
+                    cfg.model.init_from,
+                )
             _log_layout_change(checked.resume_state.get("mesh"), self.backend.dims)
         self.trained = not self.done
         dims = self.backend.dims  # the tp ranks of one data-parallel rank read the same micro-batches
@@ -294,11 +309,14 @@ class Trainer:
         if env.world_size > 1:
             flight_recorder_env(run_dir)  # before the process group exists
         backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
-        data = build_data(cfg.data, cfg.tokenizer, batch.global_batch_size, cfg.eval.every > 0, cfg.seed)
+        if cfg.model.init_from:
+            safetensors_files(cfg.model.init_from)  # weights there, before its tokenizer is read
+        tokenizer = tokenizer_config(cfg.model, cfg.tokenizer)  # model.init_from's when tokenizer.path unset
+        data = build_data(cfg.data, tokenizer, batch.global_batch_size, cfg.eval.every > 0, cfg.seed)
         vocab_size = resolve_vocab_size(cfg.model, len(data.tokenizer))
         schedule = build_schedule(cfg, batch, len(data.train))
         identity = {
-            "model": {**asdict(cfg.model), "vocab_size": vocab_size, "name": None},
+            "model": _model_identity(cfg, vocab_size),
             "data": data.identity(cfg.data),
         }
         unchecked = ["data.sources"] if cfg.data.allow_mixture_change else []  # compared by _resume_mixture
@@ -308,6 +326,8 @@ class Trainer:
         resume_from = checkpoints.find_resume()
         resume_state = ckpt.read_state(resume_from) if resume_from else None
         note = _resume_mixture(cfg, data, resume_from, resume_state)
+        if cfg.model.init_from and not resume_from:
+            check_pretrained(cfg.model, vocab_size)
         return _Checked(
             batch, backend, data, vocab_size, schedule, checkpoints, resume_from, resume_state, note
         )
@@ -317,7 +337,12 @@ class Trainer:
         sharding, the LR scheduler, and the MFU arithmetic."""
         cfg, env = self.cfg, self.env
         model = build_model(cfg.model, vocab_size, cfg.seed, self.data.tokenizer.eos_token_id, device="meta")
-        init = functools.partial(init_weights, model=cfg.model, seed=cfg.seed)  # only this rank's shards
+        # what fills this rank's shards once they have storage: released weights (continued
+        # pretraining, from step 0) or the layout-independent random init
+        if self.init_from:
+            init = functools.partial(load_pretrained, path=self.init_from)
+        else:
+            init = functools.partial(init_weights, model=cfg.model, seed=cfg.seed)
         self.backend.parallelize(model, cfg.train.compile, init=init)
         self.optimizer = self.backend.build_optimizer(cfg.optim)  # DeepSpeed wraps the model here
         self.model = self.backend.model

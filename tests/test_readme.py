@@ -84,6 +84,7 @@ COMMANDS = {
     ),
     ".venv/bin/deepspeed --num_gpus 2": ("run", [*SHORT, *TINY]),
     ".venv/bin/python -m harness.export": ("run", []),
+    ".venv/bin/python -m harness.train run_name=continued model.init_from=runs/default/hf": ("run", [*SHORT]),
     ".venv/bin/python -m harness.plan model=llama3_8b": ("run", []),
     ".venv/bin/python -m harness.plan model=llama3_70b": ("run", []),  # the 512-GPU dry run (~75 s of CPU)
     ".venv/bin/python -m harness.train run_name=smoke": (
@@ -142,6 +143,7 @@ def _substitutions(tmp, shared) -> dict[str, str]:
         "/data/c4_tok": str(tmp / "c4_tok"),
         "[a.txt,b.txt]": f"[{tmp}/a.txt,{tmp}/b.txt]",
         "/scratch": str(tmp / "scratch"),
+        "runs/default/hf": str(tmp / "runs" / "default" / "hf"),  # make train's export
     }
 
 
@@ -222,6 +224,11 @@ def test_readme_commands_run_as_written(tmp_path, shared_data):
             assert table in proc.stdout, proc.stdout
         if "harness.export" in command:
             assert (tmp_path / "exported" / "config.json").is_file()
+        if "model.init_from=" in command:  # every tensor of make train's export, in one process
+            assert (
+                "38 tensors from 1 file(s), 16,851,968 of the checkpoint's 16,851,968 bytes read"
+                in (run_dir / "train.log").read_text()
+            )
         if "harness.cluster.slurm" in command:
             assert "slurm.dry_run=true: not submitted" in proc.stdout
     assert len(ran) >= 17

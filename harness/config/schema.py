@@ -16,7 +16,8 @@ from typing import Any
 
 @dataclass
 class ModelConfig:
-    """Shape of a ``transformers`` causal LM built with random init (no weight download)."""
+    """Shape of a ``transformers`` causal LM built with random init (no weight download), or started
+    from a local Hugging Face checkpoint (``init_from``)."""
 
     name: str = "tiny"
     # llama | gpt2
@@ -39,6 +40,11 @@ class ModelConfig:
     init_std: float = 0.02
     # sdpa | eager | flash_attention_2
     attn_implementation: str = "sdpa"
+    # a Hugging Face checkpoint directory (model.safetensors or model.safetensors.index.json, as
+    # save_pretrained and python -m harness.export write it) to start from instead of random init; its
+    # tensors must fit the shape above; the tokenizer comes from it when tokenizer.path is unset;
+    # ignored when the run resumes from its own checkpoint
+    init_from: str | None = None
 
 
 @dataclass
