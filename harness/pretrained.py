@@ -33,10 +33,25 @@ _MAX_HEADER = 100 * 2**20  # bytes; a larger header is a corrupt file
 
 def tokenizer_config(model: ModelConfig, tokenizer: TokenizerConfig) -> TokenizerConfig:
     """``tokenizer`` with ``path`` set to ``model.init_from`` when it is unset (the export writes the
-    tokenizer beside the weights); ``tokenizer`` unchanged otherwise."""
+    tokenizer beside the weights); ``tokenizer`` unchanged otherwise.
+
+    Raises:
+        ConfigError: ``tokenizer.path`` is unset and the ``model.init_from`` directory holds no tokenizer.
+    """
     if model.init_from and not tokenizer.path:
+        if os.path.isdir(model.init_from) and not any(
+            os.path.isfile(os.path.join(model.init_from, name)) for name in TOKENIZER_FILES
+        ):
+            raise ConfigError(
+                f"model.init_from={model.init_from} holds no tokenizer ({' / '.join(TOKENIZER_FILES)}) "
+                "and tokenizer.path is unset; set tokenizer.path to the checkpoint's tokenizer"
+            )
         return replace(tokenizer, path=model.init_from)
     return tokenizer
+
+
+# what a save_pretrained tokenizer directory holds (any one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def safetensors_files(path: str) -> list[str]:

@@ -239,6 +239,7 @@ def test_tokenizer_comes_from_the_checkpoint(tmp_path):
     from harness.pretrained import tokenizer_config
 
     model = _model(init_from=str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
     assert tokenizer_config(model, TokenizerConfig()).path == str(tmp_path)
     assert tokenizer_config(model, TokenizerConfig(path="/x")).path == "/x"
     assert tokenizer_config(_model(), TokenizerConfig()).path is None
@@ -254,3 +255,19 @@ def test_plan_reads_the_checkpoints_tokenizer_and_checks_its_tensors(small_corpu
     assert plan.params == 64 * 320 + 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
     with pytest.raises(ConfigError, match=r"model.embed_tokens.weight is \[320, 64\] there, \[384, 64\]"):
         make_plan(to_object(compose(*argv, "model.vocab_size=384", schema="plan")))
+
+
+def test_a_checkpoint_without_a_tokenizer_names_tokenizer_path(
+    tmp_path, small_corpus, exported, capsys, monkeypatch
+):
+    """Weights alone (no tokenizer files) and tokenizer.path unset: one line naming both keys, not the
+    tokenizer loader's complaint about a tokenizer.path the user never set."""
+    d = _edited(tmp_path, exported)  # model.safetensors only
+    argv = [*SMALL, f"data.path={small_corpus}", *ONE, f"model.init_from={d}"]
+    code, errors = _refused(argv, tmp_path / "run", capsys, monkeypatch)
+    assert code == 2 and errors == [
+        f"error: model.init_from={d} holds no tokenizer (tokenizer.json / tokenizer_config.json / "
+        "tokenizer.model / vocab.json) and tokenizer.path is unset; set tokenizer.path to the checkpoint's "
+        "tokenizer"
+    ], errors
+    assert not (tmp_path / "run").exists()
