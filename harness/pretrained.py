@@ -65,8 +65,7 @@ def safetensors_files(path: str) -> list[str]:
     if not os.path.isdir(path):
         raise CheckpointError(f"{where} is not a directory")
     if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as f:
-            names = sorted(set(json.load(f).get("weight_map", {}).values()))
+        names = sorted(set(_weight_map(path).values()))
         for name in names:
             if not os.path.isfile(os.path.join(path, name)):
                 raise CheckpointError(f"{where}: {INDEX} lists {name}, which is not in the directory")
@@ -78,6 +77,26 @@ def safetensors_files(path: str) -> list[str]:
         f"{where} holds no {SINGLE} or {INDEX} (a directory save_pretrained or python -m harness.export "
         f"writes){'; it has ' + ', '.join(found) if found else ''}"
     )
+
+
+def _weight_map(path: str) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> file name).
+
+    Raises:
+        CheckpointError: the index is not JSON or has no ``weight_map`` object of strings.
+    """
+    index = os.path.join(path, INDEX)
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("a file name is not a string")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"model.init_from: {index} is not a safetensors index ({type(e).__name__}: {e}); "
+            'save_pretrained writes {"weight_map": {tensor name: file name}}'
+        ) from e
+    return weight_map
 
 
 def read_headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -96,7 +115,15 @@ def read_headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
                 if not 0 < n <= _MAX_HEADER:
                     raise ValueError(f"header length {n}")
                 header = json.loads(f.read(n))
-            except ValueError as e:
+                end = max(
+                    (info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0
+                )
+                size = os.path.getsize(file)
+                if 8 + n + end > size:  # a cut copy: its header lists data the file does not hold
+                    raise ValueError(
+                        f"truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}"
+                    )
+            except (ValueError, KeyError, TypeError, IndexError) as e:
                 raise CheckpointError(f"model.init_from: {file} is not a safetensors file ({e})") from e
         for name, info in header.items():
             if name != "__metadata__":
@@ -173,8 +200,7 @@ def tensor_files(path: str) -> dict[str, str]:
     """
     if os.path.isfile(os.path.join(path, INDEX)):
         safetensors_files(path)  # every listed file is there
-        with open(os.path.join(path, INDEX)) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        return {k: os.path.join(path, v) for k, v in _weight_map(path).items()}
     return dict.fromkeys(read_headers(path), os.path.join(path, SINGLE))
 
 

@@ -271,3 +271,31 @@ def test_a_checkpoint_without_a_tokenizer_names_tokenizer_path(
         "tokenizer"
     ], errors
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cut_file_or_a_broken_index_is_one_line_before_any_model(
+    tmp_path, small_corpus, exported, capsys, monkeypatch
+):
+    """A copy cut short (its header lists data the file lacks) and an index that is not JSON: one line
+    each, before any model (both used to fail inside the build with a traceback, exit 1)."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(exported, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "model.safetensors.index.json").write_text("{not json")
+    expected = {
+        cut: f"error: model.init_from: {cut}/model.safetensors is not a safetensors file (truncated: its "
+        f"header needs {len(data):,} bytes, the file has {len(data) // 2:,})",
+        broken: f"error: model.init_from: {broken}/model.safetensors.index.json is not a safetensors index "
+        "(JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+        'save_pretrained writes {"weight_map": {tensor name: file name}}',
+    }
+    for d, message in expected.items():
+        argv = [*SMALL, f"data.path={small_corpus}", *ONE, f"model.init_from={d}"]
+        code, errors = _refused(argv, tmp_path / "run", capsys, monkeypatch)
+        assert code == 2 and errors == [message], errors
+        assert not (tmp_path / "run").exists()
