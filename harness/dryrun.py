@@ -260,6 +260,7 @@ def _build(cfg, vocab: int, rank: int, world_size: int, mode):
     from harness.model import build_model
     from harness.parallel import backend_class
     from harness.parallel.dims import ParallelDims
+    from harness.weights import to_empty_tied
 
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -273,7 +274,7 @@ def _build(cfg, vocab: int, rank: int, world_size: int, mode):
         model_cfg = replace(model_cfg, attn_implementation="sdpa")  # same memory: SDPA's flash kernel
     model = build_model(model_cfg, vocab, cfg.seed, None, device="meta")
     with mode:
-        model.to_empty(device="cpu")
+        to_empty_tied(model, "cpu")  # a tied LM head stays the embedding, as in the real build
     # outside the mode: the device meshes FSDP2 derives (tp x dp_shard) are real tensors; the model's
     # tensors are fake and stay so (their ops dispatch to their own mode)
     model.to = lambda *a, **k: model  # already on the (fake) device; see the module docstring
@@ -419,6 +420,23 @@ def _compare(out: DryRun, plan) -> None:
             f"total tensors: traced peak {trace.peak / GIB:.2f} GiB vs planned {planned_total / GIB:.2f} GiB "
             f"({out.rows[-1]['diff']:+.0%})"
         )
+
+
+def dry_run_dict(out: DryRun, seconds: float) -> dict:
+    """The dry run as JSON-ready data (``plan.format=json``): bytes per category for rank 0 (``at_peak``,
+    ``max``, ``plan``; ``diff`` relative to the plan), the ranks' state bytes, warnings, refusal."""
+    return {
+        "world_size": out.world_size,
+        "micro_batches_traced": out.micro_batches_traced,
+        "rows": [{**r, "diff": None if r["diff"] in (None, math.inf) else r["diff"]} for r in out.rows],
+        "state_bytes": {str(k): v for k, v in out.state_bytes.items()},
+        "most_bytes_rank": out.most_bytes_rank,
+        "fewest_bytes_rank": out.fewest_bytes_rank,
+        "attention_kernels": out.attention_kernels,
+        "warnings": out.warnings,
+        "refusal": out.refusal,
+        "seconds": round(seconds, 1),
+    }
 
 
 def render(out: DryRun, plan, seconds: float) -> str:

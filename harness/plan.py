@@ -861,6 +861,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.plan.format not in ("text", "json"):
             raise ConfigError(f"plan.format={cfg.plan.format!r} is not one of text, json")
         pl = make_plan(cfg)
+        if cfg.plan.dry_run:  # what the dry run cannot trace is refused before anything is written
+            from harness.dryrun import check_dry_run
+
+            check_dry_run(cfg)
         png = cfg.plan.png if cfg.plan.png is not None else os.path.join(run_dir, "plan.png")
         if png:
             try:
@@ -890,11 +894,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dry_run(cfg: PlanJobConfig, pl: PlanReport) -> int:
-    """Print the dry run of rank 0's step beside the plan's memory; exit 2 with one ``error:`` line
+    """Print the dry run of rank 0's step beside the plan's memory (``plan.format=json``: one object,
+    ``{"plan": ..., "dry_run": ...}``); exit 2 with one ``error:`` line
     when the dry run refuses the config (see :mod:`harness.dryrun`)."""
     import time
 
-    from harness.dryrun import dry_run, render
+    from harness.dryrun import dry_run, dry_run_dict, render
 
     t0 = time.perf_counter()
     try:
@@ -902,7 +907,11 @@ def _dry_run(cfg: PlanJobConfig, pl: PlanReport) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render(out, pl, time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
+    if cfg.plan.format == "json":
+        print(json.dumps({"plan": pl.to_dict(), "dry_run": dry_run_dict(out, seconds)}, indent=1))
+    else:
+        print(render(out, pl, seconds))
     if out.refusal:
         print(f"error: {out.refusal}", file=sys.stderr)
         return 2

@@ -117,18 +117,25 @@ def _tie_groups(net: torch.nn.Module) -> list[list[tuple[torch.nn.Module, str]]]
     return [group for group in by_param.values() if len(group) > 1]
 
 
+def to_empty_tied(net: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """``net.to_empty(device=device)`` keeping shared parameters shared (``to_empty`` gives each owner
+    of a tied parameter its own new tensor: the embedding and the LM head would part). Returns ``net``."""
+    ties = _tie_groups(net)
+    net.to_empty(device=device)
+    for group in ties:
+        first_module, first_attr = group[0]
+        for module, attr in group[1:]:
+            module._parameters[attr] = first_module._parameters[first_attr]
+    return net
+
+
 def materialize(
     net: torch.nn.Module, device: torch.device, init: Callable[[torch.nn.Module], None]
 ) -> torch.nn.Module:
     """Give ``net``'s meta parameters (whole or already sharded) storage on ``device``, keep its buffers'
     values, re-tie shared parameters and call ``init(net)`` to fill them. Returns ``net``."""
     buffers = {name: b.clone() for name, b in net.named_buffers() if not b.is_meta}
-    ties = _tie_groups(net)
-    net.to_empty(device=device)
-    for group in ties:  # to_empty gives each owner its own new tensor
-        first_module, first_attr = group[0]
-        for module, attr in group[1:]:
-            module._parameters[attr] = first_module._parameters[first_attr]
+    to_empty_tied(net, device)
     with torch.no_grad():
         for name, b in net.named_buffers():
             if name in buffers:

@@ -99,3 +99,23 @@ def test_dry_run_refuses_a_step_the_device_cannot_hold(llama3_8b_64):
         "CUDA context) > the H100's 75 GiB: the run would fail there"
     )
     assert device_refusal(out.traces[0].peak, plan.memory, "H200") is None
+
+
+def test_dry_run_of_a_tied_model_in_json_counts_the_embedding_once(tmp_path, capsys):
+    """The default (tiny, tied embeddings) model at 2 GPUs: the traced parameters equal the plan's (the
+    LM head is the embedding, as in the real build; it was traced as a second copy, +25 %), in
+    ``plan.format=json``; a backend the dry run cannot trace is refused before ``plan.png`` is written."""
+    import json
+
+    args = ["plan.dry_run=true", "parallel=fsdp", "plan.gpus=2", "train.max_steps=10", "plan.format=json"]
+    assert main([*args, f"hydra.run.dir={tmp_path / 'ok'}"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["category"]: r for r in out["dry_run"]["rows"]}
+    assert rows["parameters"]["max"] == rows["parameters"]["plan"] == 4_212_992 * 4 // 2
+    assert out["plan"]["world_size"] == 2 and out["dry_run"]["refusal"] is None
+    assert main(["plan.dry_run=true", f"hydra.run.dir={tmp_path / 'none'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: plan.dry_run=true traces parallel=fsdp (FSDP2, with parallel.tp); parallel=none is not "
+        "traced yet: its memory is the planner's estimate"
+    ]
+    assert not (tmp_path / "none").exists()
