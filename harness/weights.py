@@ -108,13 +108,19 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-def _tie_groups(net: torch.nn.Module) -> list[list[tuple[torch.nn.Module, str]]]:
+def _owners(net: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """``id(parameter) -> [(module, attribute), ...]``: every place a parameter is registered (a tied
+    one in several)."""
     by_param: dict[int, list[tuple[torch.nn.Module, str]]] = {}
     for module in net.modules():
         for attr, p in module._parameters.items():
             if p is not None:
                 by_param.setdefault(id(p), []).append((module, attr))
-    return [group for group in by_param.values() if len(group) > 1]
+    return by_param
+
+
+def _tie_groups(net: torch.nn.Module) -> list[list[tuple[torch.nn.Module, str]]]:
+    return [group for group in _owners(net).values() if len(group) > 1]
 
 
 def to_empty_tied(net: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -174,11 +180,8 @@ def materialize_each(
     Peak memory: what ``convert`` keeps, plus one whole parameter and ``init``'s temporaries (for
     :func:`init_weights`, one fp32 copy of it).
     """
-    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    owners = _owners(net)
     for module in net.modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((module, attr))
         for attr, b in module._buffers.items():
             if b is not None:
                 module._buffers[attr] = b.to(device)

@@ -114,6 +114,8 @@ class Backend(ABC):
     """
 
     name = "base"
+    # what fills a meta model's parameters once they have storage (set by parallelize)
+    _init: Callable[[torch.nn.Module], None] | None = None
     # What save() writes and load() reads; a checkpoint of another format is refused before the model.
     checkpoint_format = "torch"
     # Whether load() reshards a checkpoint written at another world size.
@@ -183,11 +185,19 @@ class Backend(ABC):
         device = device or self.env.device
         if not _on_meta(model):
             return model.to(device)
-        if getattr(self, "_init", None) is None:
-            raise ValueError("a model on the meta device needs parallelize(..., init=...) to fill it")
         from harness.weights import materialize
 
-        return materialize(model, device, self._init)
+        return materialize(model, device, self.init_callable())
+
+    def init_callable(self) -> Callable[[torch.nn.Module], None]:
+        """The ``init`` given to :meth:`parallelize`.
+
+        Raises:
+            ValueError: none was given (a meta model cannot be filled).
+        """
+        if self._init is None:
+            raise ValueError("a model on the meta device needs parallelize(..., init=...) to fill it")
+        return self._init
 
     @abstractmethod
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -246,8 +246,7 @@ class DeepSpeedBackend(DistributedBackend):
 
         from harness.weights import materialize_each
 
-        if getattr(self, "_init", None) is None:
-            raise ValueError("a model on the meta device needs parallelize(..., init=...) to fill it")
+        init = self.init_callable()
         first: list[torch.nn.Parameter] = []
 
         def convert(p: torch.nn.Parameter) -> None:
@@ -261,7 +260,7 @@ class DeepSpeedBackend(DistributedBackend):
             )
             first.append(p)
 
-        return materialize_each(model, self.env.device, self._init, convert, self.param_dtype)
+        return materialize_each(model, self.env.device, init, convert, self.param_dtype)
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
         import deepspeed
