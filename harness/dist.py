@@ -112,7 +112,7 @@ def read_env(device: str = "auto") -> DistEnv:
 _ERROR_KEY = "harness/error_reported"
 
 
-def _job_store(timeout_s: float):
+def job_store(timeout_s: float):
     """A key-value store every rank of this job reaches, or None: torchrun's agent store (a client
     connection, the attempt's prefix), else the default process group's store when it exists."""
     import datetime
@@ -150,7 +150,7 @@ def announce_error(message: str, wait_s: float = 20.0) -> None:
     if world_size == 1:
         print(f"error: {message}", file=sys.stderr, flush=True)
         return
-    store = _job_store(wait_s)
+    store = job_store(wait_s)
     if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
         if store is not None:

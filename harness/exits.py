@@ -7,6 +7,7 @@ A tiny leaf module (standard library only) shared by ``harness.train`` and
 |---|---|
 | 0   | done (or nothing left to train) |
 | 2   | a problem the user can fix: one ``error:`` line on stderr, nothing built, nothing lost |
+| 74  | a checkpoint save or load failed on a rank: one ``error:`` line names it (``harness.failures``) |
 | 75  | stopped by SIGUSR1/SIGTERM after a complete checkpoint (``EX_TEMPFAIL``): requeue |
 | 124 | the hang watchdog fired: no step finished for ``parallel.hang_timeout_s`` (dumps in ``failures/``) |
 | 130 | stopped by Ctrl-C (SIGINT) after a complete checkpoint; rerun to continue |
@@ -23,6 +24,7 @@ import os
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_CHECKPOINT = 74  # EX_IOERR
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 EXIT_HANG = 124
@@ -45,14 +47,14 @@ def report_exit(rank: int, code: int) -> None:
 def combine_exit(launcher_rc: int, worker_codes: list[int]) -> int:
     """The node's exit status from the launcher's and the workers' reported ones.
 
-    When the launcher failed and every reported status is 0 or one of 2 / 124 / 75 / 130 (at least
-    one of them), that status is returned (2 wins over 124 over 130 over 75: a refused config is the
-    cause, the others stopped because of it); a crash (any other status, or none reported) keeps the
-    launcher's status.
+    When the launcher failed and every reported status is 0 or one of 2 / 74 / 124 / 75 / 130 (at
+    least one of them), that status is returned (2 wins over 74 over 124 over 130 over 75: a refused
+    config is the cause, the others stopped because of it); a crash (any other status, or none
+    reported) keeps the launcher's status.
     """
     if launcher_rc == 0 or not worker_codes:
         return launcher_rc
-    known = (EXIT_USAGE, EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED)
+    known = (EXIT_USAGE, EXIT_CHECKPOINT, EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED)
     if not set(worker_codes) <= {EXIT_OK, *known}:
         return launcher_rc
     for code in known:

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
+from harness import failures
 from harness.config import BatchSizes, JobConfig, check_run_dir, to_object, validate
 from harness.data import IGNORE_INDEX, DataBundle, MicroBatch, build_data, build_loader
 from harness.data.mixture import resume_mixture
-from harness.dist import DistEnv, read_env
+from harness.dist import DistEnv, job_store, read_env
 from harness.errors import CheckpointError, NonFiniteError
 from harness.exits import exit_code, report_exit
 from harness.faults import Faults
@@ -309,6 +310,8 @@ class Trainer:
         if env.world_size > 1:
             flight_recorder_env(run_dir)  # before the process group exists
         backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
+        if env.world_size > 1:  # a failed save or load on any rank ends every rank (harness.failures)
+            failures.start(job_store(cfg.parallel.timeout_s), env.rank)
         if cfg.model.init_from:
             safetensors_files(cfg.model.init_from)  # weights there, before its tokenizer is read
         tokenizer = tokenizer_config(cfg.model, cfg.tokenizer)  # model.init_from's when tokenizer.path unset
@@ -627,6 +630,7 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        failures.stop()
         if exc is None:
             report_exit(self.env.rank, exit_code(self.state.stop_signal))  # before any rank exits
             self.run.close(self.outcome(), LOGGERS)

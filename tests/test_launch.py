@@ -332,3 +332,8 @@ def test_dockerfile_lints_clean():
     assert "USER 1000:1000" in text and "ENTRYPOINT" in text
     assert "torch==2.13.0" in (REPO / "requirements" / "constraints.txt").read_text()
     assert "pytorch:2.13.0-" in text  # the base image's torch equals the pin
+
+
+def test_a_checkpoint_failure_is_the_node_status():
+    assert node.combine_exit(1, [74, 0]) == 74  # every rank left on a failed save (harness.failures)
+    assert node.combine_exit(1, [74, 124]) == 74  # the watchdog of a rank that saw it late

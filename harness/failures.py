@@ -1,0 +1,100 @@
+"""A failure on one rank that every rank of the job leaves on, without waiting on a collective.
+
+When a checkpoint save or load fails on one rank (an ``OSError``, torch.distributed.checkpoint's
+``CheckpointException``, a full disk), the other ranks may already be waiting in a collective that
+the failing rank will never join. :func:`fail` writes one line (rank, host, path, error) under one
+key of the job's key-value store (the first failure wins) and ends the process with
+:data:`~harness.exits.EXIT_CHECKPOINT`; every other rank's :class:`FailureWatch` thread polls that
+key, and on seeing it ends its own process with the same status (the main thread may be blocked in
+a collective). Only the rank whose failure won the key prints the ``error:`` line, so the job's
+console shows it once. Cost: one ``check`` per rank per ``poll_s`` on the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+
+from harness.exits import EXIT_CHECKPOINT, report_exit
+
+log = logging.getLogger("harness")
+KEY = "harness/failure"
+
+_watch: FailureWatch | None = None
+
+
+class FailureWatch:
+    """Polls the job store for a failure announced by any rank (one per process: :func:`start`)."""
+
+    def __init__(self, store, rank: int, poll_s: float = 0.5):
+        self.store, self.rank, self.poll_s = store, rank, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="harness-failure-watch", daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                if self.store.check([KEY]):
+                    line = self.store.get(KEY).decode()
+                    log.warning("leaving: %s", line)
+                    _leave()
+            except Exception:  # noqa: BLE001  (store gone: the job is ending anyway)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def start(store, rank: int, poll_s: float = 0.5) -> None:
+    """Start this process's watch on ``store`` (None, or world size 1: :func:`fail` only exits)."""
+    global _watch
+    if _watch is not None:
+        _watch.close()
+    _watch = FailureWatch(store, rank, poll_s) if store is not None else None
+    if _watch is not None:
+        _watch._thread.start()
+
+
+def stop() -> None:
+    """Stop polling (at the end of a run)."""
+    global _watch
+    if _watch is not None:
+        _watch.close()
+        _watch = None
+
+
+def describe(rank: int, what: str, path: str, error: BaseException) -> str:
+    """``<what> failed on rank <r> (host <h>): <path>: <error>`` in one line."""
+    detail = " ".join(str(getattr(error, "strerror", None) or error).split())[:300]
+    host = socket.gethostname()
+    return f"{what} failed on rank {rank} (host {host}): {path}: {type(error).__name__}: {detail}"
+
+
+def fail(line: str) -> None:
+    """Announce ``line`` to every rank and end this process with :data:`EXIT_CHECKPOINT` (never
+    returns). Prints ``error: <line>`` unless another rank's failure was announced first."""
+    won = True
+    if _watch is not None:
+        try:
+            won = _watch.store.compare_set(KEY, "", line).decode() == line
+        except Exception:  # noqa: BLE001  (no store: say it here)
+            won = True
+    if won:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        log.error("%s", line)
+    _leave()
+
+
+def _leave() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    report_exit(rank, EXIT_CHECKPOINT)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(EXIT_CHECKPOINT)
