@@ -66,12 +66,13 @@ class StepMetrics:
     events: list[str] | None = None  # e.g. ["loss_spike"], ["skipped_nonfinite"]
     tokens_by_source: dict | None = None  # a mixture's tokens of this step by source (all ranks)
     val_loss_by_source: dict | None = None  # a mixture's validation loss by source, on evaluation steps
-    # every logging.rank_stats_every steps on several ranks (rank 0's record; harness/hooks/rank_stats.py):
-    step_time_s_min: float | None = None  # fastest rank's step_time_s
-    step_time_s_max: float | None = None  # slowest rank's step_time_s
-    slowest_rank: int | None = None  # the rank with the most busy time (step_time_s - time waiting on peers)
-    # per rank (index = rank): {step_time_s, busy_s, data_s, forward_backward_s, optimizer_s, comm_s}
-    rank_stats: list[dict] | None = None
+    # every logging.rank_stats_every steps on several ranks (rank 0's record; harness/hooks/rank_stats.py),
+    # a size that does not grow with the world (the full vectors are in <run>/rank_stats.jsonl):
+    # {field: {min, median, max} over the ranks} for step_time_s, busy_s (step_time_s - time waiting on
+    # peers), data_s, forward_backward_s, optimizer_s, comm_s
+    rank_stats: dict | None = None
+    # the 3 ranks with the most busy_s, slowest first: [{rank, busy_s}] (null-padded below 3 ranks)
+    slowest_ranks: list[dict] | None = None
 
     def to_json(self) -> str:
         return json.dumps({k: _clean(v) for k, v in asdict(self).items()})
@@ -303,6 +304,22 @@ def wandb_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def wandb_data(rec: StepMetrics) -> dict:
+    """The wandb row of a record: its non-null fields but ``step``, with ``rank_stats`` and
+    ``slowest_ranks`` as scalar keys ``rank_stats/<field>/<min|median|max>`` and
+    ``slowest_ranks/<i>/<rank|busy_s>`` (``i`` from 0, slowest first; padding left out)."""
+    data = {
+        k: v
+        for k, v in asdict(rec).items()
+        if v is not None and k not in ("step", "rank_stats", "slowest_ranks")
+    }
+    for field, stats in (rec.rank_stats or {}).items():
+        data.update({f"rank_stats/{field}/{k}": v for k, v in stats.items()})
+    for i, entry in enumerate(rec.slowest_ranks or []):
+        data.update({f"slowest_ranks/{i}/{k}": v for k, v in entry.items() if v is not None})
+    return data
+
+
 class WandbSink:
     """Logs each record to Weights & Biases (``mode`` online or offline, see :func:`wandb_mode`).
 
@@ -339,8 +356,7 @@ class WandbSink:
         )
 
     def write(self, rec: StepMetrics) -> None:
-        data = {k: v for k, v in asdict(rec).items() if v is not None and k != "step"}
-        self.run.log(data, step=rec.step)
+        self.run.log(wandb_data(rec), step=rec.step)
 
     def close(self) -> None:
         self.run.finish()

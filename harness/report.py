@@ -13,9 +13,10 @@ For each run directory this reads ``metrics.jsonl`` (one JSON object per optimiz
 - ``time_breakdown.png``: seconds per step split into data, compute, exposed communication and
   optimizer, with total communication time drawn as a line (it overlaps compute);
 - ``memory.png``: peak memory (GiB: CUDA max allocated, or peak RSS on CPU) vs step;
-- ``ranks.png`` (runs with ``rank_stats``): rank x step heat maps of step time and busy time (step time
+- ``ranks.png`` (runs with a ``rank_stats.jsonl``, the full per-rank vectors of every
+  ``logging.rank_stats_full_every`` steps): rank x step heat maps of step time and busy time (step time
   minus the time spent waiting on peers: a straggler is a bright row), and in ``report.html`` a table
-  of the ``straggler`` events;
+  of the ``straggler`` events (from the records' ``rank_stats`` and ``slowest_ranks``);
 - ``summary.json``: one ``{"run": name, **summarize(records)}`` object per run;
 - ``report.html``: a title, the summary table (one column per run) and the plots, embedded as
   ``data:image/png`` URIs, so the file can be mailed or archived on its own.
@@ -42,9 +43,12 @@ from collections.abc import Sequence
 from harness.errors import DataError, HarnessError
 
 METRICS_FILE = "metrics.jsonl"
+RANK_STATS_FILE = "rank_stats.jsonl"  # harness.hooks.rank_stats.FULL_FILE
 PLOTS = ("loss.png", "lr_batch.png", "throughput.png", "time_breakdown.png", "memory.png")
 MIXTURE_PLOT = "mixture.png"  # only for runs on a mixture (records with tokens_by_source)
-RANKS_PLOT = "ranks.png"  # only for runs with per-rank stats (several ranks, logging.rank_stats_every)
+RANKS_PLOT = (
+    "ranks.png"  # only for runs with a rank_stats.jsonl (several ranks, logging.rank_stats_full_every)
+)
 GIB = 1024**3
 
 
@@ -72,7 +76,23 @@ def load_metrics(run_dir: str) -> list[dict]:
         DataError: the directory or ``metrics.jsonl`` does not exist, or a line other than the
             last is not a JSON object (a corrupt file), naming the file and line.
     """
-    path = _metrics_path(run_dir)
+    return _load_jsonl(_metrics_path(run_dir))
+
+
+def load_rank_stats(run_dir: str) -> list[dict]:
+    """Read ``<run_dir>/rank_stats.jsonl`` (the full per-rank vectors that rank 0 writes every
+    ``logging.rank_stats_full_every`` steps: ``{"step", <field>: [value of rank 0, 1, ...], ...}``)
+    like :func:`load_metrics`; ``[]`` when the run has no such file.
+
+    Raises:
+        DataError: a line other than the last is not a JSON object, naming the file and line.
+    """
+    path = os.path.join(run_dir, RANK_STATS_FILE)
+    return _load_jsonl(path) if os.path.isfile(path) else []
+
+
+def _load_jsonl(path: str) -> list[dict]:
+    """The records of one JSON-lines file by step (the rules of :func:`load_metrics`)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().split("\n")
     while lines and not lines[-1].strip():
@@ -486,30 +506,35 @@ def _plot_mixture(runs: dict[str, list[dict]], path: str) -> bool:
     return True
 
 
-def _plot_ranks(runs: dict[str, list[dict]], path: str) -> bool:
-    """Rank x step heat maps (step time, busy time) per run with ``rank_stats``; False without any."""
-    with_stats = {n: [r for r in recs if r.get("rank_stats")] for n, recs in runs.items()}
+def _plot_ranks(run_dirs: dict[str, str], path: str) -> bool:
+    """Rank x step heat maps (step time, busy time) per run with a ``rank_stats.jsonl``; False without
+    any."""
+    with_stats = {n: load_rank_stats(d) for n, d in run_dirs.items()}
     with_stats = {n: recs for n, recs in with_stats.items() if recs}
     if not with_stats:
         return False
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(
         2 * len(with_stats), 1, figsize=(10, 2.6 * 2 * len(with_stats)), squeeze=False, layout="constrained"
     )
     for i, (name, recs) in enumerate(with_stats.items()):
         steps = [r["step"] for r in recs]
+        half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
         for j, key in enumerate(("step_time_s", "busy_s")):
             ax = axes[2 * i + j][0]
-            grid = [[row.get(key) or 0.0 for row in r["rank_stats"]] for r in recs]  # step x rank
+            grid = [[v or 0.0 for v in r.get(key) or []] for r in recs]  # step x rank
+            ranks = max(len(row) for row in grid)
+            grid = [row + [0.0] * (ranks - len(row)) for row in grid]  # a resume on fewer ranks
             image = ax.imshow(
                 list(map(list, zip(*grid))),
                 aspect="auto",
                 interpolation="nearest",
-                extent=(steps[0] - 0.5, steps[-1] + 0.5, len(grid[0]) - 0.5, -0.5),
+                extent=(steps[0] - half, steps[-1] + half, ranks - 0.5, -0.5),
             )
             fig.colorbar(image, ax=ax, label="seconds")
-            ax.set_yticks(range(len(grid[0])))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("rank")
             ax.set_xlabel("optimizer step")
             what = "step time" if key == "step_time_s" else "busy time (step time - waiting on peers)"
@@ -520,15 +545,17 @@ def _plot_ranks(runs: dict[str, list[dict]], path: str) -> bool:
 
 
 def straggler_events(records: Sequence[dict]) -> list[dict]:
-    """``{step, rank, busy_s, median_busy_s}`` of every record with a ``straggler`` event."""
+    """``{step, rank, busy_s, median_busy_s}`` of every record with a ``straggler`` event: the rank is
+    the step's slowest (``slowest_ranks[0]``), the median the ranks' median ``busy_s``."""
     out = []
     for r in records:
-        if "straggler" in (r.get("events") or []) and r.get("rank_stats"):
-            busy = [row.get("busy_s") or 0.0 for row in r["rank_stats"]]
-            srt = sorted(busy)
-            median = (srt[(len(srt) - 1) // 2] + srt[len(srt) // 2]) / 2
-            rank = r.get("slowest_rank", busy.index(max(busy)))
-            out.append({"step": r["step"], "rank": rank, "busy_s": busy[rank], "median_busy_s": median})
+        stats, slowest = r.get("rank_stats"), r.get("slowest_ranks")
+        if "straggler" in (r.get("events") or []) and isinstance(stats, dict) and slowest:
+            top = slowest[0]
+            median = stats["busy_s"]["median"]
+            out.append(
+                {"step": r["step"], "rank": top["rank"], "busy_s": top["busy_s"], "median_busy_s": median}
+            )
     return out
 
 
@@ -710,7 +737,7 @@ def _write(run_dirs: Sequence[str], out_dir: str | None) -> tuple[str, list[str]
     if not _plot_mixture(runs, mixture_png) and os.path.isfile(mixture_png):
         os.remove(mixture_png)
     ranks_png = os.path.join(out_dir, RANKS_PLOT)
-    if not _plot_ranks(runs, ranks_png) and os.path.isfile(ranks_png):
+    if not _plot_ranks(dict(zip(names, run_dirs)), ranks_png) and os.path.isfile(ranks_png):
         os.remove(ranks_png)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         rows = [{"run": n, **{k: _json_value(v) for k, v in s.items()}} for n, s in zip(names, summaries)]

@@ -16,7 +16,8 @@ from conftest import REPO, SMALL, compose, read_metrics, torchrun_train, train_c
 
 from harness.config import to_object, validate
 from harness.errors import ConfigError
-from harness.hooks.rank_stats import StragglerDetector
+from harness.hooks.rank_stats import FIELDS, RankStatsHook, StragglerDetector, summarize
+from harness.metrics import StepMetrics, wandb_data
 from harness.trace import collective_events, device_comm, load_events
 
 BASE = [*SMALL, "checkpoint.every=2", "eval.every=0", "checkpoint.export_hf=false"]
@@ -46,6 +47,100 @@ def test_straggler_detector_needs_a_whole_window_above_the_factor():
     assert d.update([1.0, 1.19, 1.0]) == []
 
 
+def _record(step: int) -> StepMetrics:
+    """A rank's record of ``step`` before the rank stats hook (fixed values)."""
+    return StepMetrics(
+        step, 0.5, 256, 256 * step, 5.5, 1e-3, 0.75, 8, 1, 0.5, 0.125, 0.25, 0.125, 0.25, 0.125, 1024, 1.5,
+        None, None, 1000.0, 0.25, 1 << 20, 0.5 * step,
+    )  # fmt: skip
+
+
+def _rows(times: list[float]) -> list[list[float]]:
+    """One row of :data:`FIELDS` per rank: field ``i`` of rank ``r`` is ``times[r] * (i + 1)``."""
+    return [[t * (i + 1) for i in range(len(FIELDS))] for t in times]
+
+
+def test_a_record_is_as_long_at_1024_ranks_as_at_2(tmp_path):
+    """The record of a synthetic 1,024-rank gather serializes to exactly as many bytes as at world 2
+    when its values print as wide: world 2 ``[0.25, 0.75]``; 1,024 ranks ``0.25`` (rank 0), ``0.75``
+    (rank 1), ``0.65`` (rank 2), ``0.55`` (rank 1000), ``0.5`` elsewhere: the same min / median / max
+    and a third slowest rank ``1000`` / ``0.55`` as wide as world 2's padding ``null`` / ``null``."""
+    times = [0.5] * 1024
+    times[0], times[1], times[2], times[1000] = 0.25, 0.75, 0.65, 0.55
+    lines = {}
+    for world, t in ((2, [0.25, 0.75]), (1024, times)):
+        record = _record(7)
+        RankStatsHook(1, 1.2, 5, 0, str(tmp_path)).fill(record, [[v] * len(FIELDS) for v in t])
+        lines[world] = record.to_json()
+    added = len(lines[1024].encode()) - len(_record(7).to_json().encode())  # over "rank_stats": null, ...
+    assert len(lines[1024].encode()) == len(lines[2].encode()) and added == 422, lines
+    assert json.loads(lines[1024])["slowest_ranks"] == [
+        {"rank": 1, "busy_s": 0.75},
+        {"rank": 2, "busy_s": 0.65},
+        {"rank": 1000, "busy_s": 0.55},
+    ]
+    assert json.loads(lines[2])["slowest_ranks"][2] == {"rank": None, "busy_s": None}
+
+
+def test_rank_stats_summary_is_exact_on_known_vectors():
+    """min / median / max per field and the 3 slowest ranks by busy_s (ties: the lower rank first);
+    an even count's median is the mean of the two middle values; below 3 ranks the list is padded."""
+    stats, slowest = summarize(_rows([0.5, 2.0, 0.25, 2.0, 1.0]))
+    assert stats == {
+        f: {"min": 0.25 * (i + 1), "median": 1.0 * (i + 1), "max": 2.0 * (i + 1)}
+        for i, f in enumerate(FIELDS)
+    }
+    assert slowest == [{"rank": 1, "busy_s": 4.0}, {"rank": 3, "busy_s": 4.0}, {"rank": 4, "busy_s": 2.0}]
+    stats, slowest = summarize(_rows([0.5, 2.0, 0.25, 1.5]))
+    assert stats["busy_s"] == {"min": 0.5, "median": 2.0, "max": 4.0}
+    assert slowest == [{"rank": 1, "busy_s": 4.0}, {"rank": 3, "busy_s": 3.0}, {"rank": 0, "busy_s": 1.0}]
+    stats, slowest = summarize(_rows([0.75, 0.25]))
+    assert stats["comm_s"] == {"min": 1.5, "median": 3.0, "max": 4.5}
+    assert slowest == [{"rank": 0, "busy_s": 1.5}, {"rank": 1, "busy_s": 0.5}, {"rank": None, "busy_s": None}]
+
+
+def test_wandb_gets_the_rank_stats_as_scalar_keys(tmp_path):
+    record = _record(3)
+    RankStatsHook(1, 1.2, 5, 0, str(tmp_path)).fill(record, _rows([0.75, 0.25]))
+    data = wandb_data(record)
+    assert {k: v for k, v in data.items() if k.startswith("rank_stats/busy_s/")} == {
+        "rank_stats/busy_s/min": 0.5,
+        "rank_stats/busy_s/median": 1.0,
+        "rank_stats/busy_s/max": 1.5,
+    }
+    assert len([k for k in data if k.startswith("rank_stats/")]) == 3 * len(FIELDS)
+    assert {k: v for k, v in data.items() if k.startswith("slowest_ranks/")} == {
+        "slowest_ranks/0/rank": 0,
+        "slowest_ranks/0/busy_s": 1.5,
+        "slowest_ranks/1/rank": 1,
+        "slowest_ranks/1/busy_s": 0.5,
+    }
+    assert "step" not in data and "rank_stats" not in data and data["loss"] == 5.5
+
+
+@pytest.mark.distributed
+def test_full_rank_vectors_go_to_their_own_file_at_their_interval(tmp_path, small_corpus):
+    """Stats every 3 steps, full vectors every 2 (gathered then too): the records of steps 2, 3, 4, 6
+    have the summary, ``rank_stats.jsonl`` has steps 2, 4, 6 with one value per rank per field."""
+    run_dir = tmp_path / "run"
+    overrides = [f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=6", "checkpoint.every=0"]
+    _run(2, run_dir, *overrides, "logging.rank_stats_every=3", "logging.rank_stats_full_every=2")
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if r["rank_stats"]] == [2, 3, 4, 6]
+    for r in rows:
+        if r["rank_stats"]:
+            assert sorted(r["rank_stats"]) == sorted(FIELDS)
+            assert [e["rank"] for e in r["slowest_ranks"]][2] is None
+            assert sorted(e["rank"] for e in r["slowest_ranks"][:2]) == [0, 1]
+    full = [json.loads(line) for line in (run_dir / "rank_stats.jsonl").read_text().splitlines()]
+    assert [f["step"] for f in full] == [2, 4, 6]
+    for f in full:
+        assert sorted(f) == sorted(["step", *FIELDS]) and all(len(f[k]) == 2 for k in FIELDS), f
+        record = rows[f["step"] - 1]
+        for k in FIELDS:
+            assert record["rank_stats"][k] == {"min": min(f[k]), "median": sum(f[k]) / 2, "max": max(f[k])}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_rank_stats_name_the_slowed_rank_and_profiled_steps_leave_traces_with_the_collectives(
@@ -59,13 +154,15 @@ def test_rank_stats_name_the_slowed_rank_and_profiled_steps_leave_traces_with_th
         "parallel=ddp",
         "train.max_steps=8",
         "logging.straggler_window=3",
+        "logging.rank_stats_full_every=1",
     ]
     proc = _run(2, run_dir, *overrides, "profile.steps=[3,4]", fault="slow_step:0.15:1")
     rows = read_metrics(run_dir)
     for r in rows:
-        assert len(r["rank_stats"]) == 2 and r["slowest_rank"] == 1, r
-        assert r["step_time_s_min"] <= r["step_time_s_max"]
-        assert r["rank_stats"][1]["busy_s"] > 0.15 > r["rank_stats"][0]["busy_s"]
+        slowest = r["slowest_ranks"]
+        assert [e["rank"] for e in slowest] == [1, 0, None], r
+        assert r["rank_stats"]["step_time_s"]["min"] <= r["rank_stats"]["step_time_s"]["max"]
+        assert slowest[0]["busy_s"] > 0.15 > slowest[1]["busy_s"]
     assert [r["step"] for r in rows if "straggler" in (r["events"] or [])] == [3]
     assert f"straggler: rank 1 ({socket.gethostname()}) busy" in proc.stderr + proc.stdout
     assert f"ranks by host: {socket.gethostname()}: 0-1" in proc.stderr + proc.stdout
@@ -185,6 +282,7 @@ def test_a_stopped_rank_is_named_by_the_others_dump_and_the_job_ends_then_resume
         ("logging.straggler_factor=1.0", "logging.straggler_factor=1.0 must be > 1"),
         ("logging.straggler_window=0", "logging.straggler_window=0 must be >= 1"),
         ("logging.rank_stats_every=-1", "logging.rank_stats_every=-1 must be >= 0"),
+        ("logging.rank_stats_full_every=-1", r"logging.rank_stats_full_every=-1 must be >= 0 \(0: never\)"),
         ("parallel.hang_timeout_s=0", "parallel.hang_timeout_s=0.0 must be > 0"),
         ("profile.steps=[5,3]", r"profile.steps=\[5, 3\] must be \[first, last\]"),
         ("profile.every=1", "profile.every=1 must be >= profile.active"),

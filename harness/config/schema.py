@@ -288,8 +288,12 @@ class LoggingConfig:
     progress: str = "auto"
     # time and count collectives (harness.parallel.comm); False: the comm fields are 0/null
     comm_timing: bool = True
-    # gather every rank's step timings every N steps into rank 0's record (rank_stats); 0: off
+    # gather every rank's step timings every N steps: rank 0's record gets their min/median/max and the
+    # slowest ranks (rank_stats, slowest_ranks); 0: off
     rank_stats_every: int = 1
+    # every N steps (gathered then too) rank 0 appends the full per-rank vectors to
+    # <run>/rank_stats.jsonl; 0: never (rank_stats_every=0 turns both off)
+    rank_stats_full_every: int = 100
     # a rank whose busy time exceeds the median rank's by this factor ...
     straggler_factor: float = 1.2
     # ... for this many consecutive rank stats is a straggler (an event and a warning)

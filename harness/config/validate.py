@@ -316,6 +316,8 @@ def check_logging(g: LoggingConfig) -> None:
     check_rules("logging", g)
     if g.rank_stats_every < 0:
         raise ConfigError(f"logging.rank_stats_every={g.rank_stats_every} must be >= 0 (0: off)")
+    if g.rank_stats_full_every < 0:
+        raise ConfigError(f"logging.rank_stats_full_every={g.rank_stats_full_every} must be >= 0 (0: never)")
     if not g.straggler_factor > 1.0:
         raise ConfigError(
             f"logging.straggler_factor={g.straggler_factor} must be > 1 (a ratio to the median rank)"

@@ -59,7 +59,7 @@ def default_hooks(cfg, env, dp: tuple[int, int], run_dir: str, faults, data, bat
         MixtureHook(loader),
         EvalHook.from_config(cfg.eval, data, batch, dp, eos),
         LossSpikeHook.from_config(cfg.train),
-        RankStatsHook.from_config(cfg.logging),
+        RankStatsHook.from_config(cfg.logging, run_dir),
         ProfilerHook(cfg.profile, run_dir, env.rank, stop.signal),
         MetricsHook(metrics),
         stop,

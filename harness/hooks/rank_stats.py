@@ -1,6 +1,9 @@
 """Per-rank timing and stragglers: every ``logging.rank_stats_every`` steps every rank's step timings
-are gathered in one small collective into rank 0's record, and a rank that stays slower than the
-median rank is reported (Megatron-LM's ``--log-straggler`` idea, on the harness's own timers).
+are gathered in one small collective (``len(FIELDS)`` float64 per rank) into rank 0, whose record gets
+their min / median / max and the slowest ranks (a fixed size at any world size), whose
+``<run>/rank_stats.jsonl`` gets the full per-rank vectors every ``logging.rank_stats_full_every``
+steps (gathered then too), and a rank that stays slower than the median rank is reported (Megatron-LM's
+``--log-straggler`` idea, on the harness's own timers).
 
 A synchronous step ends at about the same time on every rank (the fast ones wait in collectives), so
 slowness shows in the *busy* time: ``busy_s = step_time_s - time waiting on peers`` (``comm_exposed_s``
@@ -9,16 +12,22 @@ on CPU; on GPU, where that is not measured, ``comm_s``: NCCL kernels spin while 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import socket
 import statistics
 
 import torch
 
 from harness.hooks.base import Hook
+from harness.metrics import truncate_metrics
 
 log = logging.getLogger("harness")
 FIELDS = ("step_time_s", "busy_s", "data_s", "forward_backward_s", "optimizer_s", "comm_s")
+SLOWEST = 3  # the slowest ranks kept in each record
+FULL_FILE = "rank_stats.jsonl"  # the full per-rank vectors, every logging.rank_stats_full_every steps
 
 
 def busy_seconds(record) -> float:
@@ -47,23 +56,57 @@ class StragglerDetector:
         return new
 
 
-class RankStatsHook(Hook):
-    """Fills ``step_time_s_min/max``, ``slowest_rank`` and ``rank_stats`` of rank 0's record, adds a
-    ``straggler`` event with a warning naming the rank and host; hostnames are logged once."""
+def summarize(rows: list[list[float]], k: int = SLOWEST) -> tuple[dict, list[dict]]:
+    """The fixed-size summary of one gather for rank 0's record, whatever the world size.
 
-    def __init__(self, every: int, factor: float, window: int):
-        self.every = every
+    Args:
+        rows: one row per rank (index = rank) of the :data:`FIELDS` values, in seconds.
+        k: how many of the slowest ranks to keep.
+
+    Returns:
+        ``(rank_stats, slowest_ranks)``: ``rank_stats[field] = {"min", "median", "max"}`` over the
+        ranks for every field of :data:`FIELDS` (the median of an even count is the mean of the two
+        middle values, :func:`statistics.median`); ``slowest_ranks``: exactly ``k`` entries
+        ``{"rank", "busy_s"}``, the ranks with the most ``busy_s`` first (ties: the lower rank first),
+        padded with ``{"rank": None, "busy_s": None}`` below ``k`` ranks.
+    """
+    stats = {}
+    for i, field in enumerate(FIELDS):
+        column = [row[i] for row in rows]
+        stats[field] = {"min": min(column), "median": statistics.median(column), "max": max(column)}
+    busy = FIELDS.index("busy_s")
+    order = sorted(range(len(rows)), key=lambda r: (-rows[r][busy], r))[:k]
+    slowest = [{"rank": r, "busy_s": rows[r][busy]} for r in order]
+    return stats, slowest + [{"rank": None, "busy_s": None}] * (k - len(slowest))
+
+
+class RankStatsHook(Hook):
+    """Fills ``rank_stats`` and ``slowest_ranks`` of rank 0's record (:func:`summarize`: a size that
+    does not grow with the world), appends the full per-rank vectors to ``<run>/rank_stats.jsonl`` every
+    ``full_every`` steps (0: never), and adds a ``straggler`` event with a warning naming the rank and
+    host (the detector sees every rank); hostnames are logged once."""
+
+    def __init__(self, every: int, factor: float, window: int, full_every: int, run_dir: str):
+        self.every, self.full_every = every, full_every
+        self.path = os.path.join(run_dir, FULL_FILE)
+        self.file = None  # rank 0's rank_stats.jsonl, opened at the first full gather
+        self.failed = False  # a write failed: no more lines
         self.detector = StragglerDetector(factor, window)
         self.hosts: list[str] = []
 
     @classmethod
-    def from_config(cls, logging_cfg) -> RankStatsHook:
-        return cls(logging_cfg.rank_stats_every, logging_cfg.straggler_factor, logging_cfg.straggler_window)
+    def from_config(cls, logging_cfg, run_dir: str) -> RankStatsHook:
+        g = logging_cfg
+        return cls(
+            g.rank_stats_every, g.straggler_factor, g.straggler_window, g.rank_stats_full_every, run_dir
+        )
 
     def _on(self, trainer) -> bool:
         return bool(self.every) and trainer.env.world_size > 1
 
     def on_train_start(self, trainer) -> None:
+        if trainer.env.is_main:  # a resumed run writes the later steps again
+            truncate_metrics(self.path, trainer.state.step)
         if not self._on(trainer):
             return
         import torch.distributed as dist
@@ -78,7 +121,8 @@ class RankStatsHook(Hook):
             log.info("ranks by host: %s", "; ".join(f"{h}: {_ranges(r)}" for h, r in by_host.items()))
 
     def on_step_end(self, trainer, record) -> None:
-        if not self._on(trainer) or record.step % self.every:
+        full = bool(self.full_every) and record.step % self.full_every == 0
+        if not self._on(trainer) or (record.step % self.every and not full):
             return
         import torch.distributed as dist
 
@@ -88,15 +132,16 @@ class RankStatsHook(Hook):
         rows = torch.empty(trainer.env.world_size * len(FIELDS), dtype=torch.float64, device=mine.device)
         (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(rows, mine)
         if trainer.env.is_main:
-            self._fill(record, rows.view(trainer.env.world_size, len(FIELDS)).cpu().tolist())
+            rows = rows.view(trainer.env.world_size, len(FIELDS)).cpu().tolist()
+            self.fill(record, rows)
+            if full:
+                self._write_full(record.step, rows)
 
-    def _fill(self, record, rows: list[list[float]]) -> None:
-        stats = [dict(zip(FIELDS, row)) for row in rows]
-        steps = [s["step_time_s"] for s in stats]
-        busy = [s["busy_s"] for s in stats]
-        record.rank_stats = stats
-        record.step_time_s_min, record.step_time_s_max = min(steps), max(steps)
-        record.slowest_rank = max(range(len(busy)), key=busy.__getitem__)
+    def fill(self, record, rows: list[list[float]]) -> None:
+        """Complete rank 0's ``record`` from every rank's ``rows`` (see :func:`summarize`) and run the
+        straggler detector on the full ``busy_s`` vector."""
+        record.rank_stats, record.slowest_ranks = summarize(rows)
+        busy = [row[FIELDS.index("busy_s")] for row in rows]
         for rank in self.detector.update(busy):
             record.events = [*(record.events or []), "straggler"]
             host = self.hosts[rank] if rank < len(self.hosts) else "?"
@@ -110,6 +155,27 @@ class RankStatsHook(Hook):
                 self.detector.window,
                 self.detector.factor,
             )
+
+    def _write_full(self, step: int, rows: list[list[float]]) -> None:
+        """One line of ``rank_stats.jsonl``: ``{"step", <field>: [value of rank 0, 1, ...], ...}``. A
+        failing write (a full disk) warns once and stops the file; training goes on."""
+        if self.failed:
+            return
+        line = json.dumps({"step": step, **{f: [row[i] for row in rows] for i, f in enumerate(FIELDS)}})
+        try:
+            if self.file is None:
+                self.file = open(self.path, "a", buffering=1)
+            self.file.write(line + "\n")
+        except OSError as e:
+            log.warning("%s: %s; the full per-rank stats stop here (training goes on)", self.path, e)
+            self.failed = True  # the gathers go on on every rank: only the file stops
+            self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
 
 
 def _ranges(ranks: list[int]) -> str:
