@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, SMALL, compose, read_metrics, torchrun_train, train_command
@@ -116,6 +117,23 @@ def test_wandb_gets_the_rank_stats_as_scalar_keys(tmp_path):
         "slowest_ranks/1/busy_s": 0.5,
     }
     assert "step" not in data and "rank_stats" not in data and data["loss"] == 5.5
+
+
+def test_rank_stats_file_is_cut_back_on_resume_and_a_failing_write_only_stops_the_file(tmp_path, caplog):
+    """A resumed run (at step 4) writes the later steps again, as ``metrics.jsonl``; a write that fails
+    (here: no directory) warns once and the hook goes on without the file."""
+    path = tmp_path / "rank_stats.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "busy_s": [1.0, 2.0]}) + "\n" for s in (2, 4, 6)))
+    env = SimpleNamespace(is_main=True, world_size=2)
+    RankStatsHook(0, 1.2, 5, 2, str(tmp_path)).on_train_start(
+        SimpleNamespace(env=env, state=SimpleNamespace(step=4))
+    )
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    hook = RankStatsHook(1, 1.2, 5, 2, str(tmp_path / "gone"))
+    for step in (2, 4):
+        hook._write_full(step, _rows([0.5, 1.0]))
+    assert hook.failed and hook.file is None
+    assert len([r for r in caplog.records if "the full per-rank stats stop here" in r.getMessage()]) == 1
 
 
 @pytest.mark.distributed
