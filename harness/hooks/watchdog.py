@@ -162,7 +162,7 @@ class HangWatchdog(Hook):
         if env.rank == min(reported):
             missing = [r for r in range(env.world_size) if r not in reported]
             line = (
-                f"hang: phase {phase} lasted {idle:.0f} s after step {self.trainer.state.step} "
+                f"hang: phase {phase} lasted {idle:.1f} s after step {self.trainer.state.step} "
                 f"({self.timeout_setting(phase)}); ranks that did not report (the likely "
                 f"culprits): {missing or 'none'}; dumps: {directory}/hang_rank_<r>.txt"
                 + (", fr_trace_rank_<r>.json" if fr else "")
