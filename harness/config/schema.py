@@ -210,7 +210,8 @@ class ParallelConfig:
     # set-up and the first step's torch.compile, which takes minutes on a large model
     hang_timeout_startup_s: float = 1800.0
     # one checkpoint save (or the wait for one in flight): a synchronous 70B save (~0.8 TB of weights
-    # and optimizer state) at ~1 GB/s of shared-filesystem bandwidth takes ~15 min
+    # and optimizer state) at ~1 GB/s of shared-filesystem bandwidth takes ~13 min; raise it for slower
+    # storage
     hang_timeout_checkpoint_s: float = 1800.0
     # one validation pass: eval.batches forward-only batches, plus the eval-mode recompile under compile
     hang_timeout_eval_s: float = 1800.0
