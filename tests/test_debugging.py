@@ -207,6 +207,7 @@ def test_each_phase_has_its_own_timeout_and_the_step_keeps_the_automatic_rule():
 
 def test_the_watchdog_applies_the_current_phases_timeout_to_the_time_since_it_began():
     wd = _watchdog("parallel.hang_timeout_s=3", "parallel.hang_timeout_checkpoint_s=60")
+    phases.enter("startup")
     try:
         with phases.phase("checkpoint"):
             _, since = phases.current()
