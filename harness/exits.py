@@ -9,7 +9,7 @@ A tiny leaf module (standard library only) shared by ``harness.train`` and
 | 2   | a problem the user can fix: one ``error:`` line on stderr, nothing built, nothing lost |
 | 74  | a checkpoint save or load failed on a rank: one ``error:`` line names it (``harness.failures``) |
 | 75  | stopped by SIGUSR1/SIGTERM after a complete checkpoint (``EX_TEMPFAIL``): requeue |
-| 124 | the hang watchdog fired: no step finished for ``parallel.hang_timeout_s`` (dumps in ``failures/``) |
+| 124 | the hang watchdog fired: a phase outlasted its ``parallel.hang_timeout*_s`` (``failures/``) |
 | 130 | stopped by Ctrl-C (SIGINT) after a complete checkpoint; rerun to continue |
 
 torchrun reports any failed worker as status 1 (after its ``ChildFailedError`` report), so

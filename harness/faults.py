@@ -15,6 +15,9 @@
 - ``checkpoint_sleep:T``   every checkpoint sleeps T seconds after its files are written, before its
                            manifest (a window for kills during a save)
 - ``checkpoint_enospc:S``  writing checkpoint S fails with ``OSError(ENOSPC)`` (disk full)
+- ``checkpoint_stop:S[:R]`` the process sends itself SIGSTOP as the save of checkpoint S starts, inside
+                           the ``checkpoint`` phase (on rank R): a rank that hangs mid-save (the hang
+                           watchdog's phase tests)
 - ``store_sleep:T``        a token store sleeps T seconds after its shards are written, before its
                            ``meta.json`` (a window for kills during ``prepare_data``)
 """
@@ -72,6 +75,12 @@ class Faults:
     def nan_loss(self, step: int) -> bool:
         """True when the first micro-batch's loss of ``step`` must be NaN on this rank."""
         return any(kind == "nan_loss" and step == arg for kind, arg in self.items)
+
+    def on_save(self, step: int) -> None:
+        """Called on every rank as the save of checkpoint ``step`` starts (``checkpoint_stop``)."""
+        for kind, arg in self.items:
+            if kind == "checkpoint_stop" and step == arg:
+                os.kill(os.getpid(), signal.SIGSTOP)
 
     def on_checkpoint(self, step: int) -> None:
         """Called on rank 0 after a checkpoint's files are written, before its manifest."""

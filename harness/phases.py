@@ -2,7 +2,20 @@
 
 A leaf module (standard library only): the trainer, the checkpoint manager and the hooks mark a
 phase with ``with phase("checkpoint"):``; the watchdog thread reads :func:`current` and applies that
-phase's timeout. Phases nest (an evaluation inside a step returns to ``step`` when it ends).
+phase's timeout (``harness/hooks/watchdog.py``) to the time since it began. Phases nest (an
+evaluation inside a step returns to ``step`` when it ends, timed afresh from then).
+
+The phases of a training run (``Trainer.train``):
+
+- ``startup``     from the start of training until the first step of this invocation ends (the
+                  hooks' ``on_train_start`` and the first step, its compile and warm-up included)
+- ``step``        from the end of the latest step (or of the phase nested in it) to the next end
+- ``checkpoint``  a save (``Trainer.save_checkpoint``, the checkpoint manager's staging and wait)
+- ``eval``        a validation pass (the evaluation hook)
+- ``export``      the Hugging Face export (the export hook)
+
+One phase per process: mark phases from the training thread only (a background thread's work is
+not a phase of its own; the training thread waiting for it is).
 """
 
 from __future__ import annotations
@@ -41,7 +54,11 @@ def enter(name: str) -> tuple[str, float]:
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
     """``name`` for the duration of the block; afterwards the previous phase again, timed from the
-    block's end (the time spent inside does not count against it)."""
+    block's end (the time spent inside does not count against it), also when the block raises.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`PHASES` (before the block runs).
+    """
     before = enter(name)
     try:
         yield

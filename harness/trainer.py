@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
-from harness import failures
+from harness import failures, phases
 from harness.config import BatchSizes, JobConfig, check_run_dir, to_object, validate
 from harness.data import IGNORE_INDEX, DataBundle, MicroBatch, build_data, build_loader
 from harness.data.mixture import resume_mixture
@@ -393,13 +393,16 @@ class Trainer:
             )
         self._started = time.perf_counter()
         self.model.train()
+        phases.enter("startup")  # the hang watchdog's phases (harness/phases.py)
         try:
             self._call("on_train_start")
             for info in self.plan.steps(self.state.step, self.state.position, self.state.tokens_total):
                 if self.done:
                     break
                 self._call("on_step_start", info)
-                self._call("on_step_end", self.train_step(info))
+                record = self.train_step(info)
+                phases.enter("step")  # a step ended: the next one is timed from here
+                self._call("on_step_end", record)
             self._call("on_train_end")
         finally:
             for hook in self.hooks:
@@ -576,8 +579,10 @@ class Trainer:
         self.scheduler._last_lr = lrs
 
     def save_checkpoint(self) -> str:
-        """A complete checkpoint of the current step (every rank)."""
-        return self.checkpoints.save(self.state.step, self.state_dict(), self.data.tokenizer)
+        """A complete checkpoint of the current step (every rank), in the ``checkpoint`` phase."""
+        with phases.phase("checkpoint"):
+            self.faults.on_save(self.state.step)
+            return self.checkpoints.save(self.state.step, self.state_dict(), self.data.tokenizer)
 
     def export_hf(self) -> str | None:
         """Gather the full model (collective under sharding) and save it in HF format into ``<run>/hf``

@@ -13,12 +13,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, SMALL, compose, read_metrics, torchrun_train, train_command
+from conftest import REPO, SMALL, checkpoints, compose, read_metrics, torchrun_train, train_command
 
+from harness import phases
 from harness.config import to_object, validate
 from harness.errors import ConfigError
 from harness.hooks.rank_stats import FIELDS, RankStatsHook, StragglerDetector, summarize
 from harness.metrics import StepMetrics, wandb_data
+from harness.phases import PHASES
 from harness.trace import collective_events, device_comm, load_events
 
 BASE = [*SMALL, "checkpoint.every=2", "eval.every=0", "checkpoint.export_hf=false"]
@@ -32,8 +34,10 @@ def _env(fault: str = "") -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_FAULT": fault}
 
 
-def _run(nproc: int, run_dir, *overrides: str, fault: str = ""):
-    return torchrun_train(nproc, *BASE, *overrides, f"hydra.run.dir={run_dir}", env={"HARNESS_FAULT": fault})
+def _run(nproc: int, run_dir, *overrides: str, fault: str = "", check: bool = True):
+    return torchrun_train(
+        nproc, *BASE, *overrides, f"hydra.run.dir={run_dir}", env={"HARNESS_FAULT": fault}, check=check
+    )
 
 
 # -- per-rank stats and stragglers ------------------------------------------------------------------
@@ -291,6 +295,147 @@ def test_a_stopped_rank_is_named_by_the_others_dump_and_the_job_ends_then_resume
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)] == uninterrupted
 
 
+def _watchdog(*overrides: str):
+    from harness.hooks.watchdog import HangWatchdog
+
+    return HangWatchdog.from_config(to_object(compose(*SMALL, *overrides)).parallel, "/nonexistent")
+
+
+def test_each_phase_has_its_own_timeout_and_the_step_keeps_the_automatic_rule():
+    wd = _watchdog("parallel.hang_timeout_checkpoint_s=60", "parallel.hang_timeout_export_s=7.5")
+    assert {p: wd.timeout(p) for p in PHASES} == {
+        "startup": 1800.0,
+        "step": 300.0,  # automatic, no step yet: max(300 s, 10 x median)
+        "checkpoint": 60.0,
+        "eval": 1800.0,
+        "export": 7.5,
+    }
+    wd.durations.extend([40.0, 50.0, 45.0])
+    assert wd.timeout("step") == 450.0 and wd.timeout("checkpoint") == 60.0
+    assert wd.timeout_setting("step") == "parallel.hang_timeout_s=null, automatic: 450 s"
+    assert wd.timeout_setting("export") == "parallel.hang_timeout_export_s=7.5 s"
+    explicit = _watchdog("parallel.hang_timeout_s=3")
+    explicit.durations.extend([40.0, 50.0, 45.0])
+    assert explicit.timeout("step") == 3.0 and explicit.timeout("startup") == 1800.0
+    assert explicit.timeout_setting("step") == "parallel.hang_timeout_s=3 s"
+
+
+def test_the_watchdog_applies_the_current_phases_timeout_to_the_time_since_it_began():
+    wd = _watchdog("parallel.hang_timeout_s=3", "parallel.hang_timeout_checkpoint_s=60")
+    phases.enter("startup")
+    try:
+        with phases.phase("checkpoint"):
+            _, since = phases.current()
+            assert wd.overdue(now=since + 59.0) is None  # a save far longer than the step timeout
+            assert wd.overdue(now=since + 61.0) == ("checkpoint", 61.0)
+        name, since = phases.current()  # back to the phase before, timed from the save's end
+        assert name == "startup" and wd.overdue(now=since + 1799.0) is None
+        phases.enter("step")
+        _, since = phases.current()
+        assert wd.overdue(now=since + 2.5) is None and wd.overdue(now=since + 3.5) == ("step", 3.5)
+    finally:
+        phases.enter("startup")
+
+
+def test_phases_nest_and_come_back_after_an_error():
+    phases.enter("step")
+    try:
+        with pytest.raises(RuntimeError, match="boom"), phases.phase("eval"):
+            assert phases.current()[0] == "eval"
+            with phases.phase("checkpoint"):
+                assert phases.current()[0] == "checkpoint"
+            assert phases.current()[0] == "eval"
+            raise RuntimeError("boom")
+        assert phases.current()[0] == "step"
+        with pytest.raises(ValueError, match="unknown phase 'save'; one of startup, step, checkpoint"):
+            phases.enter("save")
+        assert phases.current()[0] == "step"
+    finally:
+        phases.enter("startup")
+
+
+def test_the_trainer_marks_startup_step_checkpoint_eval_and_export(tmp_path, small_corpus, monkeypatch):
+    """Where each phase is in force, seen from the code that runs in it (one process)."""
+    from harness.hooks import Hook
+    from harness.trainer import Trainer
+
+    seen = []
+
+    class Spy(Hook):
+        def on_train_start(self, t):
+            seen.append(("train_start", phases.current()[0]))
+
+        def on_step_start(self, t, info):
+            seen.append((f"step {info.step} starts", phases.current()[0]))
+
+        def on_train_end(self, t):
+            seen.append(("train_end", phases.current()[0]))
+
+    cfg = compose(*BASE, f"data.path={small_corpus}", "train.max_steps=2", "eval.every=2")
+    cfg.checkpoint.export_hf = True
+
+    def spying(name, inner):
+        def spy(*args):
+            seen.append((name, phases.current()[0]))
+            return inner(*args)
+
+        return spy
+
+    with Trainer.from_config(cfg, str(tmp_path)) as t:
+        monkeypatch.setattr(t.checkpoints, "save", spying("save", t.checkpoints.save))
+        monkeypatch.setattr(t, "evaluate_sums", spying("evaluate", t.evaluate_sums))
+        monkeypatch.setattr(t, "export_hf", spying("export", t.export_hf))
+        t.hooks.insert(0, Spy())
+        t.train()
+    assert seen == [
+        ("train_start", "startup"),
+        ("step 1 starts", "startup"),  # the first step is start-up (compile, warm-up)
+        ("step 2 starts", "step"),
+        ("evaluate", "eval"),
+        ("save", "checkpoint"),
+        ("train_end", "step"),
+        ("export", "export"),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_save_longer_than_the_step_timeout_completes(tmp_path, small_corpus):
+    """Each save sleeps 6 s (rank 0, before its manifest) under a 3 s step timeout: the saves are the
+    checkpoint phase's (30 min), the run finishes with 0 and both checkpoints."""
+    run_dir = tmp_path / "run"
+    args = [f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=3", "parallel.hang_timeout_s=3"]
+    _run(2, run_dir, *args, fault="checkpoint_sleep:6")  # raises on a non-zero exit (124 before)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert checkpoints(run_dir) == ["step_00000002", "step_00000003"]
+    assert not (run_dir / "failures" / "hang_summary.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_stopped_during_a_save_is_reported_as_a_hang_in_the_checkpoint_phase(tmp_path, small_corpus):
+    """SIGSTOP rank 1 as the save of step 4 starts: rank 0 waits for it inside the save; its watchdog
+    fires on the checkpoint phase's timeout (3 s), names the phase, the key and rank 1; exit 124; the
+    step-2 checkpoint stays the newest complete one."""
+    run_dir = tmp_path / "run"
+    args = [f"data.path={small_corpus}", "parallel=ddp", "train.max_steps=4"]
+    proc = _run(
+        2, run_dir, *args, "parallel.hang_timeout_checkpoint_s=3", fault="checkpoint_stop:4:1", check=False
+    )
+    assert proc.returncode != 0 and "exitcode  : 124" in proc.stderr  # EXIT_HANG, as torchrun reports it
+    failures = run_dir / "failures"
+    dump = (failures / "hang_rank_0.txt").read_text()
+    assert "last_finished_step: 4\nwatchdog_phase: checkpoint\n" in dump
+    assert "timeout: parallel.hang_timeout_checkpoint_s=3 s\n" in dump
+    assert "phase: CheckpointHook.on_step_end\n" in dump and "in save_checkpoint" in dump
+    assert not (failures / "hang_rank_1.txt").exists()
+    summary = (failures / "hang_summary.txt").read_text()
+    assert summary.startswith("hang: phase checkpoint lasted ")
+    assert "s after step 4 (parallel.hang_timeout_checkpoint_s=3 s); ranks that did not report" in summary
+    assert "(the likely culprits): [1];" in summary
+    assert checkpoints(run_dir) == ["step_00000002"]
+
+
 # -- config ------------------------------------------------------------------------------------------
 
 
@@ -302,6 +447,13 @@ def test_a_stopped_rank_is_named_by_the_others_dump_and_the_job_ends_then_resume
         ("logging.rank_stats_every=-1", "logging.rank_stats_every=-1 must be >= 0"),
         ("logging.rank_stats_full_every=-1", r"logging.rank_stats_full_every=-1 must be >= 0 \(0: never\)"),
         ("parallel.hang_timeout_s=0", "parallel.hang_timeout_s=0.0 must be > 0"),
+        (
+            "parallel.hang_timeout_checkpoint_s=0",
+            r"^parallel.hang_timeout_checkpoint_s=0.0 must be a finite number of seconds > 0 \(the hang "
+            r"watchdog's timeout of the checkpoint phase\)$",
+        ),
+        ("parallel.hang_timeout_startup_s=-5", r"^parallel.hang_timeout_startup_s=-5.0 must be a finite"),
+        ("parallel.hang_timeout_export_s=inf", r"^parallel.hang_timeout_export_s=inf must be a finite"),
         ("profile.steps=[5,3]", r"profile.steps=\[5, 3\] must be \[first, last\]"),
         ("profile.every=1", "profile.every=1 must be >= profile.active"),
         ("profile.active=0", "profile.active=0 must be >= 1"),

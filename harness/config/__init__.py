@@ -19,6 +19,7 @@ from harness.config.compose import (
     unknown_keys,
 )
 from harness.config.schema import (
+    HANG_TIMEOUT_KEYS,
     PARALLEL_SCHEMAS,
     BatchSizes,
     BatchWarmupConfig,
@@ -52,6 +53,7 @@ from harness.config.validate import (
 
 __all__ = [
     "CONFIG_DIR",
+    "HANG_TIMEOUT_KEYS",
     "PARALLEL_SCHEMAS",
     "BatchSizes",
     "BatchWarmupConfig",

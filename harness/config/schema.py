@@ -202,9 +202,21 @@ class ParallelConfig:
     name: str = "none"
     # collective timeout: a dead rank makes the others exit after this long
     timeout_s: float = 600.0
-    # hang watchdog: no step done for this long dumps every rank's stacks and exits;
-    # None: max(300, 10 x the median of the latest 100 step times), armed after the first step
+    # hang watchdog (harness/hooks/watchdog.py): a phase that lasts longer than its timeout dumps every
+    # rank's stacks and exits 124. Step phase (from the end of the latest step to the next end):
+    # None: max(300, 10 x the median of the latest 100 step times)
     hang_timeout_s: float | None = None
+    # from the start of training until the first step ends: the hooks' start, NCCL's lazy communicator
+    # set-up and the first step's torch.compile, which takes minutes on a large model
+    hang_timeout_startup_s: float = 1800.0
+    # one checkpoint save (or the wait for one in flight): a synchronous 70B save (~0.8 TB of weights
+    # and optimizer state) at ~1 GB/s of shared-filesystem bandwidth takes ~13 min; raise it for slower
+    # storage
+    hang_timeout_checkpoint_s: float = 1800.0
+    # one validation pass: eval.batches forward-only batches, plus the eval-mode recompile under compile
+    hang_timeout_eval_s: float = 1800.0
+    # the HF export: gather the full model to rank 0 and write its safetensors (~280 GB for 70B in fp32)
+    hang_timeout_export_s: float = 1800.0
     # tensor-parallel degree on the mesh dp_replicate x dp_shard x tp (innermost: keep it within a node)
     tp: int = 1
     # with tp > 1: shard norms and the residual stream along the sequence (Korthikanti et al. 2022)
@@ -215,6 +227,16 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     # 1: every block (full); k: every k-th block (torchtitan's layer-selective)
     activation_checkpointing_every: int = 1
+
+
+# the hang watchdog's timeout key (under ``parallel.``) of each phase of harness/phases.py
+HANG_TIMEOUT_KEYS = {
+    "startup": "hang_timeout_startup_s",
+    "step": "hang_timeout_s",
+    "checkpoint": "hang_timeout_checkpoint_s",
+    "eval": "hang_timeout_eval_s",
+    "export": "hang_timeout_export_s",
+}
 
 
 @dataclass

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from harness.config.schema import (
+    HANG_TIMEOUT_KEYS,
     PARALLEL_SCHEMAS,
     BatchSizes,
     CheckpointConfig,
@@ -272,6 +273,13 @@ def check_parallel(p: ParallelConfig) -> None:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0")
     if p.hang_timeout_s is not None and not p.hang_timeout_s > 0:
         raise ConfigError(f"parallel.hang_timeout_s={p.hang_timeout_s} must be > 0 (or null: automatic)")
+    for phase, key in HANG_TIMEOUT_KEYS.items():
+        value = getattr(p, key)
+        if phase != "step" and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(
+                f"parallel.{key}={value} must be a finite number of seconds > 0 (the hang watchdog's "
+                f"timeout of the {phase} phase)"
+            )
     if p.activation_checkpointing_every < 1:
         raise ConfigError(
             f"parallel.activation_checkpointing_every={p.activation_checkpointing_every} must be "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from harness import phases
 from harness.data import validation_batches
 from harness.hooks.base import Hook
 
@@ -41,12 +42,15 @@ class EvalHook(Hook):
     def on_step_end(self, trainer, record) -> None:
         if not self.due(record.step, trainer.max_steps):
             return
-        sums = {name: trainer.evaluate_sums(batches) for name, batches in self.batches.items()}
-        loss = sum(s for s, _ in sums.values())  # 0-d tensors: one source gives exactly its own ratio
-        targets = sum(t for _, t in sums.values())
-        record.val_loss = (loss / targets.clamp(min=1)).item()
-        if "data" not in sums:
-            record.val_loss_by_source = {name: (s / t.clamp(min=1)).item() for name, (s, t) in sums.items()}
+        with phases.phase("eval"):  # the hang watchdog's hang_timeout_eval_s, until the values are here
+            sums = {name: trainer.evaluate_sums(batches) for name, batches in self.batches.items()}
+            loss = sum(s for s, _ in sums.values())  # 0-d tensors: one source gives exactly its own ratio
+            targets = sum(t for _, t in sums.values())
+            record.val_loss = (loss / targets.clamp(min=1)).item()
+            if "data" not in sums:
+                record.val_loss_by_source = {
+                    name: (s / t.clamp(min=1)).item() for name, (s, t) in sums.items()
+                }
         self.update(trainer.state, record.val_loss)
 
     def update(self, state, val_loss: float) -> None:

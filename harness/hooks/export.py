@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from harness import phases
 from harness.hooks.base import Hook
 
 
@@ -24,4 +25,5 @@ class ExportHook(Hook):
         finished = state.step >= trainer.max_steps or state.stopped_early
         exported = os.path.isdir(os.path.join(trainer.run.path, "hf"))
         if self.enabled and finished and (trainer.trained or not exported):
-            trainer.export_hf()
+            with phases.phase("export"):
+                trainer.export_hf()

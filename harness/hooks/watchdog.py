@@ -1,22 +1,36 @@
-"""Hang watchdog: a thread per rank that notices when no step has finished for ``parallel.hang_timeout_s``
-and, instead of letting every rank wait out the collective timeout with nothing in the log, writes
-what each rank was doing and exits.
+"""Hang watchdog: a thread per rank that notices when the current phase of training (:mod:`harness.phases`:
+start-up, step, checkpoint save, evaluation, export) has lasted longer than that phase's timeout and,
+instead of letting every rank wait out the collective timeout with nothing in the log, writes what
+each rank was doing and exits.
 
-On a hang every rank that can still run Python writes ``<run>/failures/hang_rank_<r>.txt``: the step
-and phase (``Trainer.phase``), the latest collective it issued (kind, bytes, mesh dimension, age,
-finished or not: ``CommTracker.describe_last``) and all threads' stacks (``faulthandler``); and the
-flight recorder's record of the process groups' collectives (``fr_trace_rank_<r>.json``; on NCCL
-it is enabled from the start with ``TORCH_FR_BUFFER_SIZE`` and dumped also by NCCL itself on a
-collective timeout, ``TORCH_NCCL_DUMP_ON_TIMEOUT``). The lowest rank that reports waits a few seconds
-for the others' dumps, then logs one line naming the ranks that did not report (the likely culprits:
-stopped, or stuck outside Python), writes it to ``failures/hang_summary.txt`` and SIGKILLs the silent
-ranks of its own host (so the launcher does not wait out its grace period on them). Every reporting
-rank then exits with status :data:`~harness.exits.EXIT_HANG`; the launcher stops the rest. Checkpoints are
-safe: a save cut short leaves only its ``.tmp-`` directory (``harness.checkpoint``).
+The timeouts (:data:`~harness.config.HANG_TIMEOUT_KEYS`, seconds, under ``parallel.``), each applied
+to the time since its phase began:
 
-The default timeout is ``max(300 s, 10 x the median time of the latest 100 steps)``, armed after the
-first step (the first step's compile and warm-up are covered by the collective timeout); an explicit
-``parallel.hang_timeout_s`` is armed when training starts.
+- ``startup``     ``hang_timeout_startup_s`` (1800): from the start of training to the end of the
+                  first step (the hooks' start, the first step's compile and warm-up)
+- ``step``        ``hang_timeout_s``, since the latest step ended (or the phase nested in it: a save,
+                  an evaluation); None (default): ``max(300 s, 10 x the median time of the latest
+                  100 steps)``
+- ``checkpoint``  ``hang_timeout_checkpoint_s`` (1800): one save, however long the step timeout
+- ``eval``        ``hang_timeout_eval_s`` (1800): one validation pass
+- ``export``      ``hang_timeout_export_s`` (1800): the Hugging Face export
+
+The watchdog thread starts in ``on_train_start`` on every multi-process run; the startup phase is
+timed from the start of ``Trainer.train``.
+
+On a hang every rank that can still run Python writes ``<run>/failures/hang_rank_<r>.txt``: the step,
+the phase, its timeout key and value, the part of the step or the hook running (``Trainer.phase``),
+the latest collective it issued (kind, bytes, mesh dimension, age, finished or not:
+``CommTracker.describe_last``) and all threads' stacks (``faulthandler``); and the flight recorder's
+record of the process groups' collectives (``fr_trace_rank_<r>.json``; on NCCL it is enabled from the
+start with ``TORCH_FR_BUFFER_SIZE`` and dumped also by NCCL itself on a collective timeout,
+``TORCH_NCCL_DUMP_ON_TIMEOUT``). The lowest rank that reports waits a few seconds for the others'
+dumps, then logs one line naming its phase and timeout key and the ranks that did not report (the
+likely culprits: stopped, or stuck outside Python), writes it to ``failures/hang_summary.txt`` and
+SIGKILLs the silent ranks of its own host (so the launcher does not wait out its grace period on
+them). Every reporting rank then exits with status :data:`~harness.exits.EXIT_HANG`; the launcher
+stops the rest. Checkpoints are safe: a save cut short leaves only its ``.tmp-`` directory
+(``harness.checkpoint``).
 """
 
 from __future__ import annotations
@@ -31,8 +45,11 @@ import statistics
 import threading
 import time
 
+from harness import phases
+from harness.config import HANG_TIMEOUT_KEYS
 from harness.exits import EXIT_HANG, report_exit
 from harness.hooks.base import Hook
+from harness.phases import PHASES
 
 log = logging.getLogger("harness")
 DEFAULT_MIN_S = 300.0
@@ -49,29 +66,49 @@ def flight_recorder_env(run_dir: str) -> None:
 
 
 class HangWatchdog(Hook):
-    """The watchdog thread's owner (see the module docstring)."""
+    """The watchdog thread's owner (see the module docstring).
 
-    def __init__(self, timeout_s: float | None, run_dir: str, poll_s: float = 1.0):
-        self.timeout_s = timeout_s
+    ``timeouts``: seconds per phase of :data:`~harness.phases.PHASES` (every phase; ``step`` may be
+    None: automatic).
+
+    Raises:
+        ValueError: a phase without its timeout.
+    """
+
+    def __init__(self, timeouts: dict[str, float | None], run_dir: str, poll_s: float = 1.0):
+        missing = [name for name in PHASES if name != "step" and timeouts.get(name) is None]
+        if missing or "step" not in timeouts:
+            raise ValueError(f"no timeout for phase(s) {missing or ['step']}")
+        self.timeouts = dict(timeouts)
         self.run_dir = run_dir
         self.poll_s = poll_s
         self.durations: collections.deque[float] = collections.deque(maxlen=100)  # the latest steps
-        self.last_progress = time.monotonic()
-        self.armed = timeout_s is not None
-        self.step = 0
         self.trainer = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @classmethod
     def from_config(cls, parallel_cfg, run_dir: str) -> HangWatchdog:
-        return cls(parallel_cfg.hang_timeout_s, run_dir)
+        """``parallel.hang_timeout_*`` (:data:`~harness.config.HANG_TIMEOUT_KEYS`)."""
+        return cls({name: getattr(parallel_cfg, key) for name, key in HANG_TIMEOUT_KEYS.items()}, run_dir)
 
-    def timeout(self) -> float:
-        """Seconds without a finished step that count as a hang."""
-        if self.timeout_s is not None:
-            return self.timeout_s
-        return max(DEFAULT_MIN_S, 10 * statistics.median(self.durations)) if self.durations else DEFAULT_MIN_S
+    def timeout(self, phase: str) -> float:
+        """Seconds that ``phase`` may last before it counts as a hang.
+
+        Raises:
+            KeyError: ``phase`` is not one of :data:`~harness.phases.PHASES`.
+        """
+        value = self.timeouts[phase]
+        if value is not None:
+            return value
+        durations = list(self.durations)  # appended by the training thread
+        return max(DEFAULT_MIN_S, 10 * statistics.median(durations)) if durations else DEFAULT_MIN_S
+
+    def overdue(self, now: float | None = None) -> tuple[str, float] | None:
+        """``(phase, seconds in it)`` when the current phase has lasted longer than its timeout."""
+        name, since = phases.current()
+        idle = (time.monotonic() if now is None else now) - since
+        return (name, idle) if idle > self.timeout(name) else None
 
     def on_train_start(self, trainer) -> None:
         if trainer.env.world_size == 1:
@@ -80,58 +117,53 @@ class HangWatchdog(Hook):
         if trainer.env.device.type == "cuda":  # where NCCL writes its own dump on a collective timeout
             os.makedirs(os.path.join(self.run_dir, "failures"), exist_ok=True)
         self.started = time.time()  # dumps older than this are a previous invocation's
-        self.step = trainer.state.step
         import torch.distributed as dist
 
         self.peers: list = [None] * trainer.env.world_size  # (host, pid) per rank
         dist.all_gather_object(self.peers, (socket.gethostname(), os.getpid()))
-        self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._watch, name="harness-hang-watchdog", daemon=True)
         self._thread.start()
 
     def on_step_end(self, trainer, record) -> None:
         self.durations.append(record.step_time_s)
-        self.step = record.step
-        self.last_progress = time.monotonic()
-        self.armed = True
 
     def close(self) -> None:
         self._stop.set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(self.poll_s, self.timeout() / 4)):
-            idle = time.monotonic() - self.last_progress
-            if self.armed and idle > self.timeout():
-                self._fire(idle)
+        while not self._stop.wait(min(self.poll_s, self.timeout(phases.current()[0]) / 4)):
+            hang = self.overdue()
+            if hang is not None:
+                self._fire(*hang)
                 return
 
     # -- on a hang ----------------------------------------------------------------------------
 
-    def _fire(self, idle: float) -> None:
+    def _fire(self, phase: str, idle: float) -> None:
         """Dump, summarize, exit with EXIT_HANG (also when a dump fails)."""
         try:
-            self._report(idle)
+            self._report(phase, idle)
         except Exception as e:  # the exit matters more than the report
             log.error("hang watchdog: the dump failed (%s: %s)", type(e).__name__, e)
         finally:
             report_exit(self.trainer.env.rank, EXIT_HANG)
             os._exit(EXIT_HANG)
 
-    def _report(self, idle: float) -> None:
+    def _report(self, phase: str, idle: float) -> None:
         env = self.trainer.env
         directory = os.path.join(self.run_dir, "failures")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"hang_rank_{env.rank}.txt")
-        self._write_dump(path, idle)
+        self._write_dump(path, phase, idle)
         fr = _dump_flight_recorder(os.path.join(directory, f"fr_trace_rank_{env.rank}.json"))
         reported = _wait_for_peers(
-            directory, env.world_size, min(PEER_WAIT_S, self.timeout() / 2), self.started
+            directory, env.world_size, min(PEER_WAIT_S, self.timeout(phase) / 2), self.started
         )
         if env.rank == min(reported):
             missing = [r for r in range(env.world_size) if r not in reported]
             line = (
-                f"hang: no step finished for {idle:.0f} s after step {self.step} "
-                f"(parallel.hang_timeout_s={self.timeout():.0f}); ranks that did not report (the likely "
+                f"hang: phase {phase} lasted {idle:.1f} s after step {self.trainer.state.step} "
+                f"({self.timeout_setting(phase)}); ranks that did not report (the likely "
                 f"culprits): {missing or 'none'}; dumps: {directory}/hang_rank_<r>.txt"
                 + (", fr_trace_rank_<r>.json" if fr else "")
             )
@@ -157,17 +189,26 @@ class HangWatchdog(Hook):
                 except ProcessLookupError:
                     pass
 
-    def _write_dump(self, path: str, idle: float) -> None:
+    def timeout_setting(self, phase: str) -> str:
+        """``parallel.<key>=<seconds> s`` of ``phase`` (``=null, automatic: <seconds> s`` for the
+        step's default)."""
+        key, value = HANG_TIMEOUT_KEYS[phase], self.timeouts[phase]
+        if value is None:
+            return f"parallel.{key}=null, automatic: {self.timeout(phase):g} s"
+        return f"parallel.{key}={value:g} s"
+
+    def _write_dump(self, path: str, phase: str, idle: float) -> None:
         trainer, env = self.trainer, self.trainer.env
         tracker = getattr(trainer.backend, "tracker", None)
         header = {
             "rank": env.rank,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "last_finished_step": self.step,
+            "last_finished_step": trainer.state.step,  # the state is at a step's end as it ends
+            "watchdog_phase": phase,
+            "timeout": self.timeout_setting(phase),
+            "seconds_in_phase": round(idle, 1),
             "phase": trainer.phase,
-            "seconds_without_progress": round(idle, 1),
-            "hang_timeout_s": self.timeout(),
             "last_collective": tracker.describe_last() if tracker is not None else "not tracked",
         }
         with open(path + ".tmp", "w") as f:
