@@ -17,6 +17,8 @@
 - ``checkpoint_enospc:S``  writing checkpoint S fails with ``OSError(ENOSPC)`` (disk full)
 - ``store_sleep:T``        a token store sleeps T seconds after its shards are written, before its
                            ``meta.json`` (a window for kills during ``prepare_data``)
+- ``store_enospc:0[:R]``   writing a token store fails with ``OSError(ENOSPC)`` after its shards, before its
+                           ``meta.json`` (on rank R): a full disk under the cache (the argument is unused)
 """
 
 from __future__ import annotations
@@ -86,3 +88,5 @@ class Faults:
         for kind, arg in self.items:
             if kind == "store_sleep":
                 time.sleep(arg)
+            if kind == "store_enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -18,7 +18,15 @@ from harness.data import PrepareOnce, load_token_store
 from harness.errors import DataError
 
 # world 2 of the cold cache tests: no evaluation, no checkpoint, two steps
-RUN = [*SMALL, "parallel=ddp", "eval.every=0", "checkpoint.every=0", "train.max_steps=2", "checkpoint.export_hf=false"]
+RUN = [
+    *SMALL,
+    "parallel=ddp",
+    "eval.every=0",
+    "checkpoint.every=0",
+    "train.max_steps=2",
+    "checkpoint.export_hf=false",
+    "schedule.batch_warmup.start_global_batch_size=null",  # a fixed batch of 8: worlds 2 and 4
+]
 
 
 def _ranks(store, layout: list[tuple[str, int]], **kw) -> list[PrepareOnce]:
@@ -191,3 +199,34 @@ def test_a_cold_cache_at_world_4_is_tokenized_once_by_rank_0(tmp_path, small_cor
     assert [line.split("preparing the cache on ", 1)[1].split(":")[0] for line in lines] == [
         f"rank 0 (host {os.uname().nodename})"
     ] * 2
+
+
+@pytest.mark.distributed
+def test_a_full_disk_on_the_preparer_ends_both_ranks_with_one_error_line(tmp_path, small_corpus):
+    """Rank 0 alone fails to write the store (HARNESS_FAULT=store_enospc, rank 0): rank 1, waiting for
+    it, leaves too, and the job prints one ``error:`` line (status 2, a data error), not a hang."""
+    cache = tmp_path / "cache"
+    proc = torchrun_train(
+        2,
+        *RUN,
+        f"data.path={small_corpus}",
+        f"data.cache_dir={cache}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"HARNESS_FAULT": "store_enospc:0:0"},
+        check=False,
+    )
+    out = (proc.stdout + proc.stderr).splitlines()
+    (target,) = [line.rsplit(" into ", 1)[1] for line in out if ": tokenize data.path (" in line]
+    errors = [line for line in out if line.startswith("error:")]
+    assert errors == [
+        f"error: data.cache_dir: writing the token store {target} failed: No space left on device"
+    ]
+    assert proc.returncode != 0 and os.listdir(cache / "tokens") == []  # no store, no temporary
+
+
+def test_data_prepare_timeout_s_must_be_positive():
+    from harness.config import validate
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data\.prepare_timeout_s=0\.0 must be > 0$"):
+        validate(to_object(compose("data.prepare_timeout_s=0")))

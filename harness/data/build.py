@@ -77,7 +77,13 @@ class Source:
     read through ``datasets`` once, on first use."""
 
     def __init__(self, spec: SourceSpec, corpus: Corpus | None):
-        self.spec, self.corpus, self._ds = spec, corpus, None
+        self.spec, self.corpus, self._ds, self._fingerprint = spec, corpus, None, None
+
+    def fingerprint(self) -> str:
+        """The corpus's files (path, size, mtime) hashed: one ``stat`` per file, once."""
+        if self._fingerprint is None:
+            self._fingerprint = self.corpus.fingerprint()
+        return self._fingerprint
 
     def dataset(self):
         """``(datasets.Dataset, text column)``; errors name the source."""
@@ -95,7 +101,7 @@ class Source:
     def key(self) -> str:
         """The corpus part of the BPE tokenizer's cache key."""
         d = self.spec.data
-        return f"{self.corpus.fingerprint()}-{d.text_field}-{d.sample_by}"
+        return f"{self.fingerprint()}-{d.text_field}-{d.sample_by}"
 
     def describe(self) -> str:
         """The first file, or ``N files (first, ...)``."""
@@ -200,8 +206,9 @@ def build_stores(
       from the cache. On a cold cache one process of the job writes it (``once``).
 
     Raises:
-        DataError: unreadable data, a missing text column, an empty corpus, a tokenizer that does not
-            match a prepared store, or the preparer's failure; a mixture's messages name the source.
+        DataError: unreadable data, a missing text column, an empty corpus, a store that cannot be
+            written (``OSError``: full disk), a tokenizer that does not match a prepared store, or the
+            preparer's failure; a mixture's messages name the source.
     """
     once = once or PrepareOnce()
     stores = {}
@@ -237,7 +244,7 @@ def _cached(source: Source, tokenizer, tok_cfg, once: PrepareOnce, output_dir, m
     data, fingerprint = source.spec.data, tokenizer_fingerprint(tokenizer)
     specials = "specials-parsed" if tok_cfg.parse_special_tokens else "specials-as-text"
     key = _short(
-        f"{FORMAT}|{source.corpus.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}|{specials}"
+        f"{FORMAT}|{source.fingerprint()}|{data.text_field}|{data.sample_by}|{fingerprint}|{specials}"
     )
     target = output_dir or os.path.join(data.cache_dir, "tokens", key)
 
@@ -246,9 +253,20 @@ def _cached(source: Source, tokenizer, tok_cfg, once: PrepareOnce, output_dir, m
             return open_store(target)
         ds, column = source.dataset()
         meta = {"source": source.describe(), "tokenizer_fingerprint": fingerprint, "text_field": column}
-        return write_store(
-            target, ds, column, tokenizer, data.num_proc, meta, max_shard_bytes, tok_cfg.parse_special_tokens
-        )
+        try:
+            return write_store(
+                target,
+                ds,
+                column,
+                tokenizer,
+                data.num_proc,
+                meta,
+                max_shard_bytes,
+                tok_cfg.parse_special_tokens,
+            )
+        except OSError as e:  # a full or read-only disk: one line naming the key, on every rank
+            key = "prepare.output_dir" if output_dir else "data.cache_dir"
+            raise DataError(f"{key}: writing the token store {target} failed: {e.strerror or e}") from e
 
     done = (lambda: False) if output_dir else (lambda: is_prepared_dir(target))
     return once.make(f"tokenize {source.spec.key} ({source.describe()}) into {target}", done, write)
