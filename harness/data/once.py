@@ -72,13 +72,14 @@ class PrepareOnce:
     timeout_s: float = 7200.0
     poll_s: float = 1.0
     progress_s: float = 30.0
-    _preparer: dict | None = None  # {"done": key, "who": "rank 0 (host h)", "here": same node}
+    _preparer: dict | None = None  # who prepares for this process: preparer()
     _doing: str = "prepare the data"
 
     @classmethod
     def for_job(cls, rank: int, local_rank: int, world_size: int, timeout_s: float) -> PrepareOnce:
-        """This process's :class:`PrepareOnce` (its store: :func:`harness.dist.job_store`); one that
-        prepares alone in a one-process job."""
+        """This process's :class:`PrepareOnce` (its store: :func:`harness.dist.job_store`, which the
+        trainer reaches once the process group exists); one that prepares alone in a one-process job
+        (or, with no store, in each process, as before this module)."""
         if world_size == 1:
             return cls(timeout_s=timeout_s)
         from harness.dist import job_store
