@@ -20,6 +20,8 @@
                            watchdog's phase tests)
 - ``store_sleep:T``        a token store sleeps T seconds after its shards are written, before its
                            ``meta.json`` (a window for kills during ``prepare_data``)
+- ``store_enospc:0[:R]``   writing a token store fails with ``OSError(ENOSPC)`` after its shards, before its
+                           ``meta.json`` (on rank R): a full disk under the cache (the argument is unused)
 """
 
 from __future__ import annotations
@@ -95,3 +97,5 @@ class Faults:
         for kind, arg in self.items:
             if kind == "store_sleep":
                 time.sleep(arg)
+            if kind == "store_enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

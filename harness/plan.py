@@ -508,11 +508,11 @@ def mixture_sources(cfg: PlanJobConfig, global_batch_size: int) -> tuple[list[di
     """Every source of ``data.sources`` tokenized (into the trainer's cache) with the shared tokenizer,
     sizes checked as the trainer checks them: ``([{name, weight, tokens, train_sequences}], tokenizer
     vocabulary)``."""
-    from harness.data import _stores, check_splits, source_specs
+    from harness.data import check_splits, source_specs, token_stores
     from harness.data.mixture import normalized
 
     specs = source_specs(cfg.data)
-    tokenizer, stores = _stores(specs, cfg.tokenizer)
+    tokenizer, stores = token_stores(specs, cfg.tokenizer)
     tokens = {n: s.num_tokens for n, s in stores.items()}
     sequences = check_splits(cfg.data, specs, tokens, global_batch_size, cfg.eval.every > 0)
     weights = normalized([s.weight for s in specs])

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from harness import checkpoint as ckpt
 from harness import failures, phases
 from harness.config import BatchSizes, JobConfig, check_run_dir, to_object, validate
-from harness.data import IGNORE_INDEX, DataBundle, MicroBatch, build_data, build_loader
+from harness.data import IGNORE_INDEX, DataBundle, MicroBatch, PrepareOnce, build_data, build_loader
 from harness.data.mixture import resume_mixture
 from harness.dist import DistEnv, job_store, read_env
 from harness.errors import CheckpointError, NonFiniteError
@@ -315,7 +315,8 @@ class Trainer:
         if cfg.model.init_from:
             safetensors_files(cfg.model.init_from)  # weights there, before its tokenizer is read
         tokenizer = tokenizer_config(cfg.model, cfg.tokenizer)  # model.init_from's when tokenizer.path unset
-        data = build_data(cfg.data, tokenizer, batch.global_batch_size, cfg.eval.every > 0, cfg.seed)
+        once = PrepareOnce.for_job(env.rank, env.local_rank, env.world_size, cfg.data.prepare_timeout_s)
+        data = build_data(cfg.data, tokenizer, batch.global_batch_size, cfg.eval.every > 0, cfg.seed, once)
         vocab_size = resolve_vocab_size(cfg.model, len(data.tokenizer))
         schedule = build_schedule(cfg, batch, len(data.train))
         identity = {

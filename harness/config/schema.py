@@ -84,6 +84,9 @@ class DataConfig:
     # processes preparing the next steps' batches; None: 2 on CUDA, 0 on CPU
     loader_workers: int | None = None
     cache_dir: str = "${harness_cache:}"
+    # on a cold cache one process tokenizes (harness.data.once) while the others wait for it, at most
+    # this long (seconds); a larger corpus is best tokenized once with python -m harness.prepare_data
+    prepare_timeout_s: float = 7200.0
     # a weighted mixture: name -> source (the keys of SourceConfig: path, weight, format, text_field,
     # sample_by), e.g. 'data.sources={web: {path: /d/c4/*.json.gz, weight: 0.7}, code: {...}}';
     # None: the one source data.path. (Untyped so that the whole mapping can be given on the command

@@ -70,7 +70,7 @@ POSITIVE = {
         "intermediate_size",
         "vocab_size",
     ),
-    "data": ("seq_len", "num_proc"),
+    "data": ("seq_len", "num_proc", "prepare_timeout_s"),
     "tokenizer": ("train_vocab_size",),
     "optim": ("lr",),
     "train": ("max_steps", "max_tokens", "stop_at_step", "peak_flops_per_device"),

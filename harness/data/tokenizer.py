@@ -117,6 +117,11 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(f"{payload}|{tok.eos_token_id}".encode()).hexdigest()[:16]
 
 
+def bpe_cache_dir(cache_dir: str, key: str, vocab_size: int) -> str:
+    """Where :func:`train_bpe_tokenizer` caches the BPE of corpus ``key`` and ``vocab_size`` tokens."""
+    return os.path.join(cache_dir, "tokenizers", f"bpe-{key}-{vocab_size}")
+
+
 def train_bpe_tokenizer(texts_iter, vocab_size: int, cache_dir: str, key: str):
     """Train (or load from cache) a byte-level BPE tokenizer on an iterator of texts.
 
@@ -133,7 +138,7 @@ def train_bpe_tokenizer(texts_iter, vocab_size: int, cache_dir: str, key: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    target = os.path.join(cache_dir, "tokenizers", f"bpe-{key}-{vocab_size}")
+    target = bpe_cache_dir(cache_dir, key, vocab_size)
     if os.path.isfile(os.path.join(target, "tokenizer.json")):
         return load_tokenizer(target)
     bpe = Tokenizer(models.BPE())
