@@ -15,6 +15,8 @@
 - ``checkpoint_sleep:T``   every checkpoint sleeps T seconds after its files are written, before its
                            manifest (a window for kills during a save)
 - ``checkpoint_enospc:S``  writing checkpoint S fails with ``OSError(ENOSPC)`` (disk full)
+- ``load_eio:S[:R]``       loading checkpoint S at a resume fails with ``OSError(EIO)`` (on rank R), before
+                           the backend reads it: the other ranks wait in its collectives
 - ``store_sleep:T``        a token store sleeps T seconds after its shards are written, before its
                            ``meta.json`` (a window for kills during ``prepare_data``)
 """
@@ -80,6 +82,12 @@ class Faults:
                 time.sleep(arg)
             if kind == "checkpoint_enospc" and step == arg:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def on_load(self, step: int) -> None:
+        """Called on every rank as checkpoint ``step`` starts loading (``load_eio``)."""
+        for kind, arg in self.items:
+            if kind == "load_eio" and step == arg:
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (injected)")
 
     def on_store_written(self) -> None:
         """Called after a token store's shards are written, before its ``meta.json``."""
