@@ -267,14 +267,15 @@ class Peers:
         """``fn()`` run on rank 0 only, its result on every rank.
 
         Raises:
-            CheckpointError: ``fn`` raised ``OSError`` on rank 0 (on every rank, naming ``what``).
+            CheckpointError: ``fn`` raised on rank 0 (on every rank, naming ``what``; the others would
+                otherwise wait for rank 0 until the process group's timeout).
         """
         out = None
         if self.rank == 0:
             try:
                 out = ("ok", fn())
-            except OSError as e:
-                out = ("error", f"cannot read {what}: {e.strerror or e}")
+            except Exception as e:  # noqa: BLE001
+                out = ("error", f"cannot read {what}: {getattr(e, 'strerror', None) or e}")
         out = self.broadcast(out)
         if out[0] == "error":
             raise CheckpointError(out[1])
@@ -656,21 +657,20 @@ class CheckpointManager:
                 raise CheckpointError(refusal)
             return path
         path = os.path.expanduser(resume)
-        if self.peers.from_rank0(lambda: os.path.isdir(os.path.join(path, "checkpoints")), resume):
-            found, _ = self._scan(os.path.join(path, "checkpoints"))  # a run directory: its newest intact
+        found, files, saved = self.peers.from_rank0(lambda: self._look(path), resume)
+        self._saved.update(saved)
+        if found:  # a run directory: its newest intact checkpoint
             newest, refusal = _newest_intact(found, self.peers, pickles=True)
             if refusal:
                 raise CheckpointError(refusal)
             if newest:
                 return newest
-        files = self.peers.from_rank0(lambda: self._complete_one(path), resume)
         if files is None:
             raise CheckpointError(
                 f"checkpoint.resume={resume!r} is not auto, never, or a complete checkpoint directory "
                 "(runs/<run_name>/checkpoints/step_NNNNNNNN, or a run directory)"
             )
-        self._saved.update(files[1])
-        damage, refusal = _agreed(path, files[0], self.peers, pickles=True)
+        damage, refusal = _agreed(path, files, self.peers, pickles=True)
         if damage:
             raise CheckpointError(
                 f"checkpoint.resume: {path} is damaged ({damage}); choose another checkpoint"
@@ -680,10 +680,15 @@ class CheckpointManager:
         return path
 
     @staticmethod
-    def _complete_one(path: str) -> tuple[dict, dict] | None:
-        """Rank 0: ``(manifest files, {path: saved state})`` of a complete checkpoint, else None."""
+    def _look(path: str) -> tuple[list, dict | None, dict]:
+        """Rank 0, for ``checkpoint.resume=<path>``: the complete checkpoints of ``path/checkpoints``
+        (a run directory; else ``[]``), ``path``'s own manifest files when it is a complete checkpoint
+        (else None), and the saved states of all of them."""
+        root = os.path.join(path, "checkpoints")
+        found = _complete(root) if os.path.isdir(root) else []
         files = _complete_files(path)
-        return None if files is None else (files, {path: _read_state_or_none(path)})
+        paths = [p for _, p, _ in found] + ([path] if files is not None else [])
+        return found, files, {p: _read_state_or_none(p) for p in paths}
 
     def _check_format(self, path: str, saved: dict) -> None:
         """The checkpoint's weights format must be the one this backend reads (and, for a backend that
@@ -781,7 +786,8 @@ class CheckpointManager:
         try:
             if meta is None:
                 meta = read_state(path)
-            self.faults.on_load(int(meta.get("step", -1)))
+            if self.faults is not None:
+                self.faults.on_load(int(meta.get("step", -1)))
             self.backend.load(path)
             rng_path = os.path.join(path, "rng", f"rank_{self.env.rank}.pt")
             if os.path.isfile(rng_path):  # absent when resuming at a larger world size
