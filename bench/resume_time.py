@@ -61,7 +61,7 @@ EXPLAIN = (
     "with other engineers' jobs: at W = 4 the ranks take turns on the cores, so wall time here cannot "
     "fall below the checkpoint's hashing time / 2 and is noisy; the CPU column shows the per-rank work, "
     "which on a host (or core) per rank is the resume time: the whole checkpoint's hashing on every rank "
-    "before, 1/W of it after."
+    "before, 1/W of it after. At W = 1 both do the same work (their difference is noise)."
 )
 
 
