@@ -18,6 +18,8 @@
 - ``checkpoint_stop:S[:R]`` the process sends itself SIGSTOP as the save of checkpoint S starts, inside
                            the ``checkpoint`` phase (on rank R): a rank that hangs mid-save (the hang
                            watchdog's phase tests)
+- ``load_eio:S[:R]``       loading checkpoint S at a resume fails with ``OSError(EIO)`` (on rank R), before
+                           the backend reads it: the other ranks wait in its collectives
 - ``store_sleep:T``        a token store sleeps T seconds after its shards are written, before its
                            ``meta.json`` (a window for kills during ``prepare_data``)
 - ``store_enospc:0[:R]``   writing a token store fails with ``OSError(ENOSPC)`` after its shards, before its
@@ -91,6 +93,12 @@ class Faults:
                 time.sleep(arg)
             if kind == "checkpoint_enospc" and step == arg:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def on_load(self, step: int) -> None:
+        """Called on every rank as checkpoint ``step`` starts loading (``load_eio``)."""
+        for kind, arg in self.items:
+            if kind == "load_eio" and step == arg:
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (injected)")
 
     def on_store_written(self) -> None:
         """Called after a token store's shards are written, before its ``meta.json``."""

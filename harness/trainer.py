@@ -201,7 +201,7 @@ class Trainer:
         self.init_from = None if checked.resume_from else cfg.model.init_from  # the checkpoint wins
         self._build_model(checked.vocab_size)
         if checked.resume_from:
-            self.load_state_dict(self.checkpoints.restore(checked.resume_from))
+            self.checkpoints.restore(checked.resume_from, self.load_state_dict)  # any rank failing: exit 74
             st = checked.resume_state  # a changed mixture resumes at its sample position in the new stream
             self.state.position = DataPosition(st["epoch"], st["offset"])
             log.info(
@@ -328,7 +328,7 @@ class Trainer:
             cfg.checkpoint, run_dir, env, backend, identity, unchecked=unchecked
         )
         resume_from = checkpoints.find_resume()
-        resume_state = ckpt.read_state(resume_from) if resume_from else None
+        resume_state = checkpoints.resume_state  # rank 0 read it; None without a checkpoint
         note = _resume_mixture(cfg, data, resume_from, resume_state)
         if cfg.model.init_from and not resume_from:
             check_pretrained(cfg.model, vocab_size)

@@ -286,5 +286,14 @@ class Backend(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
+    def gather_object(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order, on every rank (over all ranks, tp included;
+        ``[obj]`` on one process). Pads to the largest object: keep them small."""
+        return [obj]
+
+    def broadcast_object(self, obj):
+        """Rank 0's picklable ``obj`` on every rank (``obj`` itself on one process)."""
+        return obj
+
     def close(self) -> None:
         """Release process groups etc."""

@@ -70,6 +70,18 @@ class DistributedBackend(Backend):
     def barrier(self) -> None:
         dist.barrier()
 
+    def gather_object(self, obj) -> list:
+        """Over the default (world) group: gloo on CPU, NCCL on GPU (through the current CUDA device,
+        set by ``init_distributed``)."""
+        out = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         shutdown_distributed()
 
