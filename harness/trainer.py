@@ -576,7 +576,8 @@ class Trainer:
         self.scheduler._last_lr = lrs
 
     def save_checkpoint(self) -> str:
-        """A complete checkpoint of the current step (every rank)."""
+        """A checkpoint of the current step (every rank); complete once ``self.checkpoints.wait()``
+        returns (at once when ``checkpoint.async_save=false``)."""
         return self.checkpoints.save(self.state.step, self.state_dict(), self.data.tokenizer)
 
     def export_hf(self) -> str | None:
@@ -630,6 +631,8 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:  # a peer that left on a failed save (harness.failures): leave with its status
+            failures.leave_if_announced()
         failures.stop()
         if exc is None:
             report_exit(self.env.rank, exit_code(self.state.stop_signal))  # before any rank exits
