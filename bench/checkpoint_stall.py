@@ -26,7 +26,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LINE = re.compile(r"checkpoint: \S+ \(training blocked ([\d.]+) s(?:; written in ([\d.]+) s)?")
+LINE = re.compile(
+    r"checkpoint: \S+ \(training blocked ([\d.]+) s(?:, ([\d.]+) s of it waiting for the previous save; "
+    r"written in ([\d.]+) s)?"
+)
 
 
 def run(model: str, world: int, async_save: bool, steps: int, every: int, root: Path) -> dict:
@@ -66,7 +69,8 @@ def run(model: str, world: int, async_save: bool, steps: int, every: int, root: 
         "world": world,
         "async": async_save,
         "stall_s": [float(m.group(1)) for m in saves],
-        "written_s": [float(m.group(2)) for m in saves if m.group(2)],
+        "waited_s": [float(m.group(2)) for m in saves if m.group(2)],
+        "written_s": [float(m.group(3)) for m in saves if m.group(3)],
         "step_s": statistics.median(r["step_time_s"] for r in records[1:]),
         "checkpoint_mb": sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
         / 2**20,
@@ -88,14 +92,17 @@ def main() -> None:
                 for async_save in (False, True):
                     rows.append(run(model, world, async_save, args.steps, args.every, Path(tmp)))
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print("| model | world | checkpoint | save | stall per save (median, n) | written in (background) | step |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print(
+        "| model | world | checkpoint | save | stall per save (median, n) | of it waiting for the previous "
+        "save | written in (background) | step |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        written = f"{statistics.median(r['written_s']):.2f} s" if r["written_s"] else "-"
+        med = {k: f"{statistics.median(r[k]):.2f} s" if r[k] else "-" for k in ("waited_s", "written_s")}
         print(
             f"| {r['model']} | {r['world']} | {r['checkpoint_mb']:.0f} MB | "
             f"{'async' if r['async'] else 'sync'} | {statistics.median(r['stall_s']):.3f} s "
-            f"({len(r['stall_s'])}) | {written} | {r['step_s']:.2f} s |"
+            f"({len(r['stall_s'])}) | {med['waited_s']} | {med['written_s']} | {r['step_s']:.2f} s |"
         )
     with open(REPO / args.json, "w") as f:
         json.dump({"steps": args.steps, "every": args.every, "rows": rows}, f, indent=1)

@@ -110,6 +110,7 @@ class Saver:
             t0 = time.perf_counter()
             self.wait()
             job = _Save(self, self.n, step, json.dumps(state, indent=2), tokenizer)
+            job.waited_s = time.perf_counter() - t0
             self.n += 1
             try:
                 job.stage()
@@ -174,7 +175,7 @@ class _Save:
         self.future = None
         self.thread: threading.Thread | None = None
         self.completed = False
-        self.stall_s = 0.0
+        self.stall_s = self.waited_s = 0.0
         self.started = time.perf_counter()
 
     def stage(self) -> None:
@@ -258,8 +259,10 @@ class _Save:
         self.completed = True
         if saver.use_async:
             log.info(
-                "checkpoint: %s (training blocked %.3f s; written in %.2f s in the background)",
+                "checkpoint: %s (training blocked %.3f s, %.3f s of it waiting for the previous save; "
+                "written in %.2f s in the background)",
                 self.final,
                 self.stall_s,
+                self.waited_s,
                 time.perf_counter() - self.started,
             )

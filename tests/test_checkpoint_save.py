@@ -2,11 +2,13 @@
 failed save on one rank ends every rank with one line, asynchronous and synchronous checkpoints are the
 same bytes of state, and at most one save is in flight."""
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,3 +175,71 @@ def test_one_process_save_failure_is_one_line_and_status_74(tmp_path, small_corp
     ]
     assert checkpoints(run_dir) == ["step_00000003"]
     assert ckpt.verify(str(run_dir / "checkpoints" / "step_00000003")) is None
+
+
+def _saver(tmp_path, rank):
+    import torch.distributed as dist
+
+    from harness.faults import Faults
+    from harness.saving import Saver
+
+    env = SimpleNamespace(rank=rank, world_size=2, is_main=rank == 0)
+    backend = SimpleNamespace(async_save=True, name="fsdp", cfg=SimpleNamespace(timeout_s=60))
+    return Saver(str(tmp_path), env, backend, Faults(), 2, True, store=dist.HashStore())
+
+
+def _failing(monkeypatch):
+    from harness import failures
+
+    lines = []
+
+    def fail(line):
+        lines.append(line)
+        raise SystemExit(74)
+
+    monkeypatch.setattr(failures, "fail", fail)
+    return lines
+
+
+def test_a_checkpoint_exception_in_the_background_write_is_the_failing_ranks_line(tmp_path, monkeypatch):
+    """DCP's CheckpointException (a BaseException) out of the write's future, in the background
+    thread: the rank it names as failed announces its own error."""
+    from concurrent.futures import Future
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from harness.saving import _Save
+
+    lines = _failing(monkeypatch)
+    saver = _saver(tmp_path, rank=1)
+    job = _Save(saver, 0, 6, "{}", tokenizer=None)
+    job.future = Future()
+    disk_full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    job.future.set_exception(CheckpointException("write failed", {1: (disk_full, None)}))
+    with pytest.raises(SystemExit):
+        job._run()
+    host = socket.gethostname()
+    assert lines == [
+        f"checkpoint save failed on rank 1 (host {host}): {tmp_path}/step_00000006: OSError: No space left "
+        "on device"
+    ]
+
+
+def test_a_checkpoint_exception_of_another_rank_is_left_to_that_rank(tmp_path, monkeypatch):
+    """Rank 0 sees rank 1's failure in DCP's exception: it waits for rank 1's own line (here it never
+    comes), then names rank 1 itself, saying who saw it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from harness import saving
+
+    lines = _failing(monkeypatch)
+    monkeypatch.setattr(saving, "POLL_S", 0.001)
+    saver = _saver(tmp_path, rank=0)
+    job = SimpleNamespace(final=f"{tmp_path}/step_00000006")
+    e = CheckpointException("write failed", {1: (OSError(errno.EIO, os.strerror(errno.EIO)), None)})
+    with pytest.raises(SystemExit):
+        saver.fail(job, e)
+    assert lines == [
+        f"checkpoint save failed on rank 1 (host ?): {tmp_path}/step_00000006: OSError: Input/output error "
+        "(seen by rank 0)"
+    ]
