@@ -556,10 +556,10 @@ class CheckpointManager:
             self.saver = Saver.from_config(self.cfg, self.root, self.env, self.backend, self.faults)
         return self.saver.save(step, meta, tokenizer)
 
-    def wait(self) -> None:
-        """Wait until the save in flight (if any) is complete on every rank."""
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Wait until the save in flight (if any) is complete on every rank (at most ``timeout_s``)."""
         if self.saver is not None:
-            self.saver.wait()
+            self.saver.wait(timeout_s)
 
     def restore(self, path: str) -> dict:
         """Load the backend's model/optimizer state and this rank's RNG states; returns

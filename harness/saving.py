@@ -59,6 +59,7 @@ from harness.checkpoint import (
 
 log = logging.getLogger("harness")
 POLL_S = 0.5
+ANNOUNCE_WAIT_S = 30.0  # for the line of a rank that DCP says failed, before naming it ourselves
 
 
 def _store(env, timeout_s: float):
@@ -126,19 +127,26 @@ class Saver:
             self.stalls.append((step, job.stall_s))
         return job.final
 
-    def wait(self) -> None:
-        """Wait until the save in flight (if any) is complete on every rank (its ``complete`` key)."""
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Wait until the save in flight (if any) is complete on every rank (its ``complete`` key).
+        With ``timeout_s`` (a run ending on an error) give up after that long, with a warning: the
+        save stays unfinished and the previous checkpoint the newest complete one."""
         job, self.inflight = self.inflight, None
         if job is None:
             return
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with phases.phase("checkpoint"):
-            job.thread.join()
-            if self.env.rank != 0:
-                while not _wait_key(self.store, f"{job.key}/complete"):
-                    failures.leave_if_announced()
-            elif not job.completed:  # the finisher gave up: a rank announced a failure
+            job.thread.join(timeout_s)
+            while self.env.rank != 0 and not _wait_key(self.store, f"{job.key}/complete"):
                 failures.leave_if_announced()
-                raise RuntimeError(f"checkpoint {job.final} was not completed")
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+            if job.thread.is_alive() or not (job.completed or self.store.check([f"{job.key}/complete"])):
+                failures.leave_if_announced()  # the finisher gave up: a rank announced a failure
+                log.warning(
+                    "checkpoint %s was not completed (the previous checkpoint stays the newest)", job.final
+                )
+                return
             self.store.delete_key(f"{job.key}/rank_{self.env.rank}")
 
     def fail(self, job: _Save, e: BaseException) -> None:
@@ -148,7 +156,8 @@ class Saver:
         failed = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
         if isinstance(failed, dict) and failed:
             if rank not in failed:
-                for _ in range(int(30 / POLL_S)):
+                deadline = time.monotonic() + ANNOUNCE_WAIT_S
+                while time.monotonic() < deadline:
                     failures.leave_if_announced()
                     time.sleep(POLL_S)
                 other = min(failed)

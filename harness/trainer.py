@@ -633,6 +633,8 @@ class Trainer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:  # a peer that left on a failed save (harness.failures): leave with its status
             failures.leave_if_announced()
+        if isinstance(exc, Exception):  # a save in flight still completes if it can (not on a 2nd Ctrl-C)
+            self.checkpoints.wait(timeout_s=self.cfg.parallel.timeout_s)
         failures.stop()
         if exc is None:
             report_exit(self.env.rank, exit_code(self.state.stop_signal))  # before any rank exits

@@ -234,6 +234,7 @@ def test_a_checkpoint_exception_of_another_rank_is_left_to_that_rank(tmp_path, m
 
     lines = _failing(monkeypatch)
     monkeypatch.setattr(saving, "POLL_S", 0.001)
+    monkeypatch.setattr(saving, "ANNOUNCE_WAIT_S", 0.05)
     saver = _saver(tmp_path, rank=0)
     job = SimpleNamespace(final=f"{tmp_path}/step_00000006")
     e = CheckpointException("write failed", {1: (OSError(errno.EIO, os.strerror(errno.EIO)), None)})

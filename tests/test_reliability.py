@@ -546,5 +546,7 @@ def test_chaos_kills_then_resume_exactly(tmp_path, small_corpus, nproc):
         f"chaos ({'fsdp x2' if nproc > 1 else '1 process'}): {len(lost)} kills survived; steps lost per kill "
         f"(logged but not yet checkpointed): {[n for _, n in lost]} ({[m for m, _ in lost]})"
     )
-    assert all(n <= 3 for _, n in lost)  # at most checkpoint.every steps of work lost per kill
+    # at most 2 x checkpoint.every steps of work lost per kill: the save of step s is asynchronous, so
+    # steps s+1..s+every may run before it is complete (and the save of s+every waits for it)
+    assert all(n <= 6 for _, n in lost)
     shutil.rmtree(tmp_path, ignore_errors=True)
