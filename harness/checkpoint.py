@@ -9,9 +9,11 @@ Layout of ``<run>/checkpoints/step_00000100/``::
     rng/rank_<r>.pt          each rank's torch / CUDA RNG states
     tokenizer/               the tokenizer (for ``python -m harness.export``)
     trainer_state.json       step, tokens, data position, LR scheduler, early stopping, model, data, config
-    manifest.json            every file with its size and SHA-256 -- written last
+    manifest.json            every file with its size, SHA-256 and the rank that wrote (and hashed) it
+                             -- written last
 
-A checkpoint is written into ``.tmp-step_...`` and renamed when complete, and it counts
+A checkpoint is written into ``.tmp-step_...`` (asynchronously: :mod:`harness.saving`) and renamed
+when complete, and it counts
 only when its manifest exists and every listed file has the listed size, so a crash or
 kill mid-save never leaves one that looks complete. Before a resume, the chosen checkpoint's
 files are also checked against their SHA-256, shared out over the ranks (each rank its
@@ -72,21 +74,15 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(
-    root: str,
-    step: int,
-    write: dict | Callable[[str], None],
-    state: dict,
-    keep_last: int,
-    is_main: bool = True,
-    barrier: Callable[[], None] = lambda: None,
-    faults: Faults | None = None,
+    root: str, step: int, write: dict | Callable[[str], None], state: dict, keep_last: int
 ) -> str:
-    """Write checkpoint ``step`` atomically; called on every rank of a job.
+    """Write checkpoint ``step`` atomically from one process (tools and tests; a training run saves
+    through :mod:`harness.saving`, every rank its part, asynchronously).
 
     ``write`` is either ``{name: object}`` (each saved with ``torch.save`` as ``name.pt``) or a
-    function that writes this rank's files into the directory it is given. Rank 0 then writes
-    ``trainer_state.json`` (``state``) and ``manifest.json`` (every file with its size), fsyncs
-    and renames the temporary directory into place, and prunes to ``keep_last``.
+    function that writes the files into the directory it is given. Then ``trainer_state.json``
+    (``state``) and ``manifest.json`` (every file with its size and SHA-256), fsync, rename into
+    place, and prune to ``keep_last``.
 
     Returns:
         The checkpoint directory.
@@ -95,54 +91,56 @@ def save_checkpoint(
     """
     final = os.path.join(root, checkpoint_name(step))
     tmp = os.path.join(root, f".tmp-{checkpoint_name(step)}")
-    error: OSError | None = None
-    if is_main:
-        try:
-            os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        except OSError as e:
-            error = e
-    barrier()
-    if error is None:
-        try:
-            if callable(write):
-                write(tmp)
-            else:
-                for name, obj in write.items():
-                    torch.save(obj, os.path.join(tmp, f"{name}.pt"))
-        except OSError as e:
-            error = e
-    barrier()
-    if is_main and error is None:
-        try:
-            _finish(tmp, final, root, step, state, faults or Faults())
-        except OSError as e:
-            error = e
-    barrier()
-    if error is not None:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}") from error
-    if is_main:
-        prune(root, keep_last)
+    try:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if callable(write):
+            write(tmp)
+        else:
+            for name, obj in write.items():
+                torch.save(obj, os.path.join(tmp, f"{name}.pt"))
+        _finish(tmp, final, root, step, state, Faults())
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from e
+    prune(root, keep_last)
     return final
 
 
 def _finish(tmp: str, final: str, root: str, step: int, state: dict, faults: Faults) -> None:
-    """Rank 0: state file, fsync everything, manifest last, then rename into place."""
+    """One process: state file, every file hashed and fsynced, then :func:`commit`."""
     with open(os.path.join(tmp, STATE), "w") as f:
         json.dump(state, f, indent=2)
     files = {}
     for dirpath, _, names in os.walk(tmp):
         for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), tmp)
+            files[rel] = {**file_entry(tmp, rel), "rank": 0}
+    commit(tmp, final, root, step, files, faults)
+
+
+def file_entry(directory: str, rel: str) -> dict:
+    """``{"size", "sha256"}`` of ``<directory>/<rel>``, fsynced first (its manifest entry)."""
+    path = os.path.join(directory, rel)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"size": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def commit(tmp: str, final: str, root: str, step: int, files: dict[str, dict], faults: Faults) -> None:
+    """Make ``tmp`` the complete checkpoint ``final``: files that ``files`` does not list (left by an
+    earlier attempt at the same step) removed, ``manifest.json`` (``{"step", "files"}``) written last
+    and fsynced, then renamed into place (replacing ``final`` if it exists). ``files``' own entries
+    must already be on disk (fsynced)."""
+    for dirpath, _, names in os.walk(tmp):
+        for name in names:
             path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+            if os.path.relpath(path, tmp) not in files:
+                os.remove(path)
     faults.on_checkpoint(step)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump({"step": step, "files": files}, f, indent=2)
+        json.dump({"step": step, "files": dict(sorted(files.items()))}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -565,6 +563,7 @@ class CheckpointManager:
         self.root = os.path.join(run_dir, "checkpoints")
         self.peers, self.resume_state = ALONE, None  # set by find_resume
         self._saved: dict[str, dict | None] = {}  # checkpoint -> trainer_state.json, as rank 0 read it
+        self.saver = None  # harness.saving.Saver, made at the first save
 
     @classmethod
     def from_config(
@@ -741,15 +740,9 @@ class CheckpointManager:
 
     def save(self, step: int, meta: dict, tokenizer) -> str:
         """Write checkpoint ``step`` on every rank: the backend's model/optimizer part, this rank's RNG
-        states, the tokenizer (rank 0) and ``meta`` (``trainer_state.json``). Returns its directory."""
-
-        def write(directory: str) -> None:
-            self.backend.save(directory)
-            os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
-            torch.save(rng_state(), os.path.join(directory, "rng", f"rank_{self.env.rank}.pt"))
-            if self.env.is_main:
-                tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
-
+        states, the tokenizer (rank 0) and ``meta`` (``trainer_state.json``). Returns its directory,
+        complete once :meth:`wait` returns (at once when the save is synchronous); see
+        :mod:`harness.saving`. A failure on any rank ends every rank (status 74)."""
         meta = {
             **meta,
             "format": self.backend.checkpoint_format,
@@ -758,18 +751,16 @@ class CheckpointManager:
             "mesh": {d: getattr(self.backend.dims, d) for d in ("dp_replicate", "dp_shard", "tp")},
             **self.identity,
         }
-        path = save_checkpoint(
-            self.root,
-            step,
-            write,
-            meta,
-            self.cfg.keep_last,
-            self.env.is_main,
-            self.backend.barrier,
-            self.faults,
-        )
-        log.info("checkpoint: %s", path)
-        return path
+        if self.saver is None:
+            from harness.saving import Saver
+
+            self.saver = Saver.from_config(self.cfg, self.root, self.env, self.backend, self.faults)
+        return self.saver.save(step, meta, tokenizer)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Wait until the save in flight (if any) is complete on every rank (at most ``timeout_s``)."""
+        if self.saver is not None:
+            self.saver.wait(timeout_s)
 
     def restore(self, path: str, apply: Callable[[dict], None] | None = None) -> dict:
         """Load the backend's model/optimizer state and this rank's RNG states, then ``apply(state)``

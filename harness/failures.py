@@ -66,11 +66,31 @@ def stop() -> None:
         _watch = None
 
 
-def describe(rank: int, what: str, path: str, error: BaseException) -> str:
-    """``<what> failed on rank <r> (host <h>): <path>: <error>`` in one line."""
+def describe(rank: int, what: str, path: str, error: BaseException, host: str | None = None) -> str:
+    """``<what> failed on rank <r> (host <h>): <path>: <error>`` in one line (``host``: this one's)."""
     detail = " ".join(str(getattr(error, "strerror", None) or error).split())[:300]
-    host = socket.gethostname()
+    host = host or socket.gethostname()
     return f"{what} failed on rank {rank} (host {host}): {path}: {type(error).__name__}: {detail}"
+
+
+def announced() -> str | None:
+    """The failure line a rank announced, or None (none yet, or no watch: world size 1)."""
+    if _watch is None:
+        return None
+    try:
+        return _watch.store.get(KEY).decode() if _watch.store.check([KEY]) else None
+    except Exception:  # noqa: BLE001  (store gone)
+        return None
+
+
+def leave_if_announced() -> None:
+    """End this process as :class:`FailureWatch` would when a failure was announced: called where an
+    error in this rank may be the consequence of that failure (a peer that left mid-collective), so
+    that the exit status is :data:`EXIT_CHECKPOINT` and not whichever error came first."""
+    line = announced()
+    if line is not None:
+        log.warning("leaving: %s", line)
+        _leave()
 
 
 def fail(line: str) -> None:

@@ -12,9 +12,18 @@
                            whose peers wait for it inside the collectives
 - ``slow:T[:R]``           every step sleeps T seconds as it starts (on rank R): a slow rank, a long run
 - ``nan_loss:S[:R]``       the first micro-batch's loss of step S is NaN (on rank R)
-- ``checkpoint_sleep:T``   every checkpoint sleeps T seconds after its files are written, before its
-                           manifest (a window for kills during a save)
-- ``checkpoint_enospc:S``  writing checkpoint S fails with ``OSError(ENOSPC)`` (disk full)
+- ``checkpoint_sleep:T``   rank 0 sleeps T seconds in every checkpoint's finish, after every rank's files
+                           are written, before its manifest (a window for kills during a save)
+- ``checkpoint_write_sleep:T[:R]``  every checkpoint's background write sleeps T seconds on rank R after its
+                           files are written, before they are hashed (training goes on meanwhile)
+- ``checkpoint_enospc:S[:R]``  rank R's part of checkpoint S fails with ``OSError(ENOSPC)`` (disk full) once
+                           its files are written, in the background thread (default every rank)
+- ``kill_staging:S[:R]``   SIGKILL as checkpoint S's staging starts (its ``.tmp-`` directory made, nothing
+                           written), in the training thread
+- ``kill_writing:S[:R]``   SIGKILL in checkpoint S's background write, once the rank's files are written,
+                           before its hashes are published
+- ``kill_finishing:S``     SIGKILL of rank 0 once every rank's hashes of checkpoint S arrived, before the
+                           manifest
 - ``checkpoint_stop:S[:R]`` the process sends itself SIGSTOP as the save of checkpoint S starts, inside
                            the ``checkpoint`` phase (on rank R): a rank that hangs mid-save (the hang
                            watchdog's phase tests)
@@ -86,13 +95,34 @@ class Faults:
             if kind == "checkpoint_stop" and step == arg:
                 os.kill(os.getpid(), signal.SIGSTOP)
 
+    def on_checkpoint_stage(self, step: int) -> None:
+        """Called on every rank as checkpoint ``step``'s staging starts (``kill_staging``)."""
+        if any(kind == "kill_staging" and step == arg for kind, arg in self.items):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_checkpoint_written(self, step: int) -> None:
+        """Called in each rank's background thread once its files of checkpoint ``step`` are written,
+        before they are hashed (``checkpoint_write_sleep``, ``checkpoint_enospc``, ``kill_writing``).
+
+        Raises:
+            OSError: ``ENOSPC`` for ``checkpoint_enospc:step``.
+        """
+        for kind, arg in self.items:
+            if kind == "checkpoint_write_sleep":
+                time.sleep(arg)
+            if kind == "kill_writing" and step == arg:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "checkpoint_enospc" and step == arg:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     def on_checkpoint(self, step: int) -> None:
-        """Called on rank 0 after a checkpoint's files are written, before its manifest."""
+        """Called on rank 0 once every rank's files of checkpoint ``step`` are written and hashed, before
+        its manifest (``checkpoint_sleep``, ``kill_finishing``)."""
         for kind, arg in self.items:
             if kind == "checkpoint_sleep":
                 time.sleep(arg)
-            if kind == "checkpoint_enospc" and step == arg:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if kind == "kill_finishing" and step == arg:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def on_load(self, step: int) -> None:
         """Called on every rank as checkpoint ``step`` starts loading (``load_eio``)."""

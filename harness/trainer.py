@@ -580,7 +580,8 @@ class Trainer:
         self.scheduler._last_lr = lrs
 
     def save_checkpoint(self) -> str:
-        """A complete checkpoint of the current step (every rank), in the ``checkpoint`` phase."""
+        """A checkpoint of the current step (every rank), staged in the ``checkpoint`` phase; complete once
+        ``self.checkpoints.wait()`` returns (at once when ``checkpoint.async_save=false``)."""
         with phases.phase("checkpoint"):
             self.faults.on_save(self.state.step)
             return self.checkpoints.save(self.state.step, self.state_dict(), self.data.tokenizer)
@@ -636,6 +637,10 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:  # a peer that left on a failed save (harness.failures): leave with its status
+            failures.leave_if_announced()
+        if isinstance(exc, Exception):  # a save in flight still completes if it can (not on a 2nd Ctrl-C)
+            self.checkpoints.wait(timeout_s=self.cfg.parallel.timeout_s)
         failures.stop()
         if exc is None:
             report_exit(self.env.rank, exit_code(self.state.stop_signal))  # before any rank exits

@@ -162,6 +162,8 @@ def test_a_one_process_checkpoint_of_the_older_format_still_resumes(tmp_path, sm
     train_small(tmp_path / "straight", small_corpus, "train.max_steps=8", "checkpoint.export_hf=false")
     with monkeypatch.context() as m:  # the one-process backend as it was
         m.setattr(SingleProcess, "save", Backend.save)
+        m.setattr(SingleProcess, "written_files", Backend.written_files)
+        m.setattr(SingleProcess, "async_save", False)
         m.setattr(SingleProcess, "checkpoint_format", "torch")
         train_small(tmp_path / "old", small_corpus, "train.max_steps=8", "train.stop_at_step=4")
     old = tmp_path / "old" / "checkpoints" / "step_00000004"

@@ -119,15 +119,16 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, small_co
         env={"HARNESS_FAULT": "checkpoint_enospc:6"},
     )
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and lines[-1].startswith("error: cannot write checkpoint"), proc.stderr[
-        -2000:
-    ]
-    assert "step_00000006: No space left on device" in lines[-1]
+    assert proc.returncode == 74 and lines[-1].startswith("error: checkpoint save failed on rank 0"), (
+        proc.stderr[-2000:]
+    )
+    assert "step_00000006: OSError: No space left on device" in lines[-1]
     assert (
         checkpoints(run_dir) == ["step_00000003"]
         and ckpt.verify(str(run_dir / "checkpoints" / "step_00000003")) is None
     )
-    assert not [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".tmp-")]
+    # the failed save's directory is never renamed (the next complete save prunes it)
+    assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".tmp-")] == [".tmp-step_00000006"]
 
 
 def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, small_corpus):
@@ -137,8 +138,10 @@ def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, small_corpus
     proc = _cli(
         f"data.path={small_corpus}", "train.max_steps=4", "checkpoint.every=2", f"hydra.run.dir={run_dir}"
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot write checkpoint")
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint save failed on rank 0")
+    assert "checkpoints/step_00000002: NotADirectoryError: Not a directory" in last
 
 
 # -- numerical faults -----------------------------------------------------------------------------
@@ -543,5 +546,7 @@ def test_chaos_kills_then_resume_exactly(tmp_path, small_corpus, nproc):
         f"chaos ({'fsdp x2' if nproc > 1 else '1 process'}): {len(lost)} kills survived; steps lost per kill "
         f"(logged but not yet checkpointed): {[n for _, n in lost]} ({[m for m, _ in lost]})"
     )
-    assert all(n <= 3 for _, n in lost)  # at most checkpoint.every steps of work lost per kill
+    # at most 2 x checkpoint.every steps of work lost per kill: the save of step s is asynchronous, so
+    # steps s+1..s+every may run before it is complete (and the save of s+every waits for it)
+    assert all(n <= 6 for _, n in lost)
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -111,19 +111,20 @@ def test_resume_after_a_crash_is_bitwise_identical(tmp_path, small_corpus, monke
     class Crash(Exception):
         pass
 
-    save = ckpt.save_checkpoint
+    save = ckpt.CheckpointManager.save
 
-    def save_then_crash(root, step, *args, **kwargs):
-        path = save(root, step, *args, **kwargs)
+    def save_then_crash(self, step, *args, **kwargs):
+        path = save(self, step, *args, **kwargs)
         if step == 5:
+            self.wait()  # the asynchronous save complete, then the crash
             raise Crash()
         return path
 
     stopped = tmp_path / "stopped"
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(ckpt.CheckpointManager, "save", save_then_crash)
     with pytest.raises(Crash):
         train_small(stopped, small_corpus, "train.max_steps=12")
-    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    monkeypatch.setattr(ckpt.CheckpointManager, "save", save)
     assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3, 4, 5]
     state = train_small(stopped, small_corpus, "train.max_steps=12", "checkpoint.resume=auto")
     assert state.step == 12

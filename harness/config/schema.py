@@ -336,6 +336,9 @@ class CheckpointConfig:
     resume: str = "auto"
     # save_pretrained model + tokenizer into <run>/hf at the end
     export_hf: bool = True
+    # training resumes once the state is staged in CPU memory; the files are written in the
+    # background (parallel=none|ddp|fsdp; deepspeed saves synchronously)
+    async_save: bool = True
 
 
 @dataclass

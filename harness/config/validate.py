@@ -340,6 +340,8 @@ def check_logging(g: LoggingConfig) -> None:
 
 def check_checkpoint(c: CheckpointConfig) -> None:
     check_rules("checkpoint", c)
+    if not isinstance(c.async_save, bool):
+        raise ConfigError(f"checkpoint.async_save={c.async_save!r} must be true or false")
 
 
 def check_profile(p: ProfileConfig) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoint cadence: every ``checkpoint.every`` steps and at the step a run or invocation ends."""
+"""Checkpoint cadence: every ``checkpoint.every`` steps and at the step a run or invocation ends; the
+end of a run or invocation (budget, stop, preemption) waits for the save in flight."""
 
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ class CheckpointHook(Hook):
     def on_step_end(self, trainer, record) -> None:
         if trainer.done or (self.every and record.step % self.every == 0):
             trainer.save_checkpoint()
+        if trainer.done:  # complete before the invocation ends (export, exit status 75 / 130)
+            trainer.checkpoints.wait()
+
+    def on_train_end(self, trainer) -> None:
+        trainer.checkpoints.wait()

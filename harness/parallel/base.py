@@ -14,6 +14,7 @@ import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,8 @@ class Backend(ABC):
     _init: Callable[[torch.nn.Module], None] | None = None
     # What save() writes and load() reads; a checkpoint of another format is refused before the model.
     checkpoint_format = "torch"
+    # Whether save_async() stages the state and writes it in the background (DCP's async_save).
+    async_save = False
     # Whether load() reshards a checkpoint written at another world size.
     reshardable = True
 
@@ -270,6 +273,20 @@ class Backend(ABC):
         if self.env.is_main:
             torch.save(self.unwrapped().state_dict(), os.path.join(directory, "model.pt"))
             torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+
+    def written_files(self, directory: str) -> list[str]:
+        """The files (paths relative to ``directory``) that this rank's :meth:`save` wrote there."""
+        return ["model.pt", "optimizer.pt"] if self.env.is_main else []
+
+    def save_async(self, directory: str) -> Future:
+        """Stage this rank's model and optimizer state (a copy in CPU memory) and write it into
+        ``directory`` in a background thread; returns as soon as the copy is made. Only where
+        :attr:`async_save`.
+
+        Returns:
+            The write's future: ``result()`` raises what the write raised.
+        """
+        raise NotImplementedError(f"parallel={self.name} saves synchronously")
 
     def load(self, directory: str) -> None:
         """Restore what :meth:`save` wrote (``weights_only`` loading, see ``harness.checkpoint``)."""

@@ -127,6 +127,9 @@ class CommTracker:
     rank_dims: dict[tuple[int, ...], str] = field(default_factory=dict)
     # the latest collective issued (set before it runs, so a hang inside it is named)
     last: _Call | None = None
+    # the training thread: collectives of other threads (a checkpoint's background write, on its own
+    # process group) are not the step's
+    thread: int = field(default_factory=threading.get_ident)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe_last(self) -> str:
@@ -252,7 +255,7 @@ def _wrap(fn, kind: str, spec):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         tr = _TRACKER
-        if tr is None or not tr.enabled:
+        if tr is None or not tr.enabled or threading.get_ident() != tr.thread:
             return fn(*args, **kwargs)
         group = kwargs.get("group")
         if group is None and group_index is not None and len(args) > group_index:
@@ -343,7 +346,7 @@ def _wrap_wait(orig):
     @functools.wraps(orig)
     def wait(self, *args, **kwargs):
         tr = _TRACKER
-        if tr is None:
+        if tr is None or threading.get_ident() != tr.thread:
             return orig(self, *args, **kwargs)
         t0 = time.perf_counter()
         try:

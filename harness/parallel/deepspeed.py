@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import torch
 
@@ -161,6 +162,7 @@ class DeepSpeedBackend(DistributedBackend):
     name = "deepspeed"
     checkpoint_format = "deepspeed"
     reshardable = False  # DeepSpeed checkpoints resume only at the world size that wrote them
+    async_save = False  # DeepSpeed writes its own files, synchronously
     cfg: DeepSpeedConfig
 
     def __init__(
@@ -306,6 +308,19 @@ class DeepSpeedBackend(DistributedBackend):
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={}, save_latest=False)
+
+    def written_files(self, directory: str) -> list[str]:
+        """DeepSpeed names each data-parallel rank's ZeRO files ``*zero_pp_rank_<r>_*``; the rest of
+        ``deepspeed/`` (the model states of ZeRO 0-2, the recovery script) is rank 0's. Its
+        ``save_checkpoint`` ends with a barrier, so every file is there when this is asked."""
+        out = []
+        root = os.path.join(directory, DS_TAG)
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                m = re.search(r"zero_pp_rank_(\d+)_", name)
+                if (int(m.group(1)) if m else 0) == self.env.rank:
+                    out.append(os.path.relpath(os.path.join(dirpath, name), directory))
+        return sorted(out)
 
     def load(self, directory: str) -> None:
         if not os.path.isdir(os.path.join(directory, DS_TAG)):

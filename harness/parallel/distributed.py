@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from harness.dist import DistEnv, init_distributed, shutdown_distributed
 from harness.errors import CheckpointError, ConfigError
 from harness.parallel import comm
 from harness.parallel.base import Backend, CommStats, _on_meta, transformer_blocks
-from harness.parallel.dcp import DCP_DIR, load_dcp, save_dcp
+from harness.parallel.dcp import DCP_DIR, load_dcp, save_dcp, save_dcp_async, written_dcp_files
 from harness.parallel.dims import ParallelDims
 
 
@@ -28,6 +29,8 @@ class DistributedBackend(Backend):
     ``torch.distributed.checkpoint`` (every rank writes its part; loading reshards)."""
 
     checkpoint_format = "dcp"
+    async_save = True
+    _checkpoint_group = None  # gloo, for DCP's collectives in the background write (made at the first)
 
     def __init__(self, env: DistEnv, cfg: ParallelConfig, dims: ParallelDims, comm_timing: bool = True):
         super().__init__(env, cfg, dims)
@@ -92,6 +95,17 @@ class DistributedBackend(Backend):
 
     def save(self, directory: str) -> None:
         save_dcp(self._state_module(), self.optimizer, directory)
+
+    def save_async(self, directory: str) -> Future:
+        """DCP's ``async_save`` (:func:`~harness.parallel.dcp.save_dcp_async`); its collectives run in
+        the background thread on a gloo process group of the checkpoint's own, created once, at the
+        first call (every rank makes its first save at the same step)."""
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return save_dcp_async(self._state_module(), self.optimizer, directory, self._checkpoint_group)
+
+    def written_files(self, directory: str) -> list[str]:
+        return written_dcp_files(directory, self.env.rank)
 
     def load(self, directory: str) -> None:
         if not os.path.isdir(os.path.join(directory, DCP_DIR)):

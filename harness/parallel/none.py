@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 
 import torch
 
 from harness.parallel.base import Backend
-from harness.parallel.dcp import DCP_DIR, load_dcp, save_dcp
+from harness.parallel.dcp import DCP_DIR, load_dcp, save_dcp, save_dcp_async, written_dcp_files
 
 
 class SingleProcess(Backend):
@@ -22,6 +23,7 @@ class SingleProcess(Backend):
     name = "none"
     checkpoint_format = "dcp"
     legacy_formats = ("torch",)  # also read by load() (harness.checkpoint checks the format first)
+    async_save = True
 
     @classmethod
     def from_config(cls, cfg, env, dims, batch, optim, comm_timing) -> SingleProcess:
@@ -41,6 +43,13 @@ class SingleProcess(Backend):
     def save(self, directory: str) -> None:
         """``<directory>/dcp`` (:func:`harness.parallel.dcp.save_dcp`), without a process group."""
         save_dcp(self.model, self.optimizer, directory, no_dist=True)
+
+    def save_async(self, directory: str) -> Future:
+        """DCP's ``async_save`` without a process group (:func:`~harness.parallel.dcp.save_dcp_async`)."""
+        return save_dcp_async(self.model, self.optimizer, directory, no_dist=True)
+
+    def written_files(self, directory: str) -> list[str]:
+        return written_dcp_files(directory, 0)
 
     def load(self, directory: str) -> None:
         """Restore what :meth:`save` (or DDP / FSDP2 at any world size) wrote; a checkpoint without
