@@ -59,10 +59,14 @@ def start(store, rank: int, poll_s: float = 0.5) -> None:
 
 
 def stop() -> None:
-    """Stop polling (at the end of a run)."""
+    """Stop polling (at the end of a run) and wait for the thread to end: a daemon thread still inside a
+    store call at interpreter exit aborts the process (``terminate called without an active
+    exception``) when it takes the GIL back during finalization."""
     global _watch
     if _watch is not None:
         _watch.close()
+        if _watch._thread.is_alive():
+            _watch._thread.join(timeout=5.0)
         _watch = None
 
 

@@ -19,7 +19,7 @@ from harness import checkpoint as ckpt
 from harness.config import CONFIG_DIR, compose_checked
 from harness.dist import announce_error, read_ranks
 from harness.errors import ConfigError, HarnessError
-from harness.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, exit_code, report_exit
+from harness.exits import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, report_exit
 from harness.trainer import Trainer, TrainState
 
 # DeepSpeed still calls the collectives torch 2.13 renamed; DDP warns about broadcast_buffers once per rank.
@@ -80,19 +80,16 @@ def _hydra_main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    code = run_cli(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
-    if code == EXIT_PREEMPTED:
-        _exit_now(code)
-    if code:
-        sys.exit(code)
+    _exit_now(run_cli(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)))
 
 
 def _exit_now(code: int) -> None:
-    """End the process with ``code`` now, skipping the interpreter's teardown: the stop checkpoint is
-    complete and every file and sink is closed, and the requeue depends on this status. Under a stop
-    signal third-party threads may be mid-teardown (wandb's, after ``scancel`` killed ``wandb-core``);
-    an abort there (``terminate called without an active exception``, seen once in CI) would turn 75 into
-    a crash (134) that nothing requeues."""
+    """End the process with ``code`` now, skipping the interpreter's teardown: the run is over (its
+    checkpoint complete, every file and sink closed, the process group destroyed), and the launcher,
+    the requeue and the node wrapper depend on this status. In teardown third-party threads may still
+    be inside C++ calls (wandb's after ``scancel`` killed ``wandb-core``, gloo's, a store client's): an
+    abort there (``terminate called without an active exception``, SIGABRT, seen in CI and in about 1 of
+    25 two-process runs) would turn a finished run (0) or a preempted one (75, requeued) into a crash."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -446,7 +446,7 @@ def test_a_rank_stopped_during_a_save_is_reported_as_a_hang_in_the_checkpoint_ph
         ("logging.straggler_window=0", "logging.straggler_window=0 must be >= 1"),
         ("logging.rank_stats_every=-1", "logging.rank_stats_every=-1 must be >= 0"),
         ("logging.rank_stats_full_every=-1", r"logging.rank_stats_full_every=-1 must be >= 0 \(0: never\)"),
-        ("parallel.hang_timeout_s=0", "parallel.hang_timeout_s=0.0 must be > 0"),
+        ("parallel.hang_timeout_s=0", "parallel.hang_timeout_s=0.0 must be a finite number of seconds > 0"),
         (
             "parallel.hang_timeout_checkpoint_s=0",
             r"^parallel.hang_timeout_checkpoint_s=0.0 must be a finite number of seconds > 0 \(the hang "

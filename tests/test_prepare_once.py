@@ -111,7 +111,7 @@ def test_a_waiter_without_answer_leaves_at_data_prepare_timeout_s(tmp_path):
         rank1.make("tokenize data.path (c.jsonl)", lambda: False, lambda: None)
     assert str(e.value).startswith("data.prepare_timeout_s=0.05: rank 1 (host a) waited ")
     assert str(e.value).endswith(
-        " s for rank 0 (host a) to tokenize data.path (c.jsonl); raise data.prepare_timeout_s, or prepare "
+        " s for rank 0 (host a) to prepare the data cache; raise data.prepare_timeout_s, or prepare "
         "the corpus once with python -m harness.prepare_data"
     )
 
@@ -143,7 +143,7 @@ def test_one_waiter_of_a_node_says_it_waits(tmp_path, caplog, local_rank, lines)
     with caplog.at_level("WARNING", logger="harness"):
         got = waiter.make("tokenize data.path (c.jsonl)", lambda: store.checks >= 7, lambda: "opened")
     assert got == "opened" and store.checks == 7
-    line = f"rank {local_rank} (host a): waiting for rank 0 (host a) to tokenize data.path (c.jsonl) (0 s)"
+    line = f"rank {local_rank} (host a): waiting for rank 0 (host a) to prepare the data cache (0 s)"
     assert [r.getMessage() for r in caplog.records] == [line] * lines
 
 
@@ -230,3 +230,48 @@ def test_data_prepare_timeout_s_must_be_positive():
 
     with pytest.raises(ConfigError, match=r"^data\.prepare_timeout_s=0\.0 must be > 0$"):
         validate(to_object(compose("data.prepare_timeout_s=0")))
+
+
+def test_a_read_only_prepared_cache_takes_no_probe_and_every_node_waits_for_rank_0(tmp_path, monkeypatch):
+    """A cache directory that cannot be written (a prepared cache shared read-only): rank 0 publishes no
+    probe instead of failing, and the other node's local rank 0 then waits for rank 0 (which fails only
+    if it has something to write)."""
+    from harness.data import once
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(once.os, "makedirs", refuse)
+    store = dist.HashStore()
+    rank0, _, node_b, _ = _ranks(store, LAYOUT)
+    rank0.begin(str(tmp_path))
+    assert json.loads(store.get("harness/data/probe"))["file"] is None
+    node_b.begin(str(tmp_path))
+    assert node_b._preparer["who"] == "rank 0 (host a)" and node_b._preparer["shared"] is True
+    assert not node_b.prepares
+
+
+class GoneStore:
+    """The job's store after the process that hosts it died (torch raises DistNetworkError)."""
+
+    def set(self, key, value):
+        pass
+
+    def check(self, keys):
+        raise RuntimeError("Broken pipe")
+
+
+def test_a_waiter_whose_store_is_gone_leaves_with_one_line():
+    waiter = PrepareOnce(GoneStore(), 1, 1, "a", host="a", poll_s=0.001)
+    waiter._preparer = {
+        "done": "harness/data/done/rank0",
+        "who": "rank 0 (host a)",
+        "shared": True,
+        "node": "a",
+    }
+    with pytest.raises(DataError) as e:
+        waiter.make("tokenize data.path (c.jsonl)", lambda: False, lambda: None)
+    assert str(e.value) == (
+        "rank 1 (host a) lost the job's key-value store (RuntimeError) while waiting for rank 0 (host a) "
+        "to prepare the data cache: that process probably died; see its log"
+    )

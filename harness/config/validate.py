@@ -269,10 +269,13 @@ def check_parallel(p: ParallelConfig) -> None:
             f"parallel.name={p.name} does not match the parallel config group; choose the backend "
             f"with parallel={p.name}, not parallel.name"
         )
-    if p.timeout_s <= 0:
-        raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0")
-    if p.hang_timeout_s is not None and not p.hang_timeout_s > 0:
-        raise ConfigError(f"parallel.hang_timeout_s={p.hang_timeout_s} must be > 0 (or null: automatic)")
+    if not (math.isfinite(p.timeout_s) and p.timeout_s > 0):
+        raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be a finite number of seconds > 0")
+    if p.hang_timeout_s is not None and not (math.isfinite(p.hang_timeout_s) and p.hang_timeout_s > 0):
+        raise ConfigError(
+            f"parallel.hang_timeout_s={p.hang_timeout_s} must be a finite number of seconds > 0 (or null: "
+            "automatic)"
+        )
     for phase, key in HANG_TIMEOUT_KEYS.items():
         value = getattr(p, key)
         if phase != "step" and not (value > 0 and math.isfinite(value)):

@@ -12,15 +12,17 @@ rank 0 publishes its node's answer under the node's key (``GROUP_RANK`` of torch
 
 Waiting: a process that finds an item cold (a store or the BPE tokenizer not yet in the cache) and
 does not prepare polls its preparer's ``done`` key (every ``poll_s``, 1 s) and, one process per node,
-logs ``waiting for rank 0 (host h) to <what> (N s)`` every ``progress_s`` (30 s). The preparer sets
-its ``done`` key when its whole preparation ends: ``ok``, or the one line of its failure, which every
-waiter raises as :class:`~harness.errors.DataError`. Waiting longer than ``data.prepare_timeout_s``
-raises too. A warm cache costs a waiter no store operation.
+logs ``waiting for rank 0 (host h) to prepare the data cache (N s)`` every ``progress_s`` (30 s).
+The preparer sets its ``done`` key when its whole preparation ends: ``ok``, or the one line of its
+failure, which every waiter raises as :class:`~harness.errors.DataError`. Waiting longer than
+``data.prepare_timeout_s`` raises too, and so does losing the store (its host, rank 0's launcher,
+died). A warm cache costs a waiter no store operation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -112,7 +114,8 @@ class PrepareOnce:
             sees = True
         else:
             rank0 = json.loads(self._wait(f"{KEY}/probe", "write its probe", "rank 0"))
-            sees = os.path.exists(os.path.join(cache_dir, ".probes", rank0["file"]))
+            # no probe (a read-only cache): every node waits for rank 0, which fails only if it must write
+            sees = rank0["file"] is None or os.path.exists(os.path.join(cache_dir, ".probes", rank0["file"]))
         if shares_cache(sees, self.rank):
             mine = {"done": f"{KEY}/done/rank0", "who": rank0["who"], "shared": True, "node": rank0["node"]}
         else:
@@ -193,7 +196,7 @@ class PrepareOnce:
             DataError: the preparer's failure line, or no answer within ``timeout_s``.
         """
         preparer = self.preparer(what)
-        self._wait(preparer["done"], what, preparer["who"])
+        self._wait(preparer["done"], "prepare the data cache", preparer["who"])
 
     def _wait(self, key: str, what: str, who: str) -> str:
         start = time.monotonic()
@@ -202,12 +205,17 @@ class PrepareOnce:
         next_line = start + self.progress_s
         while True:
             for k in dict.fromkeys([key, rank0]):
-                if self.store.check([k]):
-                    value = self.store.get(k).decode()
-                    if value.startswith("error: "):
-                        raise DataError(value.removeprefix("error: "))
-                    if k == key:
-                        return value
+                try:
+                    value = self.store.get(k).decode() if self.store.check([k]) else None
+                except Exception as e:  # noqa: BLE001  (the store's host, rank 0's launcher, is gone)
+                    raise DataError(
+                        f"{self._who()} lost the job's key-value store ({type(e).__name__}) while waiting "
+                        f"for {who} to {what}: that process probably died; see its log"
+                    ) from e
+                if value is not None and value.startswith("error: "):
+                    raise DataError(value.removeprefix("error: "))
+                if value is not None and k == key:
+                    return value
             waited = time.monotonic() - start
             if waited > self.timeout_s:
                 raise DataError(
@@ -221,11 +229,13 @@ class PrepareOnce:
             time.sleep(self.poll_s)
 
 
-def _write_probe(cache_dir: str) -> str:
-    """Create ``<cache_dir>/.probes/<random>`` (removing probes older than a day); returns its name.
+def _write_probe(cache_dir: str) -> str | None:
+    """Create ``<cache_dir>/.probes/<random>`` (removing probes older than a day); returns its name, or
+    None when ``cache_dir`` is a directory that cannot be written (a prepared, read-only cache: usable
+    as long as nothing needs preparing; a store to write then fails with its own error).
 
     Raises:
-        DataError: the cache directory is not writable.
+        DataError: ``cache_dir`` is not a usable directory (missing and not creatable, or a file).
     """
     probes = os.path.join(cache_dir, ".probes")
     name = f"{uuid.uuid4().hex}"
@@ -239,5 +249,7 @@ def _write_probe(cache_dir: str) -> str:
         with open(os.path.join(probes, name), "w"):
             pass
     except OSError as e:
+        if os.path.isdir(cache_dir) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return None
         raise DataError(f"data.cache_dir={cache_dir!r} is not a usable directory: {e.strerror or e}") from e
     return name
