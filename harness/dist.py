@@ -240,6 +240,26 @@ def init_distributed(env: DistEnv, timeout_s: float) -> None:
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
+def gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank, over the default (world) group:
+    gloo on CPU, NCCL on GPU (through the current CUDA device, set by :func:`init_distributed`). Pads
+    to the largest object: keep them small."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable ``obj`` on every rank, over the default (world) group."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown_distributed() -> None:
     """Barrier, then destroy the process group (ending without the barrier aborts ~1 in 8 gloo runs)."""
     import torch.distributed as dist

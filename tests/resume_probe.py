@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch.distributed as dist
 
 from harness import checkpoint as ckpt
+from harness.dist import broadcast_object, gather_object
 from harness.errors import HarnessError
 
 
@@ -25,21 +26,11 @@ def main(out: str, root: str, resume: str | None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    def gather(obj):
-        got = [None] * world
-        dist.all_gather_object(got, obj)
-        return got
-
-    def broadcast(obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("harness").addHandler(handler)
-    peers = ckpt.Peers(rank, world, gather, broadcast)
+    peers = ckpt.Peers(rank, world, gather_object, broadcast_object)
     chosen = ckpt.latest_checkpoint(root, check=True, peers=peers)
     hashed = [os.path.relpath(p, root) for p, _ in ckpt.HASHED]
     found = None
@@ -49,8 +40,8 @@ def main(out: str, root: str, resume: str | None) -> None:
             name="fsdp",
             checkpoint_format="dcp",
             reshardable=True,
-            gather_object=gather,
-            broadcast_object=broadcast,
+            gather_object=gather_object,
+            broadcast_object=broadcast_object,
         )
         manager = ckpt.CheckpointManager(SimpleNamespace(resume=resume), "run", env, backend, {}, None)
         try:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from harness.config import BatchSizes, FSDPConfig, OptimConfig, ParallelConfig
-from harness.dist import DistEnv, init_distributed, shutdown_distributed
+from harness.dist import DistEnv, broadcast_object, gather_object, init_distributed, shutdown_distributed
 from harness.errors import CheckpointError, ConfigError
 from harness.parallel import comm
 from harness.parallel.base import Backend, CommStats, _on_meta, transformer_blocks
@@ -74,16 +74,11 @@ class DistributedBackend(Backend):
         dist.barrier()
 
     def gather_object(self, obj) -> list:
-        """Over the default (world) group: gloo on CPU, NCCL on GPU (through the current CUDA device,
-        set by ``init_distributed``)."""
-        out = [None] * self.env.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        """Over the default (world) group (:func:`harness.dist.gather_object`)."""
+        return gather_object(obj)
 
     def broadcast_object(self, obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object(obj)
 
     def close(self) -> None:
         shutdown_distributed()
