@@ -7,7 +7,8 @@ key of the job's key-value store (the first failure wins) and ends the process w
 :data:`~harness.exits.EXIT_CHECKPOINT`; every other rank's :class:`FailureWatch` thread polls that
 key, and on seeing it ends its own process with the same status (the main thread may be blocked in
 a collective). Only the rank whose failure won the key prints the ``error:`` line, so the job's
-console shows it once. Cost: one ``check`` per rank per ``poll_s`` on the store.
+console shows it once. Cost: one ``check`` per rank per :func:`poll_interval` on the store, about
+500 per second in all at any world size.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from harness.exits import EXIT_CHECKPOINT, report_exit
 
 log = logging.getLogger("harness")
 KEY = "harness/failure"
+STORE_POLLS_PER_S = 500.0  # what all ranks' polls of one key may cost the job store, together
 
 _watch: FailureWatch | None = None
 
@@ -48,9 +50,17 @@ class FailureWatch:
         self._stop.set()
 
 
-def start(store, rank: int, poll_s: float = 0.5) -> None:
-    """Start this process's watch on ``store`` (None, or world size 1: :func:`fail` only exits)."""
+def poll_interval(world_size: int) -> float:
+    """Seconds between one rank's polls of a job-store key: 1 s up to 500 ranks, then growing with the
+    world so that the store serves about 500 polls per second at any world size (4,096 ranks: 8.2 s)."""
+    return max(1.0, world_size / STORE_POLLS_PER_S)
+
+
+def start(store, rank: int, world_size: int) -> None:
+    """Start this process's watch on ``store`` (None, or world size 1: :func:`fail` only exits), polling
+    every :func:`poll_interval` seconds."""
     global _watch
+    poll_s = poll_interval(world_size)
     if _watch is not None:
         _watch.close()
     _watch = FailureWatch(store, rank, poll_s) if store is not None else None

@@ -25,11 +25,13 @@ run wait for the save in flight (:meth:`Saver.wait`). Any failure of a rank's pa
 exits with status 74, one ``error:`` line names the failing rank, its host and the checkpoint, and the
 ``.tmp-`` directory is never renamed (the previous checkpoint stays the newest complete one).
 
-Store operations per save: each rank ``set``, ``add``, one ``wait`` per 0.5 s until ``complete`` and
-``delete_key`` of its entry (rank 0 waits in its own thread instead); rank 0 also one ``multi_get`` of
-``world_size`` keys, ``set`` of ``complete`` and three ``delete_key`` (the ``written``/``all`` counters
-and the previous save's ``complete``), plus a ``wait`` and a ``check`` per 0.5 s while the slowest rank
-writes. The count does not grow with the world size; the ``multi_get``'s bytes do (one entry per file).
+Store operations per save: each rank ``set``, ``add``, one ``wait`` per ``poll_s`` until ``complete``
+and ``delete_key`` of its entry (rank 0 waits in its own thread instead); rank 0 also one
+``multi_get`` of ``world_size`` keys, ``set`` of ``complete`` and three ``delete_key`` (the
+``written``/``all`` counters and the previous save's ``complete``), plus a ``wait`` and a ``check`` per
+``poll_s`` while the slowest rank writes (``poll_s``: :func:`harness.failures.poll_interval`, 1 s up to
+500 ranks). The count does not grow with the world size; the ``multi_get``'s bytes do (one entry per
+file).
 """
 
 from __future__ import annotations
@@ -58,7 +60,6 @@ from harness.checkpoint import (
 )
 
 log = logging.getLogger("harness")
-POLL_S = 0.5
 ANNOUNCE_WAIT_S = 30.0  # for the line of a rank that DCP says failed, before naming it ourselves
 
 
@@ -76,10 +77,10 @@ def _store(env, timeout_s: float):
     return store
 
 
-def _wait_key(store, key: str) -> bool:
-    """Wait up to :data:`POLL_S` for ``key``; True when it is there."""
+def _wait_key(store, key: str, poll_s: float) -> bool:
+    """Wait up to ``poll_s`` for ``key`` (the store answers as soon as it is set); True when it is there."""
     try:
-        store.wait([key], datetime.timedelta(seconds=POLL_S))
+        store.wait([key], datetime.timedelta(seconds=poll_s))
         return True
     except RuntimeError:  # DistStoreError: not yet
         return False
@@ -92,6 +93,7 @@ class Saver:
         self.root, self.env, self.backend, self.faults, self.keep_last = root, env, backend, faults, keep_last
         self.use_async = async_save and backend.async_save
         self.store = store if store is not None else _store(env, backend.cfg.timeout_s)
+        self.poll_s = failures.poll_interval(env.world_size)  # between checks for a failed rank, waiting
         self.n = 0  # saves made by this process: the same sequence on every rank
         self.inflight: _Save | None = None
         self.stalls: list[tuple[int, float]] = []  # (step, seconds the training thread was blocked)
@@ -137,7 +139,7 @@ class Saver:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with phases.phase("checkpoint"):
             job.thread.join(timeout_s)
-            while self.env.rank != 0 and not _wait_key(self.store, f"{job.key}/complete"):
+            while self.env.rank != 0 and not _wait_key(self.store, f"{job.key}/complete", self.poll_s):
                 failures.leave_if_announced()
                 if deadline is not None and time.monotonic() > deadline:
                     break
@@ -159,7 +161,7 @@ class Saver:
                 deadline = time.monotonic() + ANNOUNCE_WAIT_S
                 while time.monotonic() < deadline:
                     failures.leave_if_announced()
-                    time.sleep(POLL_S)
+                    time.sleep(self.poll_s)
                 other = min(failed)
                 line = failures.describe(other, "checkpoint save", job.final, _unwrap(failed[other]), "?")
                 failures.fail(f"{line} (seen by rank {rank})")
@@ -249,7 +251,7 @@ class _Save:
     def _finish(self) -> None:
         """Rank 0's thread: every rank's entries, the state file, the manifest, rename, prune, complete."""
         saver, store = self.saver, self.saver.store
-        while not _wait_key(store, f"{self.key}/all"):
+        while not _wait_key(store, f"{self.key}/all", saver.poll_s):
             if store.check([failures.KEY]):
                 return  # another rank failed: the failure watch ends this process
         world = saver.env.world_size

@@ -311,7 +311,7 @@ class Trainer:
             flight_recorder_env(run_dir)  # before the process group exists
         backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
         if env.world_size > 1:  # a failed save or load on any rank ends every rank (harness.failures)
-            failures.start(job_store(cfg.parallel.timeout_s), env.rank)
+            failures.start(job_store(cfg.parallel.timeout_s), env.rank, env.world_size)
         if cfg.model.init_from:
             safetensors_files(cfg.model.init_from)  # weights there, before its tokenizer is read
         tokenizer = tokenizer_config(cfg.model, cfg.tokenizer)  # model.init_from's when tokenizer.path unset

@@ -233,9 +233,9 @@ def test_a_checkpoint_exception_of_another_rank_is_left_to_that_rank(tmp_path, m
     from harness import saving
 
     lines = _failing(monkeypatch)
-    monkeypatch.setattr(saving, "POLL_S", 0.001)
     monkeypatch.setattr(saving, "ANNOUNCE_WAIT_S", 0.05)
     saver = _saver(tmp_path, rank=0)
+    saver.poll_s = 0.001
     job = SimpleNamespace(final=f"{tmp_path}/step_00000006")
     e = CheckpointException("write failed", {1: (OSError(errno.EIO, os.strerror(errno.EIO)), None)})
     with pytest.raises(SystemExit):
@@ -244,3 +244,11 @@ def test_a_checkpoint_exception_of_another_rank_is_left_to_that_rank(tmp_path, m
         f"checkpoint save failed on rank 1 (host ?): {tmp_path}/step_00000006: OSError: Input/output error "
         "(seen by rank 0)"
     ]
+
+
+def test_the_job_store_serves_about_500_polls_a_second_at_any_world_size():
+    """Every rank polls the failure key (and, waiting, a save's keys) every poll_interval seconds."""
+    from harness.failures import poll_interval
+
+    assert [poll_interval(w) for w in (1, 2, 500, 512, 4096)] == [1.0, 1.0, 1.0, 1.024, 8.192]
+    assert 4096 / poll_interval(4096) == 500

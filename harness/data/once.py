@@ -11,7 +11,8 @@ rank 0 publishes its node's answer under the node's key (``GROUP_RANK`` of torch
 ``SLURM_NODEID``, else the host name). Rank 0 removes probes older than a day.
 
 Waiting: a process that finds an item cold (a store or the BPE tokenizer not yet in the cache) and
-does not prepare polls its preparer's ``done`` key (every ``poll_s``, 1 s) and, one process per node,
+does not prepare polls its preparer's ``done`` key (every ``poll_s``: 1 s, more above 500 ranks,
+:func:`harness.failures.poll_interval`) and, one process per node,
 logs ``waiting for rank 0 (host h) to prepare the data cache (N s)`` every ``progress_s`` (30 s).
 The preparer sets its ``done`` key when its whole preparation ends: ``ok``, or the one line of its
 failure, which every waiter raises as :class:`~harness.errors.DataError`. Waiting longer than
@@ -85,8 +86,16 @@ class PrepareOnce:
         if world_size == 1:
             return cls(timeout_s=timeout_s)
         from harness.dist import job_store
+        from harness.failures import poll_interval
 
-        return cls(job_store(60.0), rank, local_rank, node_id(), timeout_s=timeout_s)
+        return cls(
+            job_store(60.0),
+            rank,
+            local_rank,
+            node_id(),
+            timeout_s=timeout_s,
+            poll_s=poll_interval(world_size),
+        )
 
     @property
     def prepares(self) -> bool:
