@@ -19,7 +19,7 @@ from harness import checkpoint as ckpt
 from harness.config import CONFIG_DIR, compose_checked
 from harness.dist import announce_error, read_ranks
 from harness.errors import ConfigError, HarnessError
-from harness.exits import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, report_exit
+from harness.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, exit_code, report_exit
 from harness.trainer import Trainer, TrainState
 
 # DeepSpeed still calls the collectives torch 2.13 renamed; DDP warns about broadcast_buffers once per rank.
@@ -68,6 +68,13 @@ def _refuse(e: HarnessError, run_dir: str | None = None) -> int:
     return EXIT_USAGE
 
 
+def _world_size() -> int:
+    try:
+        return read_ranks()[2]
+    except ConfigError:
+        return 1
+
+
 def _rank() -> int:
     try:
         return read_ranks()[0]
@@ -78,15 +85,22 @@ def _rank() -> int:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
-    _exit_now(run_cli(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)))
+    code = run_cli(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+    # a worker of several (torchrun's, srun's) ends here; a sweep's job returns to Hydra/submitit
+    if code == EXIT_PREEMPTED or (_world_size() > 1 and hydra_cfg.mode != RunMode.MULTIRUN):
+        _exit_now(code)
+    if code:
+        sys.exit(code)
 
 
 def _exit_now(code: int) -> None:
-    """End the process with ``code`` now, skipping the interpreter's teardown: the run is over (its
-    checkpoint complete, every file and sink closed, the process group destroyed), and the launcher,
-    the requeue and the node wrapper depend on this status. In teardown third-party threads may still
+    """End a training worker (one of several processes, or a preempted run) with ``code`` now,
+    skipping the interpreter's teardown: the run is over (its checkpoint complete, every file and sink
+    closed, the process group destroyed), and the launcher, the requeue and the node wrapper depend on
+    this status. In teardown third-party threads may still
     be inside C++ calls (wandb's after ``scancel`` killed ``wandb-core``, gloo's, a store client's): an
     abort there (``terminate called without an active exception``, SIGABRT, seen in CI and in about 1 of
     25 two-process runs) would turn a finished run (0) or a preempted one (75, requeued) into a crash."""
