@@ -143,6 +143,7 @@ def worker(run_dir: str, out: str) -> None:
 
     ckpt._sha256 = counted
 
+    # its own two collectives (not harness.dist's): this script also runs against the code before them
     def gather(obj):
         got = [None] * world
         dist.all_gather_object(got, obj)
