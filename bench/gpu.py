@@ -2,7 +2,7 @@
 
 For each variant -- eager, ``torch.compile`` per block, fused vs foreach AdamW, activation
 checkpointing on/off, micro-batch 1/2/4 -- it times optimizer steps of the harness's own step
-(``harness.trainer.token_loss_sum`` on a ``harness.model.build_model`` model, bf16 autocast, gradient
+(``harness.parallel.loss.token_loss_sum`` on a ``harness.model.build_model`` model, bf16 autocast, gradient
 clipping, AdamW) on random tokens, and reports tokens/s, MFU against the measured bf16 matmul peak
 of this GPU (an 8192^3 matmul loop, measured here) and against the datasheet peak, and peak
 memory; then ``transformers.Trainer`` on the same model and batch for the ratio. Prints a
@@ -83,7 +83,7 @@ def run_variant(
     from harness.data.loader import MicroBatch
     from harness.model import build_model
     from harness.parallel.base import apply_activation_checkpointing, apply_compile
-    from harness.trainer import token_loss_sum
+    from harness.parallel.loss import token_loss_sum
 
     torch.manual_seed(0)
     model = build_model(mcfg, vocab, seed=0, eos_token_id=0, device=device)

@@ -788,7 +788,7 @@ class CheckpointManager:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001  (CheckpointException derives from BaseException)
-            failures.fail(failures.describe(self.env.rank, "checkpoint load", path, e))
+            failures.fail(failures.describe(self.env.rank, "checkpoint load", path, e), e)
         return meta
 
 

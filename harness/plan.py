@@ -29,7 +29,7 @@ from harness.config import (
     validate,
 )
 from harness.errors import ConfigError, DataError, HarnessError
-from harness.layouts import comm_per_step
+from harness.layouts import comm_per_step, pp_bubble
 from harness.metrics import GPU_SPECS
 from harness.model import document_mask_path, lr_warning, model_stats, resolve_vocab_size
 from harness.parallel.dims import ParallelDims
@@ -191,8 +191,14 @@ class PlanReport:
     sources: list[dict] | None = None
     # per rank per full step: {mesh dim: {collective: bytes}} (harness.layouts; None: not estimated)
     communication: dict | None = None
-    # parallel=fsdp with a Llama model: one row per tp degree (memory and communication per layout)
+    # parallel=fsdp with a Llama model: one row per tp degree (and pp degree when parallel.pp > 1):
+    # memory and communication per layout
     layouts: list[dict] | None = None
+    # parallel.pp > 1: one row per pipeline rank (its stages, layers, parameters, peak bytes)
+    pipeline: list[dict] | None = None
+    pipeline_schedule: str = ""
+    # context-parallel degree (parallel.cp): each sequence split over this many ranks
+    cp: int = 1
     warnings: list[str] = field(default_factory=list)
     flops_formula: str = (
         "6 * N_matmul + 12 * n_layers * hidden_size * seq_len per token (PaLM, Chowdhery et al. 2022, App. "
@@ -276,10 +282,15 @@ def memory_estimate(
     tp: int | None = None,
     sequence_parallel: bool | None = None,
     accumulation: int = 1,
+    pp: int | None = None,
+    cp: int | None = None,
 ) -> MemoryEstimate:
     """Bytes per device for ``cfg.parallel`` at ``world_size`` ranks and ``accumulation`` micro-batches
-    per step (see :class:`MemoryEstimate`); ``tp`` / ``sequence_parallel`` override the config's (the
-    layouts table).
+    per step (see :class:`MemoryEstimate`); ``tp`` / ``sequence_parallel`` / ``pp`` override the config's
+    (the layouts table). Under ``pp > 1``: the pipeline rank with the largest peak
+    (:func:`pipeline_memory`). Under ``cp > 1`` each rank holds ``seq_len / cp`` tokens' activations
+    and logits, and every layer keeps the keys and values it all-gathered (``2 s b kv_dim / tp`` in
+    bf16) for its backward (:mod:`harness.parallel.context`); FSDP2 shards over ``dp_shard x cp``.
 
     Tensor parallelism divides the matrices by ``tp`` (norm gains stay whole) and, after Korthikanti et
     al. 2022 (Sec. 4.2), the activations per layer to ``s b h (10 + 24 / tp)`` without sequence
@@ -290,6 +301,11 @@ def memory_estimate(
     m, par = cfg.model, cfg.parallel
     tp = par.tp if tp is None else tp
     sp = par.sequence_parallel if sequence_parallel is None else sequence_parallel
+    pp = par.pp if pp is None else pp
+    cp = par.cp if cp is None else cp
+    if pp > 1:
+        ranks = pipeline_memory(cfg, params, vocab, device_memory, world_size, tp, accumulation, pp)
+        return max((r["memory"] for r in ranks), key=lambda e: e.total)
     p = float(tp_local_params(params, m.num_layers, m.hidden_size, tp) if tp > 1 else params)
     name = par.name
     shards = world_size // tp
@@ -310,14 +326,114 @@ def memory_estimate(
         gathered = 2 * p / max(m.num_layers, 1) * 2 if stage >= 3 else 0.0
     if getattr(par, "cpu_offload", False) or getattr(par, "offload_optimizer", False):
         opt_b = 0.0
-    s, b, h, L = cfg.data.seq_len, cfg.train.micro_batch_size or 1, m.hidden_size, m.num_layers
+    seq, b, h, L = cfg.data.seq_len, cfg.train.micro_batch_size or 1, m.hidden_size, m.num_layers
+    s = seq / cp  # this rank's tokens of each sequence
     logits = 8.0 * s * b * vocab / (tp if par.loss_parallel else 1)
     per_layer = 34.0 / tp if sp else 10.0 + 24.0 / tp
-    act = per_layer * s * b * h * L + logits
-    act_ckpt = 2.0 * s * b * h * L / (tp if sp else 1) + per_layer * s * b * h + logits
+    kv = _gathered_kv(cfg, b, tp) if cp > 1 else 0.0
+    act = (per_layer * s * b * h + kv) * L + logits
+    act_ckpt = 2.0 * s * b * h * L / (tp if sp else 1) + per_layer * s * b * h + kv + logits
     return MemoryEstimate(
         name, shards, params_b, grads_b, opt_b, gathered, act, act_ckpt, device_memory, tp, unsharded, other
     )
+
+
+def _gathered_kv(cfg: PlanJobConfig, micro: int, tp: int) -> float:
+    """Bytes of one layer's keys and values all-gathered over ``cp`` (bf16, the whole sequence, the
+    rank's ``kv_heads / tp`` heads), which it keeps for its backward."""
+    m = cfg.model
+    return (
+        2.0
+        * 2
+        * cfg.data.seq_len
+        * micro
+        * (m.num_kv_heads or m.num_heads)
+        * (m.hidden_size // m.num_heads)
+        / tp
+    )
+
+
+def pipeline_memory(
+    cfg: PlanJobConfig,
+    params: int,
+    vocab: int,
+    device_memory: float | None,
+    world_size: int,
+    tp: int,
+    accumulation: int,
+    pp: int,
+) -> list[dict]:
+    """One row per pipeline rank of ``cfg`` (``parallel=fsdp``, a Llama model, untied) at ``pp``:
+    ``{"rank", "stages", "layers", "params", "bubble", "memory"}``, ``memory`` its
+    :class:`MemoryEstimate` (bytes; ``params``: its parameters, tp-local).
+
+    The rank's stages and layers are the run's (:func:`harness.parallel.pipeline.stage_ids`,
+    :func:`~harness.parallel.pipeline.split_layers`); the first stage holds the embedding, the last the
+    final norm and LM head. FSDP2 shards its parameters over ``dp_shard`` and, not resharding after
+    forward under ``pp``, holds them gathered through the step, and the gradients of all of them
+    unsharded until the step's reduce-scatter. Activations: Korthikanti et al.'s bytes per layer
+    (as :func:`memory_estimate`) x the rank's layers x the micro-batches it holds at its peak
+    (:func:`harness.layouts.pp_in_flight`); the fp32 logits on the last stage's rank, once (all ``k``
+    under GPipe and LoopedBFS); activation checkpointing keeps each held micro-batch's layer inputs.
+    """
+    from harness.config.validate import PP_SCHEDULES
+    from harness.layouts import _BYTES, GPIPE_LIKE, pp_bubble, pp_in_flight
+    from harness.parallel.pipeline import split_layers, stage_ids
+
+    m, par = cfg.model, cfg.parallel
+    h, L, v = m.hidden_size, m.num_layers, PP_SCHEDULES[par.pp_schedule]
+    sp = par.sequence_parallel and tp > 1
+    layers = split_layers(L, pp * v, par.pp_layers if pp == par.pp else None)
+    norms = 2 * L * h + h
+    per_layer = ((params - 2 * vocab * h - norms) / L) / tp + 2 * h  # tp-local; its 2 norm gains whole
+    shards = world_size // (tp * pp * max(par.dp_replicate, 1))
+    cp, b, k = max(par.cp, 1), cfg.train.micro_batch_size or 1, accumulation
+    s = cfg.data.seq_len / cp  # the rank's tokens of each sequence
+    kv = _gathered_kv(cfg, b, tp) if cp > 1 else 0.0  # under cp each layer keeps the gathered k, v
+    act_layer = (34.0 / tp if sp else 10.0 + 24.0 / tp) * s * b * h + kv
+    logits = 8.0 * s * b * vocab * (k if par.pp_schedule in GPIPE_LIKE else 1)
+    pb, rb = _BYTES[par.param_dtype], _BYTES[par.reduce_dtype or par.param_dtype]
+    rows = []
+    for r in range(pp):
+        stages = stage_ids(r, pp, par.pp_schedule)
+        n = sum(len(layers[i]) for i in stages)
+        first, last = 0 in stages, pp * v - 1 in stages
+        p = n * per_layer + first * vocab * h / tp + last * (vocab * h / tp + h)
+        held = pp_in_flight(par.pp_schedule, pp, k, v, r)
+        act = act_layer * n * held + last * logits
+        act_ckpt = 2.0 * s * b * h / (tp if sp else 1) * n * held + act_layer + last * logits
+        if shards > 1:
+            state = (4 * p / shards, 4 * p / shards, 8 * p / shards, p * pb, p * rb)
+        else:  # tp (or nothing) within the stage: no FSDP units
+            state = (4 * p, 4 * p, 8 * p, 0.0, 0.0)
+        est = MemoryEstimate("fsdp", shards, *state[:4], act, act_ckpt, device_memory, tp, state[4], None)
+        rows.append(
+            {
+                "rank": r,
+                "stages": stages,
+                "layers": n,
+                "params": p,
+                "bubble": pp_bubble(par.pp_schedule, pp, k, v),
+                "memory": est,
+            }
+        )
+    return rows
+
+
+def pipeline_rows(cfg, params, vocab, device_memory, world_size, tp, accumulation, pp) -> list[dict] | None:
+    """:func:`pipeline_memory` as the report holds it (peaks in bytes, activation checkpointing off and
+    on, in place of the estimate); None when ``pp`` is 1."""
+    if pp == 1:
+        return None
+    rows = pipeline_memory(cfg, params, vocab, device_memory, world_size, tp, accumulation, pp)
+    return [
+        {
+            **{k: v for k, v in r.items() if k != "memory"},
+            "memory": r["memory"].total,
+            "memory_checkpointed": r["memory"].total_checkpointed,
+        }
+        for r in rows
+    ]
 
 
 def _fsdp_unsharded(cfg: PlanJobConfig, p: float, vocab: int, tp: int, accumulation: int):
@@ -399,8 +515,10 @@ def make_plan(
     ac = cfg.parallel.activation_checkpointing
     drawn = _drawn(mixture, last.tokens_total, cfg.data.seq_len) if mixture else None
     dims = ParallelDims.from_config(cfg.parallel, gpus)
+    k = batch.gradient_accumulation_steps
+    stages = pipeline_rows(cfg, stats.params, vocab, memory_bytes, gpus, cfg.parallel.tp, k, dims.pp)
     comm = comm_per_step(
-        cfg, stats.params, vocab, dims, batch.micro_batch_size, batch.gradient_accumulation_steps
+        cfg, stats.params, vocab, dims, batch.micro_batch_size, k, stages and stages[0]["params"]
     )
     return PlanReport(
         dataset=f"mixture of {len(cfg.data.sources)} sources" if cfg.data.sources else str(cfg.data.path),
@@ -440,6 +558,9 @@ def make_plan(
         vocab_size=vocab,
         sources=drawn,
         communication=comm,
+        pipeline=stages,
+        pipeline_schedule=cfg.parallel.pp_schedule if stages else "",
+        cp=dims.cp,
         layouts=layout_rows(cfg, stats.params, vocab, gpus, memory_bytes),
         warnings=_warnings(
             cfg,
@@ -456,52 +577,72 @@ def make_plan(
 
 
 TP_DEGREES = (1, 2, 4, 8)  # within one 8-GPU node
+PP_DEGREES = (1, 2, 4, 8, 16)  # the layouts table's, when the config has parallel.pp > 1
+CP_DEGREES = (1, 2, 4, 8)  # ... and when it has parallel.cp > 1
 
 
 def layout_rows(cfg: PlanJobConfig, params: int, vocab: int, gpus: int, device_memory) -> list[dict] | None:
-    """One row per ``tp`` in :data:`TP_DEGREES` dividing ``gpus`` (parallel=fsdp, Llama models only):
-    the mesh, the batch split, memory per device (activation checkpointing off and on) and bytes per rank
-    per step by mesh dimension; ``note`` says why a degree cannot run this config."""
+    """One row per ``tp`` in :data:`TP_DEGREES` dividing ``gpus`` (parallel=fsdp, Llama models only),
+    and per ``pp`` in :data:`PP_DEGREES` when ``parallel.pp > 1`` (the config's schedule; sequence and
+    loss parallelism off under ``pp > 1``, as the run requires), or per ``cp`` in :data:`CP_DEGREES` when
+    ``parallel.cp > 1`` (sequence parallelism off): the mesh, the batch split, the
+    pipeline's bubble in theory, memory per device (the busiest pipeline rank; activation checkpointing
+    off and on) and bytes per rank per step by mesh dimension; ``note`` says why a layout cannot run
+    this config."""
     if cfg.parallel.name != "fsdp" or cfg.model.arch != "llama":
         return None
+    if cfg.parallel.pp > 1:  # the config's cp kept
+        outer = [(d, max(cfg.parallel.cp, 1)) for d in PP_DEGREES]
+    else:
+        outer = [(1, d) for d in (CP_DEGREES if cfg.parallel.cp > 1 else (1,))]
     rows = []
-    for tp in (t for t in TP_DEGREES if t <= gpus and gpus % t == 0):
-        par = replace(cfg.parallel, tp=tp, sequence_parallel=cfg.parallel.sequence_parallel and tp > 1)
-        row = {"tp": tp, "note": None}
-        try:
-            check_tensor_parallel(cfg.model, tp, "fsdp")
-            dims = ParallelDims.from_config(par, gpus)
-            batch = resolve_batch_sizes(cfg.train, dims.dp, f"dp={dims.dp}")
-        except ConfigError as e:
-            rows.append({**row, "note": str(e)})
-            continue
-        c = replace(cfg, parallel=par)
-        mem = memory_estimate(
-            c,
-            params,
-            vocab,
-            device_memory,
-            gpus,
-            tp,
-            par.sequence_parallel,
-            batch.gradient_accumulation_steps,
-        )
-        comm = comm_per_step(
-            c, params, vocab, dims, batch.micro_batch_size, batch.gradient_accumulation_steps
-        )
-        rows.append(
-            {
-                **row,
-                "dp_replicate": dims.dp_replicate,
-                "dp_shard": dims.dp_shard,
-                "micro_batch_size": batch.micro_batch_size,
-                "gradient_accumulation_steps": batch.gradient_accumulation_steps,
-                "memory": mem.total,
-                "memory_checkpointed": mem.total_checkpointed,
-                "comm_bytes": {dim: sum(ops.values()) for dim, ops in comm.items()},
-            }
-        )
+    for pp, cp in outer:
+        for tp in (t for t in TP_DEGREES if pp * cp * t <= gpus and gpus % (pp * cp * t) == 0):
+            rows.append(_layout_row(cfg, params, vocab, gpus, device_memory, pp, tp, cp))
     return rows
+
+
+def _layout_row(
+    cfg: PlanJobConfig, params: int, vocab: int, gpus: int, device_memory, pp: int, tp: int, cp: int
+):
+    """One row of :func:`layout_rows`."""
+    from harness.config.validate import PP_SCHEDULES, check_context, check_pipeline
+
+    whole = pp == 1
+    par = replace(
+        cfg.parallel,
+        tp=tp,
+        pp=pp,
+        cp=cp,
+        pp_layers=cfg.parallel.pp_layers if pp == cfg.parallel.pp else None,
+        sequence_parallel=cfg.parallel.sequence_parallel and tp > 1 and whole and cp == 1,
+        loss_parallel=cfg.parallel.loss_parallel and whole,
+    )
+    row = {"pp": pp, "cp": cp, "tp": tp, "note": None}
+    c = replace(cfg, parallel=par)
+    try:
+        check_tensor_parallel(cfg.model, tp, "fsdp")
+        dims = ParallelDims.from_config(par, gpus)
+        batch = resolve_batch_sizes(cfg.train, dims.dp, "dp")
+        check_pipeline(c, batch)
+        check_context(c)
+    except ConfigError as e:
+        return {**row, "note": str(e)}
+    k = batch.gradient_accumulation_steps
+    mem = memory_estimate(c, params, vocab, device_memory, gpus, tp, par.sequence_parallel, k, pp, cp)
+    stages = None if whole else pipeline_memory(c, params, vocab, device_memory, gpus, tp, k, pp)
+    comm = comm_per_step(c, params, vocab, dims, batch.micro_batch_size, k, stages and stages[0]["params"])
+    return {
+        **row,
+        "dp_replicate": dims.dp_replicate,
+        "dp_shard": dims.dp_shard,
+        "micro_batch_size": batch.micro_batch_size,
+        "gradient_accumulation_steps": k,
+        "bubble": pp_bubble(par.pp_schedule, pp, k, PP_SCHEDULES[par.pp_schedule]),
+        "memory": mem.total,
+        "memory_checkpointed": mem.total_checkpointed,
+        "comm_bytes": {dim: sum(ops.values()) for dim, ops in comm.items()},
+    }
 
 
 def mixture_sources(cfg: PlanJobConfig, global_batch_size: int) -> tuple[list[dict], int]:
@@ -735,12 +876,7 @@ def render_text(pl: PlanReport) -> str:
         f"dataset tokens     {pl.dataset_tokens:,} ({exact}{pl.dataset_note})",
         f"seq_len            {pl.seq_len} -> {pl.train_sequences:,} training sequences",
         f"global batch       {pl.global_batch_size} sequences = {pl.global_batch_tokens:,} tokens "
-        f"(micro {pl.micro_batch_size} x accumulation {pl.gradient_accumulation_steps} x "
-        + (
-            f"world {pl.world_size})"
-            if pl.memory.tp == 1
-            else f"dp {pl.world_size // pl.memory.tp}; tp {pl.memory.tp}, world {pl.world_size})"
-        ),
+        f"(micro {pl.micro_batch_size} x accumulation {pl.gradient_accumulation_steps} x " + _world_split(pl),
         f"iterations/epoch   {pl.iterations_per_epoch:,} ({'floor, drop_last' if pl.drop_last else 'ceil'})",
         f"max_steps          {pl.max_steps:,} optimizer steps = {pl.epochs:.3f} epochs",
         f"training tokens    {pl.total_tokens:,} ({_si(pl.total_tokens)}; batch ramp counted step by step)",
@@ -763,6 +899,7 @@ def render_text(pl: PlanReport) -> str:
         "",
         f"== Memory per device ({m.backend}, model state over {m.shards} shard(s)"
         + (f" x tp {m.tp}" if m.tp > 1 else "")
+        + (f" x pp {len(pl.pipeline)}; the busiest pipeline rank" if pl.pipeline else "")
         + "; estimate) ==",
         f"parameters         {m.params / gib:8.2f} GiB",
         f"gradients          {m.grads / gib:8.2f} GiB",
@@ -778,9 +915,40 @@ def render_text(pl: PlanReport) -> str:
         + (f"; device: {m.device_memory / gib:.0f} GiB" if m.device_memory else ""),
         "",
     ]
-    lines += _comm_lines(pl) + _layout_lines(pl)
+    lines += _pipeline_lines(pl) + _comm_lines(pl) + _layout_lines(pl)
     lines += [f"WARNING: {w}" for w in pl.warnings] or ["no warnings"]
     return "\n".join(lines)
+
+
+def _world_split(pl: PlanReport) -> str:
+    """``world N)``, or the data-parallel, tp and pp degrees it is made of."""
+    tp, pp, cp = pl.memory.tp, len(pl.pipeline or [0]), pl.cp
+    if tp * pp * cp == 1:
+        return f"world {pl.world_size})"
+    inner = "".join(f"; {k} {v}" for k, v in (("cp", cp), ("tp", tp), ("pp", pp)) if v > 1)
+    return f"dp {pl.world_size // (tp * pp * cp)}{inner}, world {pl.world_size})"
+
+
+def _pipeline_lines(pl: PlanReport) -> list[str]:
+    """Each pipeline rank's stages, layers, parameters and peak (``parallel.pp > 1``)."""
+    if not pl.pipeline:
+        return []
+    gib, first = 2**30, pl.pipeline[0]
+    lines = [
+        f"== Pipeline stages (pp {len(pl.pipeline)}, {pl.pipeline_schedule}, "
+        f"{pl.gradient_accumulation_steps} micro-batches per step: bubble {first['bubble']:.1%} in theory; "
+        "estimate) ==",
+        f"{'pp rank':>7} {'stages':>8} {'layers':>6} {'params':>9} {'GiB/device':>11} {'with AC':>8}",
+    ]
+    for r in pl.pipeline:
+        extra = ("+emb" if 0 in r["stages"] else "") + (
+            "+head" if len(pl.pipeline) * len(r["stages"]) - 1 in r["stages"] else ""
+        )
+        lines.append(
+            f"{r['rank']:>7} {','.join(map(str, r['stages'])):>8} {str(r['layers']) + extra:>6} "
+            f"{_si(r['params']):>9} {r['memory'] / gib:>11.1f} {r['memory_checkpointed'] / gib:>8.1f}"
+        )
+    return [*lines, ""]
 
 
 def _unsharded_lines(pl: PlanReport) -> list[str]:
@@ -789,6 +957,13 @@ def _unsharded_lines(pl: PlanReport) -> list[str]:
     m, gib = pl.memory, 2**30
     if not (m.backend == "fsdp" and m.gathered):  # no FSDP units (another backend, or tp alone)
         return [f"gathered params    {m.gathered / gib:8.2f} GiB"]
+    if pl.pipeline:
+        return [
+            f"unsharded grads    {m.unsharded_grads / gib:8.2f} GiB (the rank's stages', until the step's "
+            "reduce-scatter)",
+            f"gathered params    {m.gathered / gib:8.2f} GiB (the rank's stages, gathered through the step: "
+            "no reshard after forward under pp)",
+        ]
     other = m.unsharded_grads_other
     held = other is not None and m.unsharded_grads > other
     note = (
@@ -815,7 +990,8 @@ def _gb(n: float) -> str:
 def _comm_lines(pl: PlanReport) -> list[str]:
     if pl.communication is None:
         return []
-    lines = ["== Communication per step (per rank, by mesh dimension; estimate, scalars left out) =="]
+    who = "rank 0's: the first pipeline stage; a middle stage sends both ways" if pl.pipeline else "per rank"
+    lines = [f"== Communication per step ({who}, by mesh dimension; estimate, scalars left out) =="]
     for dim, ops in pl.communication.items():
         parts = ", ".join(f"{op} {_gb(b)}" for op, b in ops.items())
         lines.append(f"{dim:<18} {_gb(sum(ops.values()))}: {parts}")
@@ -828,20 +1004,33 @@ def _layout_lines(pl: PlanReport) -> list[str]:
     if not pl.layouts:
         return []
     gib = 2**30
+    leads = [d for d in ("pp", "cp") if any(r[d] > 1 for r in pl.layouts)]
+    mesh = " x ".join(
+        d for d in ("pp", "dp_replicate", "dp_shard", "cp", "tp") if d in leads or "_" in d or d == "tp"
+    )
+    head = "".join(f"{d:>3} " + (f"{'bubble':>6} " if d == "pp" else "") for d in leads)
     lines = [
-        f"== Layouts on {pl.gpus} x {pl.gpu} (parallel=fsdp; mesh dp_replicate x dp_shard x tp; estimate) ==",
-        f"{'tp':>3} {'dp_rep x shard':>15} {'micro x acc':>12} {'GiB/device':>11} {'with AC':>8} "
-        f"{'tp bytes/step':>14} {'dp bytes/step':>14}",
+        f"== Layouts on {pl.gpus} x {pl.gpu} (parallel=fsdp; mesh {mesh}; estimate) ==",
+        f"{head}{'tp':>3} {'dp_rep x shard':>15} {'micro x acc':>12} {'GiB/device':>11} {'with AC':>8} "
+        + "".join(f"{d + ' bytes/step':>14} " for d in leads)
+        + f"{'tp bytes/step':>14} {'dp bytes/step':>14}",
     ]
     for r in pl.layouts:
+        first = "".join(
+            f"{r[d]:>3} " + (f"{r['bubble']:>6.1%} " if d == "pp" and not r["note"] else "") for d in leads
+        )
         if r["note"]:
-            lines.append(f"{r['tp']:>3}  cannot run: {r['note']}")
+            pad = f"{'':>6} " if "pp" in leads else ""
+            lines.append(f"{first}{pad}{r['tp']:>3}  cannot run: {r['note']}")
             continue
-        dp = sum(b for d, b in r["comm_bytes"].items() if d != "tp")
+        b = r["comm_bytes"]
+        dp = sum(v for d, v in b.items() if d not in ("tp", "pp", "cp"))
         lines.append(
-            f"{r['tp']:>3} {r['dp_replicate']:>7} x {r['dp_shard']:<5} "
+            first + f"{r['tp']:>3} {r['dp_replicate']:>7} x {r['dp_shard']:<5} "
             f"{r['micro_batch_size']:>5} x {r['gradient_accumulation_steps']:<4} {r['memory'] / gib:>11.1f} "
-            f"{r['memory_checkpointed'] / gib:>8.1f} {_gb(r['comm_bytes'].get('tp', 0)):>14} {_gb(dp):>14}"
+            f"{r['memory_checkpointed'] / gib:>8.1f} "
+            + "".join(f"{_gb(b.get(d, 0)):>14} " for d in leads)
+            + f"{_gb(b.get('tp', 0)):>14} {_gb(dp):>14}"
         )
     return [*lines, ""]
 

@@ -164,9 +164,9 @@ class Saver:
                     time.sleep(self.poll_s)
                 other = min(failed)
                 line = failures.describe(other, "checkpoint save", job.final, _unwrap(failed[other]), "?")
-                failures.fail(f"{line} (seen by rank {rank})")
+                failures.fail(f"{line} (seen by rank {rank})", e)
             error = _unwrap(failed[rank])
-        failures.fail(failures.describe(rank, "checkpoint save", job.final, error))
+        failures.fail(failures.describe(rank, "checkpoint save", job.final, error), error)
 
 
 def _unwrap(wrapped) -> BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -88,12 +89,27 @@ def _hydra_main(cfg) -> None:
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
+    signal.signal(signal.SIGTERM, _discarding(hydra_cfg.runtime.output_dir))  # until the trainer's own
     code = run_cli(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
     # a worker of several (torchrun's, srun's) ends here; a sweep's job returns to Hydra/submitit
     if code == EXIT_PREEMPTED or (_world_size() > 1 and hydra_cfg.mode != RunMode.MULTIRUN):
         _exit_now(code)
     if code:
         sys.exit(code)
+
+
+def _discarding(run_dir: str):
+    """A SIGTERM handler for a worker's start-up: the directory Hydra has just made is removed if nothing
+    was written into it yet (torchrun SIGTERMs the other workers as soon as one exits: a refused config
+    must not leave an empty run directory behind on a slower rank), then the signal's default action."""
+
+    def handle(signum, _frame) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)  # only an empty one
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    return handle
 
 
 def _exit_now(code: int) -> None:
@@ -103,7 +119,10 @@ def _exit_now(code: int) -> None:
     this status. In teardown third-party threads may still
     be inside C++ calls (wandb's after ``scancel`` killed ``wandb-core``, gloo's, a store client's): an
     abort there (``terminate called without an active exception``, SIGABRT, seen in CI and in about 1 of
-    25 two-process runs) would turn a finished run (0) or a preempted one (75, requeued) into a crash."""
+    25 two-process runs) would turn a finished run (0) or a preempted one (75, requeued) into a crash,
+    and so would a late SIGTERM (ignored here: see :func:`harness.exits.stop_signals_ignored`)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -16,27 +16,26 @@ model: bad input fails fast and leaves an existing run as it was.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from harness import checkpoint as ckpt
 from harness import failures, phases
 from harness.config import BatchSizes, JobConfig, check_run_dir, to_object, validate
-from harness.data import IGNORE_INDEX, DataBundle, MicroBatch, PrepareOnce, build_data, build_loader
+from harness.data import DataBundle, MicroBatch, PrepareOnce, build_data, build_loader
 from harness.data.mixture import resume_mixture
 from harness.dist import DistEnv, job_store, read_env
 from harness.errors import CheckpointError, NonFiniteError
-from harness.exits import exit_code, report_exit
+from harness.exits import EXIT_PEER_LOST, exit_code, report_exit, stop_signals_ignored
 from harness.faults import Faults
 from harness.hooks import Hook, default_hooks
 from harness.hooks.watchdog import flight_recorder_env
@@ -105,52 +104,6 @@ class TrainState:
             d.get("skipped_steps", 0),
             d.get("consecutive_skips", 0),
         )
-
-
-def token_loss_sum(
-    model: torch.nn.Module, mb: MicroBatch, autocast_dtype: torch.dtype | None
-) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over ``mb``'s target tokens, in fp32 (0-d tensor).
-
-    Positions whose label is ``IGNORE_INDEX`` contribute nothing.
-    """
-    ctx = (
-        torch.autocast(mb.input_ids.device.type, dtype=autocast_dtype)
-        if autocast_dtype
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        logits = model(**mb.model_inputs()).logits
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss  # loss-parallel: a DTensor
-
-
-def forward_backward(
-    backend: Backend,
-    model: torch.nn.Module,
-    micro_batches: list[MicroBatch],
-    autocast_dtype: torch.dtype | None = None,
-    nan_loss: bool = False,
-) -> torch.Tensor:
-    """Accumulate the gradient of the step's token-mean loss; returns that loss (0-d, detached).
-
-    Every micro-batch's summed loss is divided by the number of target tokens in the whole step
-    (all micro-batches, all ranks), so K micro-batches of B give exactly the gradient of one batch
-    of K*B -- not a mean of per-micro-batch means. ``nan_loss`` (fault injection) makes the first
-    micro-batch's loss NaN.
-    """
-    num_targets = backend.all_reduce_sum(torch.stack([mb.num_targets() for mb in micro_batches]).sum())
-    total = torch.zeros((), device=micro_batches[0].input_ids.device)
-    for i, mb in enumerate(micro_batches):
-        with backend.accumulate(is_last=i == len(micro_batches) - 1), backend.loss_context():
-            loss = token_loss_sum(model, mb, autocast_dtype) / num_targets
-            if i == 0 and nan_loss:
-                loss = loss * float("nan")
-            backend.backward(loss)
-        total += loss.detach()
-    return backend.all_reduce_sum(total)
 
 
 def _model_identity(cfg: JobConfig, vocab_size: int) -> dict:
@@ -311,7 +264,9 @@ class Trainer:
             flight_recorder_env(run_dir)  # before the process group exists
         backend = build_backend(cfg.parallel, env, dims, batch, cfg.optim, cfg.logging.comm_timing)
         if env.world_size > 1:  # a failed save or load on any rank ends every rank (harness.failures)
-            failures.start(job_store(cfg.parallel.timeout_s), env.rank, env.world_size)
+            hosts = [None] * env.world_size  # each rank's host: a lost rank is named with it
+            torch.distributed.all_gather_object(hosts, socket.gethostname())
+            failures.start(job_store(cfg.parallel.timeout_s), env.rank, env.world_size, hosts)
         if cfg.model.init_from:
             safetensors_files(cfg.model.init_from)  # weights there, before its tokenizer is read
         tokenizer = tokenizer_config(cfg.model, cfg.tokenizer)  # model.init_from's when tokenizer.path unset
@@ -431,11 +386,9 @@ class Trainer:
         return [mb.to(self.env.device, non_blocking=True) for mb in self.loader.micro_batches(info)]
 
     def forward_backward(self, micro_batches: list[MicroBatch], step: int) -> torch.Tensor:
-        """The step's token-mean loss (0-d); gradients accumulated (see :func:`forward_backward`)."""
+        """The step's token-mean loss (0-d); gradients accumulated (:meth:`Backend.forward_backward`)."""
         self.faults.slow_step()
-        return forward_backward(
-            self.backend, self.model, micro_batches, self.autocast_dtype, self.faults.nan_loss(step)
-        )
+        return self.backend.forward_backward(micro_batches, self.autocast_dtype, self.faults.nan_loss(step))
 
     def update(self, step: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool, float]:
         """Clip by the global norm, step the optimizer (skipped on every rank alike when the loss or the
@@ -514,21 +467,10 @@ class Trainer:
             self.phase = f"{type(hook).__name__}.{event}"
             getattr(hook, event)(self, *args)
 
-    @torch.no_grad()
     def evaluate_sums(self, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed validation loss (nats) and target count over this rank's micro-batches and every
-        other rank's (0-d tensors)."""
-        self.model.eval()
-        device = self.env.device
-        loss_sum = torch.zeros((), device=device)
-        targets = torch.zeros((), device=device, dtype=torch.long)
-        for mb in batches:
-            mb = mb.to(device)
-            with self.backend.loss_context():
-                loss_sum += token_loss_sum(self.model, mb, self.autocast_dtype)
-            targets += mb.num_targets()
-        self.model.train()
-        return self.backend.all_reduce_sum(loss_sum), self.backend.all_reduce_sum(targets)
+        other rank's (0-d tensors; :meth:`Backend.evaluate_sums`)."""
+        return self.backend.evaluate_sums(batches, self.autocast_dtype)
 
     def evaluate(self, batches: list[MicroBatch]) -> float:
         """Token-mean validation loss (nats) over ``batches`` of every rank."""
@@ -638,18 +580,26 @@ class Trainer:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:  # a peer that left on a failed save (harness.failures): leave with its status
+            failures.answer_roll_call()  # this rank is not lost: a peer holding a roll call must know
             failures.leave_if_announced()
+        lost = isinstance(exc, Exception) and failures.is_peer_error(exc) and failures.report_lost(str(exc))
         if isinstance(exc, Exception):  # a save in flight still completes if it can (not on a 2nd Ctrl-C)
             self.checkpoints.wait(timeout_s=self.cfg.parallel.timeout_s)
         failures.stop()
         if exc is None:
             report_exit(self.env.rank, exit_code(self.state.stop_signal))  # before any rank exits
-            self.run.close(self.outcome(), LOGGERS)
-            self.backend.close()
+            with stop_signals_ignored():  # the outcome is recorded: a late SIGTERM must not cut the close
+                self.run.close(self.outcome(), LOGGERS)
+                self.backend.close()
             return
-        if isinstance(exc, Exception):
-            self.run.report_failure(exc, min(10.0, self.cfg.parallel.timeout_s))
-        self.run.close(_outcome_of(exc), LOGGERS)
+        # the failure is being recorded: the launcher's SIGTERM (torchrun ends the other workers as soon
+        # as the failed rank exits) must not cut rank 0's report or the close; its SIGKILL still follows
+        with stop_signals_ignored():
+            if isinstance(exc, Exception):
+                self.run.report_failure(exc, min(10.0, self.cfg.parallel.timeout_s))
+            self.run.close(_outcome_of(exc), LOGGERS)
+        if lost:  # ranks of the job are gone (their node killed, its link cut): the status says so
+            failures.leave(EXIT_PEER_LOST)
 
     def outcome(self) -> str:
         """``done``, ``stopped`` (train.stop_at_step), ``preempt`` or ``interrupt``."""
@@ -720,9 +670,10 @@ def _log_plan(cfg: JobConfig, env: DistEnv, c: _Checked) -> None:
         )
     log.info("%s", _data_line(c.data, cfg.data.seq_len))
     b, dims = c.batch, c.backend.dims
-    ranks = (
-        f"world {env.world_size}" if dims.tp == 1 else f"dp {dims.dp}; tp {dims.tp}, world {env.world_size}"
-    )
+    split = ", ".join(f"{k} {getattr(dims, k)}" for k in ("pp", "cp", "tp") if getattr(dims, k) > 1)
+    ranks = f"world {env.world_size}" if not split else f"dp {dims.dp}; {split}, world {env.world_size}"
+    if dims.pp > 1:
+        ranks += f"; pp_schedule {cfg.parallel.pp_schedule}"
     log.info(
         "plan: %d steps, global batch %d (micro %d x accumulation %d x %s), %d iterations/epoch, %s "
         "tokens in total",

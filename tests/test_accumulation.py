@@ -8,7 +8,7 @@ from harness.data import IGNORE_INDEX, MicroBatch
 from harness.dist import DistEnv
 from harness.model import build_model
 from harness.parallel import ParallelDims, backend_class
-from harness.trainer import forward_backward, token_loss_sum
+from harness.parallel.loss import token_loss_sum
 
 
 def _backend(model):
@@ -44,7 +44,7 @@ def _grads(micro_batch_size):
         MicroBatch(batch.input_ids[i : i + micro_batch_size], batch.labels[i : i + micro_batch_size])
         for i in range(0, 8, micro_batch_size)
     ]
-    loss = forward_backward(_backend(model), model, mbs)
+    loss = _backend(model).forward_backward(mbs)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, model, batch
 
 

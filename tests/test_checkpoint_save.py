@@ -193,7 +193,7 @@ def _failing(monkeypatch):
 
     lines = []
 
-    def fail(line):
+    def fail(line, error=None):
         lines.append(line)
         raise SystemExit(74)
 

@@ -23,7 +23,7 @@ from harness.data.loader import MicroBatch
 from harness.data.tokenizer import load_tokenizer
 from harness.errors import ConfigError, DataError
 from harness.model import build_model
-from harness.trainer import token_loss_sum
+from harness.parallel.loss import token_loss_sum
 
 EOS = 0
 

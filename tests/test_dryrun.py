@@ -90,6 +90,29 @@ def test_dry_run_refuses_what_the_build_refuses(capsys):
     assert err == ["error: model.num_heads=32 is not divisible by parallel.tp=3 (each rank holds 1/tp)"]
 
 
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (
+            ["parallel.pp=2", "model.tie_word_embeddings=false", "train.micro_batch_size=1"],
+            "parallel.pp=2 (one rank's stages under a schedule) yet: its memory per stage is the planner's "
+            "estimate; plan with plan.dry_run=false",
+        ),
+        (
+            ["parallel.cp=2"],
+            "parallel.cp=2 yet (its lower-right causal mask, a tensor subclass, cannot be made under "
+            "FakeTensorMode); its memory is the planner's estimate; plan with plan.dry_run=false",
+        ),
+    ],
+    ids=["pp", "cp"],
+)
+def test_dry_run_refuses_the_layouts_it_does_not_trace(capsys, layout, message):
+    """Pipeline and context-parallel layouts: the planner's estimate only, one line, exit 2."""
+    args = ["parallel=fsdp", *layout, "plan.gpus=2", "plan.png=", "plan.dataset_tokens=1000000000"]
+    assert main([*args, "plan.dry_run=true"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: plan.dry_run=true does not trace {message}"
+
+
 def test_dry_run_refuses_a_step_the_device_cannot_hold(llama3_8b_64):
     """The same step on an H100 (80 GB = 74.5 GiB): 69.4 GiB of tensors + 10 % reserve + 1 GiB context."""
     plan, out = llama3_8b_64

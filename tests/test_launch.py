@@ -76,7 +76,10 @@ def test_4_node_8_gpu_script_line_by_line():
     assert "trap 'relay USR1' USR1" in lines and "trap 'relay TERM' TERM" in lines
     i = next(i for i, line in enumerate(lines) if line.startswith("srun "))
     assert lines[i] == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\"
-    assert lines[i + 1] == "    /opt/venv/bin/python -m harness.cluster.node -- \\"
+    assert lines[i + 1] == (
+        '    /opt/venv/bin/python -m harness.cluster.node --rendezvous "$HEAD_NODE:$RDZV_PORT" '
+        "--rendezvous-timeout 600 -- \\"
+    )
     assert lines[i + 2].split() == [
         "/opt/venv/bin/python",
         "-m",
@@ -97,7 +100,12 @@ def test_4_node_8_gpu_script_line_by_line():
         "hydra.run.dir=/scratch/runs/l8b"
     ]
     assert "MAX_REQUEUES=5" in lines and "REQUEUE_ON_FAILURE=0" in lines
-    assert '    scontrol requeue "$SLURM_JOB_ID" && exit 0' in lines
+    requeue = 'case "$RC" in 75 | 69) REQUEUE=1 ;; 0) REQUEUE=0 ;; *) REQUEUE=$REQUEUE_ON_FAILURE ;; esac'
+    assert requeue in lines
+    assert (
+        '    for TRY in 1 2 3; do scontrol requeue "$SLURM_JOB_ID" && exit 0; sleep $((TRY * 10)); done'
+        in lines
+    )
     assert 'if [ "$RESTARTS" -gt 0 ]; then RESUME=(checkpoint.resume=auto); fi' in lines
     assert lines[-1] == 'exit "$RC"'
     script = "\n".join(lines)
@@ -266,6 +274,35 @@ def test_node_helpers():
     assert node.combine_exit(1, [75, 1]) == 1  # a crash is a crash
     assert node.combine_exit(1, []) == 1
     assert node.combine_exit(0, [0, 0]) == 0
+
+
+def test_a_sigterm_as_the_node_wrapper_exits_keeps_its_status():
+    """``srun --kill-on-bad-exit`` sends SIGTERM to the other nodes once one node's wrapper exits 75;
+    a wrapper still shutting down must exit 75, not 143. Here the launcher leaves a process behind
+    that sends SIGTERM to the wrapper every millisecond until the wrapper is gone."""
+    storm = 'while kill -TERM "$1" 2>/dev/null; do sleep 0.001; done'
+    launcher = f"sh -c '{storm}' storm $PPID >/dev/null 2>&1 & sleep 0.2; exit 75"
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness.cluster.node", "--", "sh", "-c", launcher],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 75, proc.stderr[-2000:]
+        assert "SIGTERM: asking 0 training processes to checkpoint and stop" in proc.stderr
+
+
+def test_stop_signals_are_ignored_while_a_finished_run_closes():
+    from harness.exits import stop_signals_ignored
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_signals_ignored():
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: this test process lives on
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.slow

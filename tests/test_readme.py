@@ -8,6 +8,7 @@ here fails :func:`test_every_readme_command_is_covered`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -74,6 +75,21 @@ COMMANDS = {
         "to parity)",
     ),
     ".venv/bin/torchrun --nnodes 4": ("skip", "four nodes of 8 GPUs (Llama 3 70B)"),
+    ".venv/bin/torchrun --nnodes 8": (
+        "skip",
+        "eight nodes of 8 GPUs (Llama 3 70B, 3-D); tests/test_pipeline.py validates its config at world 64",
+    ),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train run_name=pp2": ("run", [*SHORT]),
+    ".venv/bin/torchrun --standalone --nproc_per_node 2 -m harness.train run_name=cp2": (
+        "run",
+        [*SHORT, *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    ),
+    ".venv/bin/torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD_NODE:29500 "
+    "-m harness.train run_name=llama3-8b-128k": (
+        "skip",
+        "four nodes of 8 GPUs (Llama 3 8B at 128k tokens); tests/test_context_parallel.py validates its "
+        "config at world 32",
+    ),
     ".venv/bin/python -m harness.plan model=llama3_8b model.vocab_size=128256 parallel=fsdp parallel.tp=2": (
         "run",
         [],
@@ -105,6 +121,13 @@ COMMANDS = {
     "docker build": ("skip", "no Docker builds on the CI machines (the Dockerfile is linted in test_launch)"),
     "docker run": ("skip", "needs the image and GPUs"),
     ".venv/bin/python -m harness.cluster.slurm slurm.container_image": ("run", ["slurm.dry_run=true"]),
+    "tests/cluster/start-nodes.sh": ("skip", "root; tests/test_multinode.py starts the two-node cluster"),
+    "tests/cluster/exec.sh .venv/bin/python -m harness.cluster.slurm run_name=two-nodes": (
+        "skip",
+        "submitted as written (plus data.path) by tests/test_multinode.py on the two-node cluster",
+    ),
+    "tests/cluster/exec.sh squeue": ("skip", "the two-node cluster (tests/test_multinode.py runs squeue)"),
+    "tests/cluster/stop-nodes.sh": ("skip", "root; tests/test_multinode.py stops the cluster it started"),
 }
 
 
@@ -118,6 +141,14 @@ def readme_commands() -> list[str]:
             if line and not line.startswith("#"):
                 out.append(" ".join(line.split()))
     return out
+
+
+def readme_overrides(marker: str) -> list[str]:
+    """The ``key=value`` arguments of the README command that contains ``marker``."""
+    import shlex
+
+    line = next(c for c in readme_commands() if marker in c)
+    return [a for a in shlex.split(line) if "=" in a and not a.startswith("--")]
 
 
 def entry(command: str):
@@ -162,7 +193,7 @@ def _run(command: str, extra: list[str], tmp, subs: dict, index: int, checkpoint
     if args[0] == "make":
         args += [f"ARGS={' '.join([*extra, f'hydra.run.dir={run_dir}'])}"]
     elif "harness.plan" in command:
-        args += [*extra, f"plan.png={tmp}/plan.png"]
+        args += [*extra, f"plan.png={tmp}/plan{index}.png"]
     elif "harness.cluster.slurm" in command and "hydra.run.dir=" in command:
         args += extra
     elif "harness.export" not in command:
@@ -193,42 +224,65 @@ def test_every_training_command_has_its_own_run_name():
     assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
 
 
+def _runs_beside(command: str) -> bool:
+    """Commands that read no data and write no run (the model plans, the Slurm dry runs): they run in
+    a thread beside the others (one process each, so two of the CI machine's cores are busy)."""
+    return "harness.plan model=" in command or "harness.cluster.slurm" in command
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_readme_commands_run_as_written(tmp_path, shared_data):
     subs = _substitutions(tmp_path, shared_data)
     checkpoint: list[str] = []
-    ran = []
-    for i, command in enumerate(readme_commands()):
-        kind, extra = entry(command)
-        if kind == "skip":
-            continue
-        proc, run_dir = _run(command, extra, tmp_path, subs, i, checkpoint)
-        ran.append(command)
-        if "harness.plan model=llama3_8b" in command and "plan.gpus=32" in command:
-            assert "max_steps          238,982 optimizer steps" in proc.stdout
-        if "harness.plan data=mixture" in command:  # the README's table is this output
-            table = README.read_text().split("== Mixture")[1].split("```")[0]
-            assert table.strip() in proc.stdout.split("== Mixture")[1]
-        if "harness.plan" in command and "parallel.tp=2" in command:  # the README's tables are this output
-            section = README.read_text().split("## Tensor parallelism")[1]
-            for head in ("== Communication", "== Layouts"):
-                table = section.split(head)[1].split("```")[0]
-                assert table.strip() in proc.stdout.split(head)[1], head
-        if "harness.train" in command and ("data.sources=" in command or "data=mixture" in command):
-            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            assert all(sum(r["tokens_by_source"].values()) == r["tokens"] for r in records)
-        if "plan.dry_run=true" in command:  # the README's table is this output (all but the timing)
-            section = README.read_text().split("## Check a big config before you queue it")[1]
-            table = section.split("== Dry run")[1].split("dry run            ")[0]
-            assert table in proc.stdout, proc.stdout
-        if "harness.export" in command:
-            assert (tmp_path / "exported" / "config.json").is_file()
-        if "model.init_from=" in command:  # every tensor of make train's export, in one process
-            assert (
-                "38 tensors from 1 file(s), 16,851,968 of the checkpoint's 16,851,968 bytes read"
-                in (run_dir / "train.log").read_text()
-            )
-        if "harness.cluster.slurm" in command:
-            assert "slurm.dry_run=true: not submitted" in proc.stdout
-    assert len(ran) >= 17
+    commands = [(i, c) for i, c in enumerate(readme_commands()) if entry(c)[0] != "skip"]
+    with concurrent.futures.ThreadPoolExecutor(1) as beside:
+        futures = {
+            c: beside.submit(_run, c, entry(c)[1], tmp_path, subs, i, [])
+            for i, c in commands
+            if _runs_beside(c)
+        }
+        done = [
+            (c, _run(c, entry(c)[1], tmp_path, subs, i, checkpoint)) for i, c in commands if c not in futures
+        ]
+        done += [(c, f.result()) for c, f in futures.items()]
+    for command, (proc, run_dir) in done:
+        _check(command, proc, run_dir, tmp_path)
+    assert len(done) >= 17
+
+
+def _check(command: str, proc, run_dir, tmp_path) -> None:
+    """The figures and files the README shows for ``command``, in its output."""
+    if (
+        "harness.plan model=llama3_8b" in command
+        and "plan.gpus=32" in command
+        and "parallel.cp" not in command
+    ):
+        assert "max_steps          238,982 optimizer steps" in proc.stdout
+    if "harness.plan data=mixture" in command:  # the README's table is this output
+        table = README.read_text().split("== Mixture")[1].split("```")[0]
+        assert table.strip() in proc.stdout.split("== Mixture")[1]
+    if "harness.plan" in command and "parallel.tp=2" in command:  # the README's tables are this output
+        section = README.read_text().split("## Tensor parallelism")[1]
+        for head in ("== Communication", "== Layouts"):
+            table = section.split(head)[1].split("```")[0]
+            assert table.strip() in proc.stdout.split(head)[1], head
+    if "harness.train" in command and ("data.sources=" in command or "data=mixture" in command):
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all(sum(r["tokens_by_source"].values()) == r["tokens"] for r in records)
+    if "harness.plan" in command and "parallel.pp=4" in command:  # the README's table is this output
+        table = README.read_text().split("## Pipeline parallelism")[1].split("```text")[1].split("```")[0]
+        assert table.strip() in proc.stdout
+    if "plan.dry_run=true" in command:  # the README's table is this output (all but the timing)
+        section = README.read_text().split("## Check a big config before you queue it")[1]
+        table = section.split("== Dry run")[1].split("dry run            ")[0]
+        assert table in proc.stdout, proc.stdout
+    if "harness.export" in command:
+        assert (tmp_path / "exported" / "config.json").is_file()
+    if "model.init_from=" in command:  # every tensor of make train's export, in one process
+        assert (
+            "38 tensors from 1 file(s), 16,851,968 of the checkpoint's 16,851,968 bytes read"
+            in (run_dir / "train.log").read_text()
+        )
+    if "harness.cluster.slurm" in command:
+        assert "slurm.dry_run=true: not submitted" in proc.stdout

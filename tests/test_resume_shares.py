@@ -124,7 +124,7 @@ def test_a_load_failing_in_any_form_ends_with_one_line(tmp_path, monkeypatch):
     class Left(Exception):
         pass
 
-    def fail(line):
+    def fail(line, error=None):
         calls.append(line)
         raise Left
 

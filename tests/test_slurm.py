@@ -1,5 +1,6 @@
-"""Jobs on a real Slurm cluster: the generated sbatch script (1 node x 2 processes, gloo, FSDP),
-preemption by USR1 with requeue and exact resume, and a Hydra multirun through the submitit launcher.
+"""Jobs on a real Slurm cluster: the generated sbatch script (1 node x 2 processes, gloo, FSDP) and a
+Hydra multirun through the submitit launcher. (Preemption by USR1 with requeue and exact resume, and
+node failures, are tested on two nodes: test_multinode.py.)
 
 A running cluster is used when ``sinfo`` answers; otherwise ``../shared/tools/local-slurm/
 start-local-slurm.sh`` (or ``$HARNESS_LOCAL_SLURM``) starts a single-node one. Without either the
@@ -19,12 +20,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.slurm]
 
 PY = sys.executable
 LOCAL_SLURM = REPO.parent / "shared" / "tools" / "local-slurm" / "start-local-slurm.sh"
-# 100 steps of the small model with the batch ramp, FSDP over 2 gloo processes.
+# 20 steps of the small model with the batch ramp, FSDP over 2 gloo processes.
 ARGS = [
     *SMALL,
     "parallel=fsdp",
-    "train.max_steps=100",
-    "eval.every=25",
+    "train.max_steps=20",
+    "eval.every=10",
     "checkpoint.every=0",
     "checkpoint.export_hf=false",
 ]
@@ -68,16 +69,6 @@ def _wait_gone(job: str, timeout: float = 300) -> None:
             subprocess.run(["scancel", job])
             raise AssertionError(f"job {job} still {_state(job) or 'queued'} after {timeout} s")
         time.sleep(0.5)
-
-
-def _start_now(job: str) -> None:
-    """Skip the requeue delay (BeginTime about 120 s ahead). slurmd refuses to relaunch a batch job it
-    killed moments ago ("already killed, do not launch"), which fails the job, so wait 2 s first."""
-    time.sleep(2)
-    deadline = time.time() + 60
-    while _state(job) == "PENDING" and time.time() < deadline:
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-        time.sleep(5)
 
 
 def _submit(run_dir, corpus: str, partition: str, *extra: str) -> str:
@@ -129,7 +120,7 @@ def reference(tmp_path_factory, small_corpus):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 101))
+    assert [r["step"] for r in rows] == list(range(1, 21))
     return rows
 
 
@@ -143,34 +134,6 @@ def test_sbatch_job_matches_local_torchrun(tmp_path, small_corpus, partition, re
     assert "(micro 2 x accumulation 2 x world 2)" in log
     assert _rows(run_dir) == reference
     print(f"sbatch job {job}: {time.time() - t0:.1f} s")
-
-
-def test_usr1_checkpoints_requeues_and_resumes_exactly(tmp_path, small_corpus, partition, reference):
-    t0 = time.time()
-    run_dir = tmp_path / "run"
-    job = _submit(run_dir, small_corpus, partition)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        assert time.time() < deadline and _state(job), "the job ended or stalled before step 5"
-        time.sleep(0.05)
-    # what `#SBATCH --signal=B:USR1@N` does before the time limit: USR1 to the batch shell
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    while _state(job) != "PENDING":  # requeued by the batch script after exit status 75
-        assert time.time() < deadline and _state(job), "the job was not requeued"
-        time.sleep(0.2)
-    first = read_metrics(run_dir)
-    stopped = first[-1]["step"]
-    ckpts = sorted(os.listdir(run_dir / "checkpoints"))
-    assert 5 <= stopped < 100 and ckpts == [f"step_{stopped:08d}"]  # checkpoint at the step it stopped
-    _start_now(job)
-    _wait_gone(job)
-    log = (run_dir / "slurm" / f"{job}.out").read_text()
-    assert "exit status 75: requeueing (requeue 1 of 10)" in log
-    assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d} at step {stopped}" in log
-    assert "[harness] finished with exit status 0" in log, log[-3000:]
-    assert _rows(run_dir) == reference  # same per-step losses as the uninterrupted run
-    print(f"preempted job {job}: stopped after step {stopped}, 0 steps recomputed, {time.time() - t0:.1f} s")
 
 
 def test_hydra_submitit_multirun_completes_both_jobs(tmp_path, small_corpus, partition):

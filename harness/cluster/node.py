@@ -17,6 +17,12 @@ It exists for two reasons:
    or 130, the wrapper exits with that status (``harness.exits.combine_exit``): 75 becomes
    ``scontrol requeue`` in the batch script, 2 is a refused config (one ``error:`` line).
 
+3. **Rendezvous.** With ``--rendezvous HOST:PORT`` (the generated script passes the first node's
+   address), a node other than ``HOST`` first connects to it, retrying for ``--rendezvous-timeout``
+   seconds (the head's launcher opens the port when it starts); when it cannot, it prints one line
+   naming this node, ``HOST`` and ``PORT`` and the last error, and exits with status 2, before any
+   training process starts (torchrun alone would wait out its own timeouts with a traceback).
+
 Arguments after ``--`` of the form ``${SLURM_NODEID}`` (any ``SLURM_*`` variable, written in single
 quotes in the batch script) are expanded here, on each node, from that node's environment.
 """
@@ -26,13 +32,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import psutil
 
-from harness.exits import EXIT_CODE_DIR_ENV, combine_exit
+from harness.exits import EXIT_CODE_DIR_ENV, EXIT_USAGE, combine_exit
 
 TRAIN_MODULE = "harness.train"
 LAUNCHER_MODULES = (
@@ -57,6 +65,35 @@ def expand_slurm_vars(args: list[str], environ: dict[str, str] | None = None) ->
         return environ[m.group(1)]
 
     return [_SLURM_VAR.sub(value, a) for a in args]
+
+
+def reach_rendezvous(endpoint: str, timeout_s: float, node: str | None = None) -> str | None:
+    """Connect to ``endpoint`` (``host:port``) until it accepts or ``timeout_s`` seconds have passed.
+
+    Returns:
+        None when it accepted (or this node is the endpoint's host: its own launcher opens it), else
+        the one-line error naming this node, the host, the port and the last error.
+    """
+    host, _, port = endpoint.rpartition(":")
+    node = node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    if not host or not port.isdigit():
+        return f"--rendezvous {endpoint!r} is not HOST:PORT"
+    if node in (host, host.split(".")[0]):
+        return None
+    deadline, last = time.monotonic() + timeout_s, "no attempt"
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, max(timeout_s, 0.1))):
+                return None
+        except OSError as e:
+            last = f"{type(e).__name__}: {e.strerror or e}"
+        if time.monotonic() >= deadline:
+            return (
+                f"node {node} cannot reach the rendezvous at {host}:{port} within {timeout_s:g} s "
+                f"(last error: {last}); check that {host} resolves to its address from {node} and that "
+                f"port {port} is open between the nodes (slurm.rdzv_port, slurm.rdzv_timeout_s)"
+            )
+        time.sleep(1.0)
 
 
 def _training_processes(pid: int) -> list:
@@ -87,14 +124,27 @@ def _read_codes(directory: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the launcher command after ``--``; relay USR1/TERM to training processes; return the exit
-    status."""
+    """Check the rendezvous (``--rendezvous``), run the launcher command after ``--``, relay USR1/TERM
+    to the training processes; return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if "--" in argv:
-        argv = argv[argv.index("--") + 1 :]
-    if not argv:
-        print("usage: python -m harness.cluster.node -- LAUNCHER ARGS...", file=sys.stderr)
+    own, argv = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else ([], argv)
+    opts = dict(zip(own[::2], own[1::2]))
+    if not argv or len(own) % 2 or set(opts) - {"--rendezvous", "--rendezvous-timeout"}:
+        print(
+            "usage: python -m harness.cluster.node [--rendezvous HOST:PORT [--rendezvous-timeout S]] "
+            "-- LAUNCHER ARGS...",
+            file=sys.stderr,
+        )
         return 2
+    if "--rendezvous" in opts:
+        timeout = opts.get("--rendezvous-timeout", "600")
+        if not timeout.replace(".", "", 1).isdigit():
+            print(f"error: --rendezvous-timeout {timeout!r} is not a number of seconds", file=sys.stderr)
+            return 2
+        error = reach_rendezvous(opts["--rendezvous"], float(timeout))
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
     cmd = expand_slurm_vars(argv)
     with tempfile.TemporaryDirectory(prefix="harness-exit-") as codes_dir:
         env = {**os.environ, EXIT_CODE_DIR_ENV: codes_dir}
@@ -140,4 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The launcher has exited: from here a TERM (srun's --kill-on-bad-exit after another node's wrapper
+    # exited 75 first) must not turn this status into 143 while the interpreter shuts down (which
+    # restores the default action of signals that have a Python handler).
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)

@@ -9,8 +9,12 @@ world size ``slurm.nodes x nproc_per_node`` included), then a readable sbatch sc
   ``parallel=deepspeed``, the deepspeed launcher (``--no_ssh`` with a hostfile and ``--node_rank``);
 - asks Slurm for USR1 ``slurm.signal_grace_s`` seconds before the time limit (``--signal=B:USR1@N``)
   and relays USR1 or TERM to the training processes, which finish the step, checkpoint and exit 75;
-- turns exit status 75 into ``scontrol requeue`` (at most ``slurm.max_requeues`` times); the
-  requeued job resumes from the newest complete checkpoint (``checkpoint.resume=auto``).
+- turns exit status 75 (preempted) and 69 (ranks lost: a node killed or cut off,
+  :mod:`harness.failures`) into ``scontrol requeue`` (at most ``slurm.max_requeues`` times); the
+  requeued job resumes from the newest complete checkpoint (``checkpoint.resume=auto``). (Slurm
+  itself requeues a job whose node failed, ``NODE_FAIL``, once it marks the node down.)
+- on several nodes, has each node other than the first check that it reaches the rendezvous port
+  within ``slurm.rdzv_timeout_s`` (one ``error:`` line naming the host and port otherwise).
 
 Slurm options follow ``sbatch``'s manual (https://slurm.schedmd.com/sbatch.html); the container
 options are pyxis's (https://github.com/NVIDIA/pyxis).
@@ -203,7 +207,10 @@ def _launch(
             f"--container-workdir={workdir}",
         ]
     prefix = [_q(a) for a in shlex.split(s.container_exec)] if s.container_exec else []
-    node = [*prefix, _q(py), "-m", "harness.cluster.node", "--"]
+    node = [*prefix, _q(py), "-m", "harness.cluster.node"]
+    if s.nodes > 1:  # the other nodes check that they reach the first one's port before launching
+        node += ['--rendezvous "$HEAD_NODE:$RDZV_PORT"', f"--rendezvous-timeout {s.rdzv_timeout_s}"]
+    node.append("--")
     train = [_q(o) for o in overrides] + ['"${RESUME[@]}"']
     cont = " \\\n    "
     parts = (srun, node, _launcher_args(s, launcher, nproc, py), train)
@@ -220,10 +227,13 @@ def _requeue(s) -> list[str]:
     return [
         f"MAX_REQUEUES={s.max_requeues}",
         f"REQUEUE_ON_FAILURE={int(s.requeue_on_failure)}",
-        'if [ "$RC" -eq 75 ] || { [ "$RC" -ne 0 ] && [ "$REQUEUE_ON_FAILURE" -eq 1 ]; }; then',
+        "# 75: preempted (its checkpoint is written); 69: ranks lost (a node killed or cut off)",
+        'case "$RC" in 75 | 69) REQUEUE=1 ;; 0) REQUEUE=0 ;; *) REQUEUE=$REQUEUE_ON_FAILURE ;; esac',
+        'if [ "$REQUEUE" -eq 1 ]; then',
         '  if [ "$RESTARTS" -lt "$MAX_REQUEUES" ]; then',
         '    echo "[harness] exit status $RC: requeueing (requeue $((RESTARTS + 1)) of $MAX_REQUEUES)"',
-        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "    # a busy controller can time out: try again before giving up (the job would end here)",
+        '    for TRY in 1 2 3; do scontrol requeue "$SLURM_JOB_ID" && exit 0; sleep $((TRY * 10)); done',
         "  else",
         '    echo "[harness] exit status $RC: not requeueing, slurm.max_requeues=$MAX_REQUEUES reached"',
         "  fi",

@@ -40,6 +40,8 @@ class SlurmConfig:
     launcher: str = "auto"
     # rendezvous / master port on the first node; None: 20000 + job id % 20000
     rdzv_port: int | None = None
+    # seconds the other nodes try to reach the first node's rendezvous port before one error line
+    rdzv_timeout_s: int = 600
     # interpreter on the nodes; None: this one (``python`` inside a container)
     python: str | None = None
     # pyxis/enroot image (srun --container-image)
@@ -123,9 +125,10 @@ def validate_slurm(s: SlurmConfig, parallel: str) -> tuple[str, int]:
             f"slurm.nproc_per_node={nproc} > slurm.gpus_per_node={s.gpus_per_node}: "
             "one training process per GPU at most"
         )
-    for key in ("cpus_per_task", "signal_grace_s", "max_requeues", "rdzv_port"):
+    for key in ("cpus_per_task", "signal_grace_s", "max_requeues", "rdzv_port", "rdzv_timeout_s"):
         value = getattr(s, key)
-        if value is not None and value < (1 if key in ("cpus_per_task", "rdzv_port") else 0):
+        positive = key in ("cpus_per_task", "rdzv_port", "rdzv_timeout_s")
+        if value is not None and value < (1 if positive else 0):
             raise ConfigError(f"slurm.{key}={value} must be {'> 0' if key != 'max_requeues' else '>= 0'}")
     if s.rdzv_port is not None and not 1024 <= s.rdzv_port <= 65535:
         raise ConfigError(

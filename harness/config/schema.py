@@ -226,6 +226,16 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # with tp > 1: cross-entropy on vocabulary-sharded logits (no all-gather of the logits)
     loss_parallel: bool = False
+    # context-parallel degree: each sequence split over cp ranks (mesh pp x dp_replicate x dp_shard x cp x
+    # tp; FSDP2 shards over dp_shard x cp), attention over the keys and values all-gathered across cp
+    cp: int = 1
+    # pipeline-parallel degree: the outermost mesh dimension, pp x dp_replicate x dp_shard x tp; each
+    # stage holds a slice of the decoder layers (embeddings on the first, final norm and head on the last)
+    pp: int = 1
+    # with pp > 1: the schedule torch.distributed.pipelining runs (harness/parallel/pipeline.py)
+    pp_schedule: str = "1F1B"
+    # with pp > 1: the decoder layers of each stage, first to last (null: balanced)
+    pp_layers: list[int] | None = None
     # recompute the checkpointed blocks' activations in backward (none, ddp, fsdp)
     activation_checkpointing: bool = False
     # 1: every block (full); k: every k-th block (torchtitan's layer-selective)

@@ -501,18 +501,138 @@ def check_batch_ramp(schedule: ScheduleConfig, batch: BatchSizes, label: str = "
         )
 
 
+# parallel.pp_schedule -> stages per rank (torch.distributed.pipelining's schedule classes)
+PP_SCHEDULES = {
+    "GPipe": 1,
+    "1F1B": 1,
+    "Interleaved1F1B": 2,
+    "LoopedBFS": 2,
+    "InterleavedZeroBubble": 2,
+    "ZBVZeroBubble": 2,
+    "DualPipeV": 2,
+}
+
+
+def _ramp_sizes(schedule: ScheduleConfig, batch: BatchSizes) -> list[int]:
+    """Every global batch size of the run (sequences): the ramp's stages, then the full batch."""
+    bw = schedule.batch_warmup
+    start, full, inc = bw.start_global_batch_size, batch.global_batch_size, bw.increment
+    if start is None or (bw.steps == 0 and bw.tokens is None) or not inc:
+        return [full]
+    return [start + k * inc for k in range((full - start) // inc + 1)]
+
+
+def check_pipeline(cfg: JobConfig, batch: BatchSizes) -> None:
+    """Refuse a pipeline-parallel layout (``parallel.pp > 1``) that cannot run, before anything is
+    built: the backend, the schedule, more stages than decoder layers, ``parallel.pp_layers`` that do
+    not cover the layers, tied embeddings (the first and last stages would each hold the matrix), the
+    document mask, and a step whose micro-batches the schedule cannot run (each micro-batch full, as
+    many as the schedule needs: 1F1B at least one per stage).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    par, model = cfg.parallel, cfg.model
+    if par.pp < 1:
+        raise ConfigError(f"parallel.pp={par.pp} must be >= 1")
+    if par.pp == 1:
+        if par.pp_layers is not None:
+            raise ConfigError("parallel.pp_layers needs parallel.pp > 1 (the layers of each pipeline stage)")
+        return
+    if par.name != "fsdp":
+        what = "is one process" if par.name == "none" else "runs data parallelism only"
+        raise ConfigError(
+            f"parallel.pp={par.pp} needs parallel=fsdp (pipeline stages x FSDP2 over dp_shard x tp); "
+            f"parallel={par.name} {what}"
+        )
+    if par.pp_schedule not in PP_SCHEDULES:
+        raise ConfigError(
+            f"parallel.pp_schedule={par.pp_schedule!r} must be one of {', '.join(PP_SCHEDULES)}"
+        )
+    stages = par.pp * PP_SCHEDULES[par.pp_schedule]
+    if model.arch != "llama":
+        raise ConfigError(
+            f"parallel.pp={par.pp}: pipeline stages are cut from Llama-style models (model.arch=llama)"
+        )
+    if stages > model.num_layers:
+        raise ConfigError(
+            f"parallel.pp={par.pp} with parallel.pp_schedule={par.pp_schedule} makes {stages} stages, more "
+            f"than model.num_layers={model.num_layers} decoder layers"
+        )
+    if par.pp_layers is not None and (
+        len(par.pp_layers) != stages or min(par.pp_layers) < 1 or sum(par.pp_layers) != model.num_layers
+    ):
+        raise ConfigError(
+            f"parallel.pp_layers={list(par.pp_layers)} must give each of the {stages} stages at least one "
+            f"layer and {model.num_layers} in all (model.num_layers)"
+        )
+    if model.tie_word_embeddings:
+        raise ConfigError(
+            f"parallel.pp={par.pp}: tied embeddings would live on the first and the last stage; set "
+            "model.tie_word_embeddings=false"
+        )
+    if cfg.data.document_mask:
+        raise ConfigError(
+            f"parallel.pp={par.pp} does not run data.document_mask yet; set data.document_mask=false"
+        )
+    if cfg.train.compile and par.pp_schedule in ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"):
+        raise ConfigError(
+            f"parallel.pp_schedule={par.pp_schedule} splits each backward into its input and weight "
+            "gradients, which fails under torch.compile (pytorch#161904); set train.compile=false or "
+            "choose GPipe, 1F1B, Interleaved1F1B or LoopedBFS"
+        )
+    for key in ("sequence_parallel", "loss_parallel"):
+        if getattr(par, key):
+            raise ConfigError(
+                f"parallel.pp={par.pp} with parallel.{key}=true is not supported yet (not composed with "
+                f"pipeline stages); set parallel.{key}=false"
+            )
+    dp, micro = batch.world_size, batch.micro_batch_size
+    for size in _ramp_sizes(cfg.schedule, batch):
+        per_rank = size // dp
+        count = per_rank // micro
+        if per_rank % micro or count < stages:
+            key = (
+                "train.global_batch_size"
+                if size == batch.global_batch_size
+                else "schedule.batch_warmup.start_global_batch_size"  # the ramp's first failing size
+            )
+            raise ConfigError(
+                f"parallel.pp={par.pp}: a step of {size} sequences ({key}) gives each "
+                f"data-parallel rank {per_rank}, which must be whole micro-batches of "
+                f"train.micro_batch_size={micro}, at least {stages} of them (one per pipeline stage, "
+                f"parallel.pp_schedule={par.pp_schedule}); set train.micro_batch_size to a divisor of "
+                f"{per_rank} no larger than {max(per_rank // stages, 1)}, or raise {key}"
+            )
+        rounds = max(1, count // par.pp)
+        if par.pp_schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and count % rounds:
+            raise ConfigError(
+                f"parallel.pp_schedule={par.pp_schedule}: a step of {size} sequences makes {count} "
+                f"micro-batches per data-parallel rank, run in {count} // parallel.pp={par.pp} = {rounds} "
+                f"rounds, and {count} is not a multiple of {rounds}; choose batch sizes and "
+                "train.micro_batch_size that give a multiple of parallel.pp micro-batches"
+            )
+
+
 def mesh_degrees(parallel: ParallelConfig, world_size: int) -> tuple[int, int, int]:
-    """The mesh ``(dp_replicate, dp_shard, tp)`` the backend ``parallel.name`` uses at ``world_size``
-    ranks (:meth:`harness.parallel.dims.ParallelDims.from_config` builds on it): DDP replicates over
-    every data-parallel rank, FSDP shards over ``dp_shard`` (replicas x shards), ZeRO shards over all.
+    """The mesh ``(dp_replicate, dp_shard, tp)`` (inside ``parallel.pp`` stages) the backend
+    ``parallel.name`` uses at ``world_size`` ranks (:meth:`harness.parallel.dims.ParallelDims.from_config`
+    builds on it): DDP replicates over every data-parallel rank, FSDP shards over ``dp_shard``
+    (replicas x shards), ZeRO shards over all.
 
     Raises:
         ConfigError: ``parallel.tp`` or ``parallel.dp_replicate`` (FSDP) does not divide the world size.
     """
-    tp = parallel.tp
+    tp, pp, cp = parallel.tp, max(parallel.pp, 1), max(parallel.cp, 1)
     if world_size % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide world_size={world_size}")
-    dp = world_size // tp
+    if world_size % (pp * cp * tp):
+        split = f"parallel.pp={pp} x " + (f"parallel.cp={cp} x " if cp > 1 else "") + f"parallel.tp={tp}"
+        raise ConfigError(
+            f"{split} does not divide world_size={world_size} (launch a "
+            f"multiple of {pp * cp * tp} processes, e.g. torchrun --nproc_per_node {pp * cp * tp})"
+        )
+    dp = world_size // (pp * cp * tp)
     if parallel.name == "ddp":
         return dp, 1, tp
     replicate = getattr(parallel, "dp_replicate", 1)
@@ -559,7 +679,51 @@ def validate(cfg: JobConfig, world_size: int = 1) -> BatchSizes:
         )
     check_tensor_parallel(cfg.model, cfg.parallel.tp, cfg.parallel.name)
     dp_replicate, dp_shard, tp = mesh_degrees(cfg.parallel, world_size)
-    label = "world_size" if tp == 1 else f"data-parallel ranks (world_size / tp={tp})"
+    pp, cp = max(cfg.parallel.pp, 1), max(cfg.parallel.cp, 1)
+    split = " x ".join(f"{k}={v}" for k, v in (("pp", pp), ("cp", cp), ("tp", tp)) if v > 1)
+    label = "world_size" if pp * cp * tp == 1 else f"data-parallel ranks (world_size / {split})"
     batch = resolve_batch_sizes(cfg.train, dp_replicate * dp_shard, label)
     check_batch_ramp(cfg.schedule, batch, label)
+    check_pipeline(cfg, batch)
+    check_context(cfg)
     return batch
+
+
+def check_context(cfg: JobConfig) -> None:
+    """Refuse a context-parallel layout (``parallel.cp > 1``) that cannot run, before anything is built:
+    a backend other than FSDP2, a model other than Llama-style, a sequence that does not split into
+    ``2 cp`` equal chunks, and what does not compose with it yet (the document mask, sequence and loss
+    parallelism, an attention other than SDPA).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    par, cp = cfg.parallel, cfg.parallel.cp
+    if cp < 1:
+        raise ConfigError(f"parallel.cp={cp} must be >= 1")
+    if cp == 1:
+        return
+    if par.name != "fsdp":
+        raise ConfigError(
+            f"parallel.cp={cp} needs parallel=fsdp (FSDP2 shards over dp_shard x cp and sums the cp ranks' "
+            f"gradients); parallel={par.name} does not"
+        )
+    if cfg.model.arch != "llama":
+        raise ConfigError(f"parallel.cp={cp}: context parallelism runs Llama-style models (model.arch=llama)")
+    if cfg.data.seq_len % (2 * cp):
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} must be a multiple of 2 x parallel.cp = {2 * cp} (each cp rank "
+            "holds two equal chunks of every sequence, a head and its mirrored tail)"
+        )
+    for key, on in (
+        ("data.document_mask", cfg.data.document_mask),
+        ("parallel.sequence_parallel", par.sequence_parallel),
+        ("parallel.loss_parallel", par.loss_parallel),
+    ):
+        if on:
+            raise ConfigError(f"parallel.cp={cp} with {key}=true is not supported yet; set {key}=false")
+    if cfg.model.attn_implementation != "sdpa":
+        raise ConfigError(
+            f"parallel.cp={cp} runs its own attention (SDPA over the all-gathered keys and values), not "
+            f"model.attn_implementation={cfg.model.attn_implementation}; set model.attn_implementation=sdpa"
+        )

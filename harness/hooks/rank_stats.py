@@ -16,11 +16,12 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import statistics
 
 import torch
 
+from harness import failures
+from harness.failures import rank_ranges
 from harness.hooks.base import Hook
 from harness.metrics import truncate_metrics
 
@@ -109,16 +110,12 @@ class RankStatsHook(Hook):
             truncate_metrics(self.path, trainer.state.step)
         if not self._on(trainer):
             return
-        import torch.distributed as dist
-
-        hosts: list[str | None] = [None] * trainer.env.world_size
-        dist.all_gather_object(hosts, socket.gethostname())
-        self.hosts = [str(h) for h in hosts]
+        self.hosts = failures.hosts()  # gathered once by the trainer at start-up
         if trainer.env.is_main:
             by_host: dict[str, list[int]] = {}
             for rank, host in enumerate(self.hosts):
                 by_host.setdefault(host, []).append(rank)
-            log.info("ranks by host: %s", "; ".join(f"{h}: {_ranges(r)}" for h, r in by_host.items()))
+            log.info("ranks by host: %s", "; ".join(f"{h}: {rank_ranges(r)}" for h, r in by_host.items()))
 
     def on_step_end(self, trainer, record) -> None:
         full = bool(self.full_every) and record.step % self.full_every == 0
@@ -176,14 +173,3 @@ class RankStatsHook(Hook):
             with contextlib.suppress(OSError):
                 self.file.close()
             self.file = None
-
-
-def _ranges(ranks: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    groups: list[list[int]] = []
-    for r in ranks:
-        if groups and r == groups[-1][-1] + 1:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    return ", ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in groups)

@@ -28,7 +28,10 @@ start with ``TORCH_FR_BUFFER_SIZE`` and dumped also by NCCL itself on a collecti
 dumps, then logs one line naming its phase and timeout key and the ranks that did not report (the
 likely culprits: stopped, or stuck outside Python), writes it to ``failures/hang_summary.txt`` and
 SIGKILLs the silent ranks of its own host (so the launcher does not wait out its grace period on
-them). Every reporting rank then exits with status :data:`~harness.exits.EXIT_HANG`; the launcher
+them). Before that, a roll call in the job store names the ranks that no longer answer there and
+their hosts (a node whose link was cut still writes its dumps to a shared file system, but cannot
+reach the store): ``lost: ranks 2-3 (host n2) ...`` (:func:`harness.failures.report_lost`).
+Every reporting rank then exits with status :data:`~harness.exits.EXIT_HANG`; the launcher
 stops the rest. Checkpoints are safe: a save cut short leaves only its ``.tmp-`` directory
 (``harness.checkpoint``).
 """
@@ -45,7 +48,7 @@ import statistics
 import threading
 import time
 
-from harness import phases
+from harness import failures, phases
 from harness.config import HANG_TIMEOUT_KEYS
 from harness.exits import EXIT_HANG, report_exit
 from harness.hooks.base import Hook
@@ -54,6 +57,7 @@ from harness.phases import PHASES
 log = logging.getLogger("harness")
 DEFAULT_MIN_S = 300.0
 PEER_WAIT_S = 5.0  # at most, and at most half the timeout
+SUMMARY_WAIT_S = 15.0  # a rank that does not write the summary waits for it (the roll call takes 5 s+)
 
 
 def flight_recorder_env(run_dir: str) -> None:
@@ -140,7 +144,8 @@ class HangWatchdog(Hook):
     # -- on a hang ----------------------------------------------------------------------------
 
     def _fire(self, phase: str, idle: float) -> None:
-        """Dump, summarize, exit with EXIT_HANG (also when a dump fails)."""
+        """Dump, hold the roll call (:func:`harness.failures.report_lost`), summarize, exit with
+        EXIT_HANG (also when a dump fails)."""
         try:
             self._report(phase, idle)
         except Exception as e:  # the exit matters more than the report
@@ -159,6 +164,8 @@ class HangWatchdog(Hook):
         reported = _wait_for_peers(
             directory, env.world_size, min(PEER_WAIT_S, self.timeout(phase) / 2), self.started
         )
+        # before any silent rank is killed below: the launcher would stop this one once it sees that
+        failures.report_lost(f"hang: phase {phase} lasted {idle:.1f} s after step {self.trainer.state.step}")
         if env.rank == min(reported):
             missing = [r for r in range(env.world_size) if r not in reported]
             line = (
@@ -171,6 +178,11 @@ class HangWatchdog(Hook):
             with open(os.path.join(directory, "hang_summary.txt"), "w") as f:
                 f.write(line + "\n")
             self._kill_local(missing)
+        else:  # this rank's exit makes its launcher stop the others: let the reporter write first
+            summary = os.path.join(directory, "hang_summary.txt")
+            deadline = time.monotonic() + SUMMARY_WAIT_S
+            while not os.path.exists(summary) and time.monotonic() < deadline:
+                time.sleep(0.1)
         for handler in logging.getLogger("harness").handlers:
             handler.flush()
 
@@ -211,6 +223,9 @@ class HangWatchdog(Hook):
             "phase": trainer.phase,
             "last_collective": tracker.describe_last() if tracker is not None else "not tracked",
         }
+        pipeline = getattr(trainer.backend, "pipeline", None)
+        if pipeline is not None:  # which stage, which micro-batch
+            header["pipeline"] = pipeline.where()
         with open(path + ".tmp", "w") as f:
             for key, value in header.items():
                 f.write(f"{key}: {value}\n")

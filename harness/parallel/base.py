@@ -16,12 +16,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from harness.config import BatchSizes, OptimConfig, ParallelConfig
 from harness.dist import DistEnv
 from harness.parallel.dims import ParallelDims
+
+if TYPE_CHECKING:
+    from harness.data import MicroBatch
 
 
 @dataclass
@@ -77,7 +81,7 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
                 obj = getattr(obj, part)
         except AttributeError:
             continue
-        return list(obj)
+        return list(obj.values()) if isinstance(obj, torch.nn.ModuleDict) else list(obj)  # a stage's
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
@@ -105,8 +109,9 @@ class Backend(ABC):
     """How a model is placed, synchronized, stepped and checkpointed across processes.
 
     Lifecycle: ``from_config`` -> ``parallelize(model)`` -> ``build_optimizer`` (after sharding) -> per step:
-    ``accumulate(is_last)`` around each micro-batch's forward and ``backward``, then
-    ``clip_and_step`` once, ``comm_stats``. ``save``/``load`` write and read the model and
+    ``forward_backward`` over the step's micro-batches (``accumulate(is_last)`` around each one's
+    forward and ``backward``), then ``clip_and_step`` once, ``comm_stats``; ``evaluate_sums`` for
+    validation. ``save``/``load`` write and read the model and
     optimizer state into a checkpoint directory (every rank its own part).
 
     Loss convention: the loss passed to ``backward`` is already normalized by the step's
@@ -130,6 +135,14 @@ class Backend(ABC):
         self.dims = dims
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.pipeline = None  # harness.parallel.pipeline.Pipeline when parallel.pp > 1
+        self.context = None  # harness.parallel.context.ContextParallel when parallel.cp > 1
+
+    @property
+    def grad_scale(self) -> int:
+        """What :meth:`backward` multiplies the loss by (the data-parallel size where the gradient
+        reduction averages, see the class docstring); a pipeline's loss function applies it."""
+        return 1
 
     @classmethod
     def from_config(
@@ -163,6 +176,16 @@ class Backend(ABC):
         with ``init(model)`` (:func:`harness.weights.init_weights`, or released weights).
         """
         self._init = init
+        if self.dims.cp > 1:  # the sequence split: this rank's chunks, attention over all of them
+            from harness.parallel.context import ContextParallel
+
+            self.context = ContextParallel(self.dims, self.env)
+            self.context.apply(model)
+        if self.dims.pp > 1:  # split first: each stage gets the rest (harness.parallel.pipeline)
+            from harness.parallel.pipeline import Pipeline
+
+            self.pipeline = Pipeline(self.cfg, self.dims, self.env)
+            model = self.pipeline.split(model)  # this rank's stages, as one module; then as usual
         if self.dims.tp > 1:
             from harness.parallel.tensor import apply_tensor_parallel
 
@@ -212,6 +235,70 @@ class Backend(ABC):
         self.optimizer = build_adamw(self.model, cfg, self.env.device)
         return self.optimizer
 
+    # -- the step's compute (the train module; with pp > 1 the Pipeline part runs both) ----------
+
+    def forward_backward(
+        self,
+        micro_batches: list[MicroBatch],
+        autocast_dtype: torch.dtype | None = None,
+        nan_loss: bool = False,
+    ) -> torch.Tensor:
+        """Accumulate the gradient of the step's token-mean loss over this rank's ``micro_batches``
+        (each ``[micro_batch_size, seq_len]``, on the device; under ``cp`` the rank runs its chunks of
+        each, :mod:`harness.parallel.context`); returns that loss (0-d, detached, the same on every
+        rank).
+
+        Every micro-batch's summed loss (:func:`~harness.parallel.loss.token_loss_sum`) is divided by
+        the number of target tokens in the whole step (all micro-batches, all data-parallel ranks), so
+        K micro-batches of B give exactly the gradient of one batch of K*B -- not a mean of
+        per-micro-batch means. ``nan_loss`` (fault injection) makes the first micro-batch's loss NaN.
+        """
+        from harness.parallel.loss import token_loss_sum
+
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(self, micro_batches, autocast_dtype, nan_loss)
+        num_targets = self.all_reduce_sum(torch.stack([mb.num_targets() for mb in micro_batches]).sum())
+        total = torch.zeros((), device=micro_batches[0].input_ids.device)
+        for i, mb in enumerate(micro_batches):
+            with self.accumulate(is_last=i == len(micro_batches) - 1), self.loss_context():
+                loss = token_loss_sum(self.model, self.local_part(mb), autocast_dtype) / num_targets
+                if i == 0 and nan_loss:
+                    loss = loss * float("nan")
+                self.backward(loss)
+            total += loss.detach()
+        return self.sum_over_cp(self.all_reduce_sum(total))
+
+    def local_part(self, mb: MicroBatch) -> MicroBatch:
+        """This rank's part of ``mb``: all of it, or its chunks of every sequence under ``cp``."""
+        return mb if self.context is None else self.context.shard(mb)
+
+    def sum_over_cp(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ``cp`` ranks (their partial losses); ``t`` itself without cp."""
+        return t if self.context is None else self.context.sum(t)
+
+    @torch.no_grad()
+    def evaluate_sums(
+        self, batches: list[MicroBatch], autocast_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed validation loss (nats) and target count over this rank's ``batches`` (moved to the
+        device one at a time) and every other data-parallel rank's (0-d tensors); the model is back
+        in training mode after."""
+        from harness.parallel.loss import token_loss_sum
+
+        if self.pipeline is not None:
+            return self.pipeline.evaluate_sums(self, batches, autocast_dtype)
+        self.model.eval()
+        device = self.env.device
+        loss_sum = torch.zeros((), device=device)
+        targets = torch.zeros((), device=device, dtype=torch.long)
+        for mb in batches:
+            mb = mb.to(device)
+            with self.loss_context():
+                loss_sum += token_loss_sum(self.model, self.local_part(mb), autocast_dtype)
+            targets += mb.num_targets()  # of the whole sequences: counted once
+        self.model.train()
+        return self.sum_over_cp(self.all_reduce_sum(loss_sum)), self.all_reduce_sum(targets)
+
     def accumulate(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch; gradients are synchronized only when ``is_last``."""
         return contextlib.nullcontext()
@@ -247,7 +334,8 @@ class Backend(ABC):
         from harness.parallel.norm import clip_grad_norm_
 
         # plain tensors, FSDP2's and tensor parallelism's DTensors: one norm, computed the same way
-        norm = clip_grad_norm_(self.model.parameters(), max_norm)
+        pp_group = self.pipeline.group if self.pipeline is not None else None
+        norm = clip_grad_norm_(self.model.parameters(), max_norm, pp_group)
         if loss is not None and not bool(torch.isfinite(norm) & torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             return norm, False

@@ -61,6 +61,8 @@ _OPS = {
     "broadcast": ("broadcast", 0),
     "reduce": ("reduce", 0),
     "all_to_all_single": ("all_to_all", 1),
+    "send": ("send", 0),  # point to point (a pipeline's validation): synchronous
+    "recv": ("recv", 0),
 }
 _BUS_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -69,6 +71,8 @@ _BUS_FACTOR = {
     "all_to_all": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0,
     "reduce": lambda n: 1.0,
+    "send": lambda n: 1.0,
+    "recv": lambda n: 1.0,
 }
 
 
@@ -248,6 +252,18 @@ def _group_of(group) -> tuple[str, int]:
         return "", 1
 
 
+def _time_work(tr: CommTracker, call: _Call, work) -> None:
+    """An asynchronous call ends when its work does: read from the work's CUDA timing at the step's
+    end, or from its future's completion callback (gloo's thread)."""
+    if tr.cuda_timing:
+        call.work = work
+        return
+    try:
+        work.get_future().add_done_callback(lambda _f, c=call: setattr(c, "end", time.perf_counter()))
+    except (RuntimeError, AttributeError):
+        call.work = work
+
+
 def _wrap(fn, kind: str, spec):
     names = tuple(inspect.signature(fn).parameters)
     group_index = names.index("group") if "group" in names else None
@@ -267,13 +283,8 @@ def _wrap(fn, kind: str, spec):
         if work is None:  # synchronous: the caller was blocked the whole time
             call.end = time.perf_counter()
             tr._blocked(call.end - call.start)
-        elif tr.cuda_timing:
-            call.work = work
         else:
-            try:
-                work.get_future().add_done_callback(lambda _f, c=call: setattr(c, "end", time.perf_counter()))
-            except (RuntimeError, AttributeError):
-                call.work = work
+            _time_work(tr, call, work)
         tr._record(call)
         return work
 
@@ -340,6 +351,47 @@ def _wrap_funcol(fn, kind: str, funcol):
 
     wrapper.__harness_wrapped__ = fn
     return wrapper
+
+
+def _wrap_p2p_batch(fn):
+    """The pipeline schedules' batches of sends and receives (``pipelining.schedules._batch_p2p``):
+    one ``send`` or ``recv`` call per op, its bytes the op's tensor, timed from the issue to its work's
+    completion. (``dist.isend`` itself cannot be wrapped: ``P2POp`` accepts only the original.)"""
+
+    @functools.wraps(fn)
+    def wrapper(p2p_op_list, *args, **kwargs):
+        tr = _TRACKER
+        if tr is None or not tr.enabled or threading.get_ident() != tr.thread:
+            return fn(p2p_op_list, *args, **kwargs)
+        start = time.perf_counter()
+        works = fn(p2p_op_list, *args, **kwargs)
+        paired = works if works is not None and len(works) == len(p2p_op_list) else [None] * len(p2p_op_list)
+        if works and not any(paired):  # one work for the coalesced batch
+            paired = [works[0]] * len(p2p_op_list)
+        for op, work in zip(p2p_op_list, paired):
+            kind = "send" if getattr(op.op, "__name__", "") == "isend" else "recv"
+            name, n = _group_of(op.group)
+            call = _Call(kind, op.tensor.numel() * op.tensor.element_size(), n, start, group=name)
+            if work is None:
+                call.end = time.perf_counter()
+            else:
+                _time_work(tr, call, work)
+            tr._record(call)
+        return works
+
+    wrapper.__harness_wrapped__ = fn
+    return wrapper
+
+
+def track_pipeline() -> None:
+    """Count the pipeline schedules' sends and receives (wraps ``_batch_p2p`` of
+    ``torch.distributed.pipelining.schedules``, where torch 2.11 to 2.13 issue them; without it, they
+    are not counted)."""
+    from torch.distributed.pipelining import schedules
+
+    fn = getattr(schedules, "_batch_p2p", None)
+    if fn is not None and not hasattr(fn, "__harness_wrapped__"):
+        schedules._batch_p2p = _wrap_p2p_batch(fn)
 
 
 def _wrap_wait(orig):

@@ -64,7 +64,7 @@ class DistributedBackend(Backend):
 
     def all_reduce_sum(self, t: torch.Tensor, world: bool = False) -> torch.Tensor:
         t = t.clone()
-        if world or self.dims.tp == 1:
+        if world or self.dims.tp * self.dims.pp * self.dims.cp == 1:
             dist.all_reduce(t)
         elif self.dp_group is not None:
             dist.all_reduce(t, group=self.dp_group)
@@ -113,10 +113,26 @@ class DistributedBackend(Backend):
     def full_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if self.pipeline is not None:
+            return self.pipeline.gather_on_rank0(self._stage_state_dict())
         sd = get_model_state_dict(
             self._state_module(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         return sd if self.env.is_main else None
+
+    def _stage_state_dict(self) -> dict:
+        """This rank's pipeline part, whole, on the CPU of the ranks that send it to rank 0 (empty
+        elsewhere): gathered one tensor at a time (``full_tensor``, collective over the stage's
+        dp_shard x tp ranks), so a rank's device holds one whole tensor beyond its shards."""
+        from torch.distributed.tensor import DTensor
+
+        keeps = self.pipeline.sends_stage()
+        out = {}
+        for name, value in self._state_module().state_dict().items():
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            if keeps:
+                out[name] = whole.detach().cpu()
+        return out
 
 
 def _sum_allreduce_hook(_state, bucket):
@@ -179,20 +195,29 @@ class FSDPBackend(DistributedBackend):
         meta = _on_meta(model)  # sharded first, then only this rank's shards get storage
         if not meta and not c.cpu_offload:
             model = model.to(self.env.device)
-        if self.dims.dp == 1:  # tensor parallel only: nothing to shard over
+        if self.dims.dp * self.dims.cp == 1:  # tensor parallel only: nothing to shard over
             return self.materialize(model)
         kw = {"mesh": self.dims.fsdp_mesh(self.env.device.type), "mp_policy": mp, "offload_policy": offload}
+        # under pp a stage runs several micro-batches' forwards before their backwards: keep the
+        # parameters gathered between them (torchtitan's choice for pipelined stages)
+        reshard = c.reshard_after_forward and self.dims.pp == 1
         for block in transformer_blocks(model):
-            fully_shard(block, reshard_after_forward=c.reshard_after_forward, **kw)
-        fully_shard(model, reshard_after_forward=c.reshard_after_forward, **kw)
+            fully_shard(block, reshard_after_forward=reshard, **kw)
+        # the root: the model, or each pipeline stage (the part is never called itself)
+        for root in self.pipeline.views if self.pipeline is not None else [model]:
+            fully_shard(root, reshard_after_forward=reshard, **kw)
         if meta:  # offloaded shards live on the CPU
             self.materialize(model, torch.device("cpu") if c.cpu_offload else None)
         return model
 
     def accumulate(self, is_last: bool):
-        if self.dims.dp > 1:
+        if self.dims.dp * self.dims.cp > 1:
             self.model.set_requires_gradient_sync(is_last or self.cfg.reduce_grads_every_micro_batch)
         return contextlib.nullcontext()
 
+    @property
+    def grad_scale(self) -> int:
+        return self.dims.dp * self.dims.cp  # FSDP2 averages over the data-parallel (x cp) ranks
+
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.dims.dp).backward()
+        (loss * self.grad_scale).backward()

@@ -52,7 +52,7 @@ def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).square().sum()
 
 
-def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def total_grad_norm(grads: list[torch.Tensor], pp_group=None) -> torch.Tensor:
     """Global L2 norm of ``grads`` (tensors or DTensors on any meshes), as a 0-d float64 tensor (see
     the module docstring) equal on every rank. One all-reduce per distinct set of sharded groups.
 
@@ -71,20 +71,23 @@ def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         key = tuple(x.group_name for x in gs)
         local.setdefault(key, []).append(g.to_local() if isinstance(g, DTensor) else g)
         groups[key] = gs
-    if not local:
-        return torch.zeros((), dtype=torch.float64)
     total = None
     for key, tensors in local.items():
         s = _sum_of_squares(tensors)
         for group in groups[key]:
             dist.all_reduce(s, group=group)
         total = s if total is None else total + s
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64)
+    if pp_group is not None:  # every stage's sum of squares (one all-reduce over the pipeline)
+        dist.all_reduce(total, group=pp_group)
     return total.sqrt()
 
 
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, pp_group=None) -> torch.Tensor:
     """Clip the gradients of ``params`` in place to global L2 norm ``max_norm`` (``<= 0``: measure
-    only), as ``torch.nn.utils.clip_grad_norm_`` (see the module docstring).
+    only), as ``torch.nn.utils.clip_grad_norm_`` (see the module docstring). ``pp_group``: the
+    pipeline's ranks, whose stages hold the rest of the model (their squares are summed too).
 
     Returns:
         The global norm before clipping: a plain 0-d float32 tensor, equal on every rank.
@@ -94,7 +97,7 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     align_grad_placements(params)
     grads = [p.grad for p in params]
-    norm = total_grad_norm(grads)
+    norm = total_grad_norm(grads, pp_group)
     if max_norm > 0 and grads:
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(local[0].device, torch.float32)

@@ -59,18 +59,25 @@ def apply_tensor_parallel(
         output_layouts=Shard(-1) if loss_parallel else Replicate(),
         use_local_output=not loss_parallel,
     )
-    top = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
-    top["lm_head"] = head
+    from harness.parallel.base import transformer_blocks
+
+    # a pipeline stage's part may lack the embedding (not the first stage) or the head (not the last)
+    embed, lm_head = model.model.embed_tokens, model.lm_head
+    top = {}
+    if embed is not None:
+        top["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if lm_head is not None:
+        top["lm_head"] = head
     if sequence_parallel:
         top["model.norm"] = SequenceParallel(use_local_output=True)
         top["model.layers.0"] = PrepareModuleInput(
             input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
         )
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    tied = embed is not None and lm_head is not None and lm_head.weight is embed.weight
     parallelize_module(model, tp_mesh, top)
     if tied:  # each plan made its own DTensor of the shared weight, both Shard(0): share one again
         model.lm_head.weight = model.model.embed_tokens.weight
-    for block in model.model.layers:
+    for block in transformer_blocks(model):
         plan = {
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
