@@ -11,6 +11,7 @@ model's, after the first micro-batch and after the last, with the model's parame
 import gc
 import json
 import sys
+import time
 import warnings
 
 import torch
@@ -38,6 +39,23 @@ def live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
+def settled_bytes() -> int:
+    """:func:`live_tensor_bytes` once two readings 20 ms apart agree (at most 2 s).
+
+    CI run 28 once counted one layer's all-gather buffer (164,352 bytes = 41,088 fp32 parameters) as
+    held after the first micro-batch; 80 runs here (40 under full CPU load) never did. The likely cause:
+    gloo's worker thread drops its reference to a finished work after waking the caller, and that
+    release waits for the GIL, so for a moment the buffer outlives its ``wait()``."""
+    last = live_tensor_bytes()
+    for _ in range(100):
+        time.sleep(0.02)
+        now = live_tensor_bytes()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def main(out: str, overrides: list[str]) -> None:
     from omegaconf import open_dict
 
@@ -61,12 +79,12 @@ def main(out: str, overrides: list[str]) -> None:
         torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len), generator=g)
         for _ in range(2)
     ]
-    base = live_tensor_bytes()
+    base = settled_bytes()
     held = []
     for i, x in enumerate(batches):
         with backend.accumulate(is_last=i == len(batches) - 1):
             backend.backward(backend.model(input_ids=x, labels=x).loss)
-        held.append(live_tensor_bytes() - base)
+        held.append(settled_bytes() - base)
     if env.is_main:
         with open(out, "w") as f:
             json.dump({"params": params, "after_first": held[0], "after_last": held[1]}, f)
