@@ -88,7 +88,7 @@ class RankTrace:
         at_peak: ``{tracker category: bytes}`` at that peak.
         max_by_category: each tracker category's own maximum over the step.
         seconds: wall time of the build and trace.
-        state_bytes: per ``dp_shard`` coordinate, the bytes of :func:`fsdp_state_bytes`.
+        state_bytes: per coordinate of FSDP2's ``dp_shard x cp`` mesh, the bytes of :func:`fsdp_state_bytes`.
         tp: the tensor-parallel degree (global rank = coordinate x tp on replica 0).
     """
 
@@ -236,8 +236,7 @@ def check_dry_run(cfg) -> None:
     """Refuse what the dry run cannot trace, before anything is built.
 
     Raises:
-        ConfigError: ``parallel`` other than ``fsdp``, ``parallel.cpu_offload=true``, ``parallel.cp > 1`` or
-            ``parallel.pp > 1``.
+        ConfigError: ``parallel`` other than ``fsdp``, ``parallel.cpu_offload=true`` or ``parallel.pp > 1``.
     """
     if cfg.parallel.name != "fsdp":
         raise ConfigError(
@@ -246,12 +245,6 @@ def check_dry_run(cfg) -> None:
         )
     if cfg.parallel.cpu_offload:
         raise ConfigError("plan.dry_run=true does not trace parallel.cpu_offload=true (host memory)")
-    if cfg.parallel.cp > 1:
-        raise ConfigError(
-            f"plan.dry_run=true does not trace parallel.cp={cfg.parallel.cp} yet (its lower-right causal "
-            "mask, a tensor subclass, cannot be made under FakeTensorMode); its memory is the planner's "
-            "estimate; plan with plan.dry_run=false"
-        )
     if cfg.parallel.pp > 1:
         raise ConfigError(
             f"plan.dry_run=true does not trace parallel.pp={cfg.parallel.pp} (one rank's stages under a "
@@ -260,9 +253,10 @@ def check_dry_run(cfg) -> None:
 
 
 def fsdp_state_bytes(model: torch.nn.Module, dp_shard: int) -> list[int]:
-    """Bytes of fp32 parameters + AdamW's two fp32 moments held unpadded by each ``dp_shard``
-    coordinate (the same for every tp coordinate and replica): FSDP2 gives coordinate ``i`` rows
-    ``[i c, (i+1) c)`` of each (tp-local) parameter's dim 0, ``c = ceil(rows / dp_shard)``."""
+    """Bytes of fp32 parameters + AdamW's two fp32 moments held unpadded by each coordinate of FSDP2's
+    ``dp_shard`` ranks (``dp_shard x cp`` under context parallelism; the same for every tp coordinate
+    and replica): coordinate ``i`` holds rows ``[i c, (i+1) c)`` of each (tp-local) parameter's dim 0,
+    ``c = ceil(rows / dp_shard)``."""
     from torch.distributed.fsdp import FSDPModule
 
     out = [0] * dp_shard
@@ -361,7 +355,7 @@ def trace_rank(cfg, vocab: int, rank: int, world_size: int, accumulation: int) -
                     if i:
                         _held_grads_as_unsharded(tracker, model)
                     with backend.accumulate(is_last=i == n_micro - 1), backend.loss_context():
-                        backend.backward(token_loss_sum(model, mb, autocast) / targets)
+                        backend.backward(token_loss_sum(model, backend.local_part(mb), autocast) / targets)
                 from harness.parallel.norm import clip_grad_norm_
 
                 clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -372,7 +366,8 @@ def trace_rank(cfg, vocab: int, rank: int, world_size: int, accumulation: int) -
     peak = at_peak.pop("Total")
     maxima = {k: v for k, v in tracker.max_by_category.items() if k != "Total"}
     seconds = time.perf_counter() - t0
-    trace = RankTrace(rank, peak, at_peak, maxima, seconds, fsdp_state_bytes(model, dims.dp_shard), dims.tp)
+    state = fsdp_state_bytes(model, dims.shard_degree)  # FSDP2's dp_shard x cp coordinates
+    trace = RankTrace(rank, peak, at_peak, maxima, seconds, state, dims.tp)
     return trace, kernels, n_micro
 
 
@@ -487,7 +482,8 @@ def render(out: DryRun, plan, seconds: float) -> str:
 
     m = plan.memory
     lines = [
-        f"== Dry run: rank 0 of {out.world_size} (fsdp, dp_shard {m.shards}"
+        f"== Dry run: rank 0 of {out.world_size} (fsdp, dp_shard {m.shards // plan.cp}"
+        + (f" x cp {plan.cp}" if plan.cp > 1 else "")
         + (f" x tp {m.tp}" if m.tp > 1 else "")
         + f"; {out.micro_batches_traced} micro-batch(es) of {plan.micro_batch_size} x {plan.seq_len} + "
         "optimizer step, FSDPMemTracker under FakeTensorMode) ==",

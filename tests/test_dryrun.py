@@ -98,19 +98,43 @@ def test_dry_run_refuses_what_the_build_refuses(capsys):
             "parallel.pp=2 (one rank's stages under a schedule) yet: its memory per stage is the planner's "
             "estimate; plan with plan.dry_run=false",
         ),
-        (
-            ["parallel.cp=2"],
-            "parallel.cp=2 yet (its lower-right causal mask, a tensor subclass, cannot be made under "
-            "FakeTensorMode); its memory is the planner's estimate; plan with plan.dry_run=false",
-        ),
     ],
-    ids=["pp", "cp"],
+    ids=["pp"],
 )
 def test_dry_run_refuses_the_layouts_it_does_not_trace(capsys, layout, message):
-    """Pipeline and context-parallel layouts: the planner's estimate only, one line, exit 2."""
+    """Pipeline layouts: the planner's estimate only, one line, exit 2."""
     args = ["parallel=fsdp", *layout, "plan.gpus=2", "plan.png=", "plan.dataset_tokens=1000000000"]
     assert main([*args, "plan.dry_run=true"]) == 2
     assert capsys.readouterr().err.strip() == f"error: plan.dry_run=true does not trace {message}"
+
+
+def test_dry_run_traces_a_context_parallel_step():
+    """cp=2 at world 2 (the default 4-layer model, seq 1024): each rank's two chunks of the sequence run
+    the flash kernel once each per layer (8 forward, 8 backward calls), through the harness's cp
+    attention with its all-gathers under the fake process group; the model state is sharded over
+    FSDP2's dp_shard x cp = 2 coordinates (12 bytes per parameter / 2 each), as the plan says."""
+    from harness.dryrun import render
+
+    args = ["parallel=fsdp", "parallel.cp=2", "plan.gpus=2", "plan.png=", "data.seq_len=1024"]
+    batch = [
+        "train.micro_batch_size=1",
+        "train.global_batch_size=1",
+        "schedule.batch_warmup.start_global_batch_size=null",
+    ]
+    cfg = to_object(compose(*args, *batch))
+    plan = make_plan(cfg)
+    out = dry_run(cfg, plan)
+    assert out.attention_kernels == {
+        "_scaled_dot_product_flash_attention_for_cpu.default": 2 * 4,
+        "_scaled_dot_product_flash_attention_for_cpu_backward.default": 2 * 4,
+    }
+    p = plan.params
+    assert _row(out, "parameters")["max"] == plan.memory.params == 4 * p / 2
+    assert out.state_bytes == {0: 12 * p // 2, 1: 12 * p // 2}  # coordinates 0 and 1 of dp_shard x cp
+    assert (
+        render(out, plan, 1.0).splitlines()[0].startswith("== Dry run: rank 0 of 2 (fsdp, dp_shard 1 x cp 2;")
+    )
+    assert out.refusal is None
 
 
 def test_dry_run_refuses_a_step_the_device_cannot_hold(llama3_8b_64):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.bias import causal_lower_right
 
 if TYPE_CHECKING:
@@ -77,19 +78,32 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
     """The attention of :data:`ATTENTION`: ``query`` ``[b, heads, S/cp, d]`` (this rank's two chunks),
     ``key``/``value`` ``[b, kv_heads, S/cp, d]``; returns ``([b, S/cp, heads, d], None)`` as
     ``transformers``' SDPA attention does. ``attention_mask`` is unused: the mask is causal (the document
-    mask is refused under cp)."""
+    mask is refused under cp).
+
+    Under ``FakeTensorMode`` (``plan.dry_run=true``, :mod:`harness.dryrun`) the lower-right mask, a tensor
+    subclass, cannot be made; each chunk then runs SDPA with ``is_causal=True`` instead: the same
+    shapes, the same flash kernel and so the same bytes (its output and a ``[b, heads, S/(2 cp)]``
+    log-sum-exp; no values are computed under that mode, so the mask's alignment does not matter).
+    """
     cp = _ACTIVE
     keys, values = (_whole(_GatherSeq.apply(t, cp.group)) for t in (key, value))
     gqa = query.shape[1] != keys.shape[1]  # grouped-query attention: SDPA maps each kv head to its group
     size = query.shape[2] // 2
+    traced = is_fake(query)  # the dry run's FakeTensorMode: see _mask
     out = []
     for i, chunk in enumerate((cp.rank, 2 * cp.cp - 1 - cp.rank)):
         end = (chunk + 1) * size
         q = query[:, :, i * size : (i + 1) * size]
-        mask = causal_lower_right(size, end)
+        mask = None if traced else causal_lower_right(size, end)
         out.append(
             torch.nn.functional.scaled_dot_product_attention(
-                q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=scaling, enable_gqa=gqa
+                q,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=mask,
+                is_causal=traced,
+                scale=scaling,
+                enable_gqa=gqa,
             )
         )
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
