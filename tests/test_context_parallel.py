@@ -3,6 +3,7 @@ attention over the all-gathered keys and values, and the losses, gradient norms,
 and token counts of one process (seq 1024, gloo), through a kill and a resume at cp 2 -> 1 -> 2."""
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -126,6 +127,64 @@ def test_the_plan_halves_each_ranks_tokens_and_adds_the_gathered_keys_and_values
     assert [(r["cp"], r["tp"]) for r in pl.layouts] == [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
     per = 2 * 2 * 2 * 2 * 1024 * 32 * 2  # 2 micro-batches x 2 layers x (keys, values) x [2, 1024, 32] bf16
     assert pl.communication["cp"] == {"all_gather": per, "reduce_scatter": per}
+
+
+def _saved_by_forward(fake: bool) -> Counter:
+    """``(shape, bytes)`` of each storage autograd saves in one forward of rank 0 of cp=2 (world 2, under
+    torch's fake process group: the all-gathers return at once), with real tensors or, as the dry run
+    builds it (meta model, ``to_empty`` under the mode), under ``FakeTensorMode``."""
+    import contextlib
+
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from harness.data.loader import MicroBatch
+    from harness.dist import DistEnv
+    from harness.model import build_model
+    from harness.parallel.context import ContextParallel
+    from harness.parallel.dims import ParallelDims
+    from harness.parallel.loss import token_loss_sum
+    from harness.weights import to_empty_tied
+
+    cfg = to_object(compose(*CP, *FSDP_CP2))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, 2)
+        cp = ContextParallel(dims, DistEnv(0, 0, 2, torch.device("cpu")))
+        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+        model = build_model(cfg.model, 256, 0, None, device="meta" if fake else "cpu")
+        saved: dict[int, tuple] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            saved[st._cdata] = (tuple(t.shape), st.nbytes())
+            return t
+
+        with mode:
+            if fake:
+                to_empty_tied(model, "cpu")
+            cp.apply(model)
+            mb = cp.shard(MicroBatch.from_sequences(torch.zeros((1, 1025), dtype=torch.long)))
+            kernel = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if fake else contextlib.nullcontext()
+            with kernel, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                token_loss_sum(model, mb, None)
+    finally:
+        dist.destroy_process_group()
+    return Counter(saved.values())
+
+
+def test_the_dry_runs_fake_cp_step_saves_what_a_real_one_does():
+    """The dry run's stand-in (``is_causal=True`` under FakeTensorMode, :func:`harness.parallel.context.
+    attention`) keeps the same tensors for backward as the real cp attention, storage for storage --
+    each layer's gathered keys and values ``[1, 2 kv heads, 1024, 16]`` included -- but for the real CPU
+    run's materialized lower-right mask of the tail chunk (256 queries x 1,024 keys, 4 bytes each, one per
+    layer), which the GPU's kernel does not make."""
+    real, fake = _saved_by_forward(False), _saved_by_forward(True)
+    assert real[((1, 2, 1024, 16), 1024 * 2 * 16 * 4)] == fake[((1, 2, 1024, 16), 1024 * 2 * 16 * 4)] == 2 * 2
+    assert fake - real == Counter()
+    assert real - fake == Counter({((256, 1024), 256 * 1024 * 4): 2})
 
 
 def _cp_bytes(record, micro: int, kv_heads: int, layers: int = 2) -> dict:
