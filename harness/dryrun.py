@@ -330,6 +330,8 @@ def trace_rank(cfg, vocab: int, rank: int, world_size: int, accumulation: int) -
     t0 = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     backend, dims = _build(cfg, vocab, rank, world_size, mode)
+    if backend.context is not None:  # cp's attention: a stand-in for its mask under FakeTensorMode
+        backend.context.fake_trace = True
     held = accumulation > 1 and not cfg.parallel.reduce_grads_every_micro_batch
     n_micro = 2 if held else 1  # the first (gradients held unsharded) and the last (reduce-scatter)
     kernels: dict[str, int] = {}

@@ -153,6 +153,7 @@ def _saved_by_forward(fake: bool) -> Counter:
     try:
         dims = ParallelDims.from_config(cfg.parallel, 2)
         cp = ContextParallel(dims, DistEnv(0, 0, 2, torch.device("cpu")))
+        cp.fake_trace = fake  # as the dry run sets it
         mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         model = build_model(cfg.model, 256, 0, None, device="meta" if fake else "cpu")
         saved: dict[int, tuple] = {}
@@ -176,8 +177,8 @@ def _saved_by_forward(fake: bool) -> Counter:
 
 
 def test_the_dry_runs_fake_cp_step_saves_what_a_real_one_does():
-    """The dry run's stand-in (``is_causal=True`` under FakeTensorMode, :func:`harness.parallel.context.
-    attention`) keeps the same tensors for backward as the real cp attention, storage for storage --
+    """The dry run's stand-in (``is_causal=True`` under FakeTensorMode, ``ContextParallel.fake_trace``)
+    keeps the same tensors for backward as the real cp attention, storage for storage --
     each layer's gathered keys and values ``[1, 2 kv heads, 1024, 16]`` included -- but for the real CPU
     run's materialized lower-right mask of the tail chunk (256 queries x 1,024 keys, 4 bytes each, one per
     layer), which the GPU's kernel does not make."""

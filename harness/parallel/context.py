@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.bias import causal_lower_right
 
 if TYPE_CHECKING:
@@ -80,16 +79,18 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
     ``transformers``' SDPA attention does. ``attention_mask`` is unused: the mask is causal (the document
     mask is refused under cp).
 
-    Under ``FakeTensorMode`` (``plan.dry_run=true``, :mod:`harness.dryrun`) the lower-right mask, a tensor
-    subclass, cannot be made; each chunk then runs SDPA with ``is_causal=True`` instead: the same
-    shapes, the same flash kernel and so the same bytes (its output and a ``[b, heads, S/(2 cp)]``
-    log-sum-exp; no values are computed under that mode, so the mask's alignment does not matter).
+    The dry run (``plan.dry_run=true``, :mod:`harness.dryrun`) sets :attr:`ContextParallel.fake_trace`:
+    under its ``FakeTensorMode`` the lower-right mask, a tensor subclass, cannot be made, so each chunk
+    runs SDPA with ``is_causal=True`` instead: the same shapes, the same flash kernel and so the same
+    bytes (its output and a ``[b, heads, S/(2 cp)]`` log-sum-exp; no values are computed under that mode,
+    so the mask's alignment does not matter). A flag, not a check for fake tensors: ``torch.compile``
+    traces with fake tensors too, and must keep the real mask.
     """
     cp = _ACTIVE
     keys, values = (_whole(_GatherSeq.apply(t, cp.group)) for t in (key, value))
     gqa = query.shape[1] != keys.shape[1]  # grouped-query attention: SDPA maps each kv head to its group
     size = query.shape[2] // 2
-    traced = is_fake(query)  # the dry run's FakeTensorMode: see _mask
+    traced = cp.fake_trace  # the dry run's stand-in for the mask (see above)
     out = []
     for i, chunk in enumerate((cp.rank, 2 * cp.cp - 1 - cp.rank)):
         end = (chunk + 1) * size
@@ -134,6 +135,7 @@ class ContextParallel:
         self.cp = dims.cp
         self.rank = dims.cp_rank(env.rank)
         self.group = dims.cp_group(env.device.type)
+        self.fake_trace = False  # set by the dry run: its FakeTensorMode cannot make the mask (attention)
         self._positions: dict[int, torch.Tensor] = {}
 
     def apply(self, model: torch.nn.Module) -> None:
