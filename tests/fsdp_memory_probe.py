@@ -42,7 +42,7 @@ def live_tensor_bytes() -> int:
 def settled_bytes() -> int:
     """:func:`live_tensor_bytes` once two readings 20 ms apart agree (at most 2 s).
 
-    CI run 28 once counted one layer's all-gather buffer (164,352 bytes = 41,088 fp32 parameters) as
+    A CI run (stop 28) once counted one layer's all-gather buffer (164,352 bytes = 41,088 fp32 parameters) as
     held after the first micro-batch; 80 runs here (40 under full CPU load) never did. The likely cause:
     gloo's worker thread drops its reference to a finished work after waking the caller, and that
     release waits for the GIL, so for a moment the buffer outlives its ``wait()``."""
