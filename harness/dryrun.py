@@ -484,7 +484,9 @@ def render(out: DryRun, plan, seconds: float) -> str:
 
     m = plan.memory
     lines = [
-        f"== Dry run: rank 0 of {out.world_size} (fsdp, dp_shard {m.shards // plan.cp}"
+        f"== Dry run: rank 0 of {out.world_size} (fsdp, "
+        + (f"dp_replicate {rep} x " if (rep := out.world_size // (m.shards * m.tp)) > 1 else "")
+        + f"dp_shard {m.shards // plan.cp}"
         + (f" x cp {plan.cp}" if plan.cp > 1 else "")
         + (f" x tp {m.tp}" if m.tp > 1 else "")
         + f"; {out.micro_batches_traced} micro-batch(es) of {plan.micro_batch_size} x {plan.seq_len} + "

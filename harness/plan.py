@@ -584,8 +584,8 @@ CP_DEGREES = (1, 2, 4, 8)  # ... and when it has parallel.cp > 1
 def layout_rows(cfg: PlanJobConfig, params: int, vocab: int, gpus: int, device_memory) -> list[dict] | None:
     """One row per ``tp`` in :data:`TP_DEGREES` dividing ``gpus`` (parallel=fsdp, Llama models only),
     and per ``pp`` in :data:`PP_DEGREES` when ``parallel.pp > 1`` (the config's schedule; sequence and
-    loss parallelism off under ``pp > 1``, as the run requires), or per ``cp`` in :data:`CP_DEGREES` when
-    ``parallel.cp > 1`` (sequence parallelism off): the mesh, the batch split, the
+    loss parallelism off under ``pp > 1``, as the run requires), or per ``cp`` in :data:`CP_DEGREES` and
+    the config's own when ``parallel.cp > 1`` (sequence parallelism off): the mesh, the batch split, the
     pipeline's bubble in theory, memory per device (the busiest pipeline rank; activation checkpointing
     off and on) and bytes per rank per step by mesh dimension; ``note`` says why a layout cannot run
     this config."""
@@ -594,7 +594,7 @@ def layout_rows(cfg: PlanJobConfig, params: int, vocab: int, gpus: int, device_m
     if cfg.parallel.pp > 1:  # the config's cp kept
         outer = [(d, max(cfg.parallel.cp, 1)) for d in PP_DEGREES]
     else:
-        outer = [(1, d) for d in (CP_DEGREES if cfg.parallel.cp > 1 else (1,))]
+        outer = [(1, d) for d in (sorted({*CP_DEGREES, cfg.parallel.cp}) if cfg.parallel.cp > 1 else (1,))]
     rows = []
     for pp, cp in outer:
         for tp in (t for t in TP_DEGREES if pp * cp * t <= gpus and gpus % (pp * cp * t) == 0):
@@ -997,6 +997,10 @@ def _comm_lines(pl: PlanReport) -> list[str]:
         lines.append(f"{dim:<18} {_gb(sum(ops.values()))}: {parts}")
     if not pl.communication:
         lines.append("none (one process)")
+    if "dp_shard_cp" in pl.communication and pl.cp == pl.world_size:  # both are the default group
+        lines.append(
+            "(cp spans the world: a run's comm_by_dim counts dp_shard_cp's bytes under cp, one group)"
+        )
     return [*lines, ""]
 
 

@@ -69,6 +69,11 @@ def test_each_rank_holds_a_head_chunk_and_its_mirror():
             "parallel.pp=1 x parallel.cp=3 x parallel.tp=1 does not divide world_size=4 (launch a multiple "
             "of 3 processes, e.g. torchrun --nproc_per_node 3)",
         ),
+        (
+            [*FSDP_CP2, "parallel.dp_replicate=4", "parallel.tp=2"],  # world 8: 2 data-parallel ranks
+            "parallel.dp_replicate=4 must divide the data-parallel ranks world_size / (cp=2 x tp=2) = 8 / 4 "
+            "= 2 (replicas x shards)",
+        ),
     ],
 )
 def test_layouts_context_parallelism_cannot_run_are_refused_in_one_line(overrides, message):
@@ -115,8 +120,11 @@ def _plan(*overrides):
 
 def test_the_plan_halves_each_ranks_tokens_and_adds_the_gathered_keys_and_values():
     """cp=2 halves each rank's activations and logits and adds every layer's all-gathered keys and
-    values (kept for its backward); the layouts table lists cp 1, 2, 4 (x tp), and cp's bytes per step
-    are each layer's keys and values gathered, and their gradients reduce-scattered, per micro-batch."""
+    values (kept for its backward); the layouts table lists cp 1, 2, 4 (x tp) and the config's own cp,
+    and cp's bytes per step are each layer's keys and values gathered, and their gradients
+    reduce-scattered, per micro-batch."""
+    from harness.plan import render_text
+
     flat = "schedule.batch_warmup.start_global_batch_size=null"  # no ramp: 4 data-parallel ranks at cp=1
     one, two = (_plan("parallel=fsdp", f"parallel.cp={cp}", "plan.gpus=4", flat).memory for cp in (1, 2))
     kv = (
@@ -125,6 +133,12 @@ def test_the_plan_halves_each_ranks_tokens_and_adds_the_gathered_keys_and_values
     assert two.activations == one.activations / 2 + 2 * kv
     pl = _plan(*FSDP_CP2, "plan.gpus=4", flat)
     assert [(r["cp"], r["tp"]) for r in pl.layouts] == [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
+    odd = _plan("parallel=fsdp", "parallel.cp=3", "data.seq_len=1020", "plan.gpus=6", flat)  # its own cp too
+    assert [(r["cp"], r["tp"]) for r in odd.layouts] == [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]
+    # cp spanning the world: a run logs FSDP2's dp_shard_cp traffic under cp (one group), and the plan says so
+    note = "(cp spans the world: a run's comm_by_dim counts dp_shard_cp's bytes under cp, one group)"
+    assert note in render_text(_plan(*FSDP_CP2, "plan.gpus=2")).splitlines()
+    assert note not in render_text(pl)
     per = 2 * 2 * 2 * 2 * 1024 * 32 * 2  # 2 micro-batches x 2 layers x (keys, values) x [2, 1024, 32] bf16
     assert pl.communication["cp"] == {"all_gather": per, "reduce_scatter": per}
 

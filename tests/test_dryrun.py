@@ -112,7 +112,8 @@ def test_dry_run_traces_a_context_parallel_step():
     """cp=2 at world 2 (the default 4-layer model, seq 1024): each rank's two chunks of the sequence run
     the flash kernel once each per layer (8 forward, 8 backward calls), through the harness's cp
     attention with its all-gathers under the fake process group; the model state is sharded over
-    FSDP2's dp_shard x cp = 2 coordinates (12 bytes per parameter / 2 each), as the plan says."""
+    FSDP2's dp_shard x cp = 2 coordinates (12 bytes per parameter / 2 each), as the plan says; the
+    header names each mesh dimension (with HSDP at world 4, dp_replicate too)."""
     from harness.dryrun import render
 
     args = ["parallel=fsdp", "parallel.cp=2", "plan.gpus=2", "plan.png=", "data.seq_len=1024"]
@@ -131,10 +132,15 @@ def test_dry_run_traces_a_context_parallel_step():
     p = plan.params
     assert _row(out, "parameters")["max"] == plan.memory.params == 4 * p / 2
     assert out.state_bytes == {0: 12 * p // 2, 1: 12 * p // 2}  # coordinates 0 and 1 of dp_shard x cp
-    assert (
-        render(out, plan, 1.0).splitlines()[0].startswith("== Dry run: rank 0 of 2 (fsdp, dp_shard 1 x cp 2;")
-    )
+    head = render(out, plan, 1.0).splitlines()[0]
+    assert head.startswith("== Dry run: rank 0 of 2 (fsdp, dp_shard 1 x cp 2;"), head
     assert out.refusal is None
+    cfg = to_object(
+        compose(*args, *batch, "plan.gpus=4", "parallel.dp_replicate=2", "train.global_batch_size=2")
+    )
+    plan = make_plan(cfg)
+    head = render(dry_run(cfg, plan), plan, 1.0).splitlines()[0]
+    assert head.startswith("== Dry run: rank 0 of 4 (fsdp, dp_replicate 2 x dp_shard 1 x cp 2;"), head
 
 
 def test_dry_run_refuses_a_step_the_device_cannot_hold(llama3_8b_64):

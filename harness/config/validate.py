@@ -637,11 +637,12 @@ def mesh_degrees(parallel: ParallelConfig, world_size: int) -> tuple[int, int, i
         return dp, 1, tp
     replicate = getattr(parallel, "dp_replicate", 1)
     if dp % replicate:
+        others = [f"{k}={v}" for k, v in (("pp", pp), ("cp", cp), ("tp", tp)) if v > 1]
         raise ConfigError(
             f"parallel.dp_replicate={replicate} must divide world_size={world_size} (replicas x shards)"
-            if tp == 1
+            if not others
             else f"parallel.dp_replicate={replicate} must divide the data-parallel ranks world_size / "
-            f"tp = {world_size} / {tp} = {dp} (replicas x shards)"
+            f"({' x '.join(others)}) = {world_size} / {pp * cp * tp} = {dp} (replicas x shards)"
         )
     return replicate, dp // replicate, tp
 
